@@ -1,0 +1,101 @@
+"""`gnsp bench`: several methods over one task sequence, with held-out evaluation sets.
+
+Every method starts from the same pre-trained weights; after each task the whole accuracy row is
+measured (all tasks, then the held-out sets) and the modality gap on the first held-out set.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+
+from .config import TrainConfig
+from .data import Task
+from .evaluation import accuracy_row, class_prompt_gap
+from .metrics import mtil_metrics
+from .models import LoadedModel
+from .report import plot_heatmap, write_markdown
+from .state import ContinualState
+from .trainer import Progress, learn_task, resolve_device
+
+BenchProgress = Callable[[str, Progress], None]
+
+
+def _step_timer() -> tuple[list[float], Callable[[Progress], None]]:
+    times: list[float] = []
+
+    def on_progress(p: Progress) -> None:
+        if p.phase == "train":
+            times.append(time.perf_counter())
+
+    return times, on_progress
+
+
+def run_method(
+    loaded: LoadedModel, tasks: list[Task], evals: list[Task], config: TrainConfig,
+    reference=None, progress: BenchProgress | None = None,
+) -> dict[str, Any]:
+    """One method over the sequence: the (T+1) x (T+E) accuracy matrix, metrics, gap and cost."""
+    device = resolve_device(config.device)
+    state = ContinualState.initial(loaded.model, loaded.spec)
+    everything = tasks + evals
+    acc = [accuracy_row(loaded, everything, state.extras, device)]
+    pretrained_gap = class_prompt_gap(loaded, evals[0], device) if evals else None
+    gaps = [pretrained_gap["norm"]] if evals else []
+    gap_cos: list[float | None] = [1.0] if evals else []
+    train_s, step_ms = 0.0, []
+    for task in tasks:
+        times, on_step = _step_timer()
+
+        def report(p: Progress) -> None:
+            on_step(p)
+            if progress is not None:
+                progress(config.method, p)
+
+        start = time.perf_counter()
+        state = learn_task(state, loaded, task, config, reference=reference, progress=report)
+        train_s += time.perf_counter() - start
+        if len(times) > 1:
+            step_ms.append(1000 * (times[-1] - times[0]) / (len(times) - 1))
+        loaded.model.load_state_dict(state.weights)
+        acc.append(accuracy_row(loaded, everything, state.extras, device))
+        if evals:
+            gap = class_prompt_gap(loaded, evals[0], device, pretrained_gap["gap"])
+            gaps.append(gap["norm"])
+            gap_cos.append(gap["cosine"])
+    metrics = mtil_metrics(acc, len(tasks))
+    return {"acc": acc, **{k: metrics[k] for k in ("transfer", "avg", "last", "bwt", "fwt")},
+            "modality_gap": gaps, "modality_gap_cosine": gap_cos, "train_s": train_s,
+            "step_ms": sum(step_ms) / len(step_ms) if step_ms else 0.0, "config": config.to_dict()}
+
+
+def run_bench(
+    loaded: LoadedModel, tasks: list[Task], evals: list[Task], configs: dict[str, TrainConfig],
+    out_dir: str | Path, *, reference=None, progress: BenchProgress | None = None,
+) -> dict[str, Any]:
+    """Run each named config from the same starting weights; write results.json, results.md, heatmaps."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    initial = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    results: dict[str, Any] = {"model": loaded.spec.name, "tasks": [t.name for t in tasks],
+                               "eval": [e.name for e in evals], "methods": {}}
+    for name, config in configs.items():
+        loaded.model.load_state_dict(initial)
+        results["methods"][name] = run_method(loaded, tasks, evals, config, reference, progress)
+        _write(results, out)  # partial results survive an interrupted bench
+    loaded.model.load_state_dict(initial)
+    for name in configs:
+        plot_heatmap(results, name, out / f"heatmap_{name}.png")
+    return results
+
+
+def _write(results: dict[str, Any], out: Path) -> None:
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out / "results.json")
+    write_markdown(results, out / "results.md")
+
+

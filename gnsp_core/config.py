@@ -1,0 +1,117 @@
+"""Typed training configuration. Fields carry their own docs; the CLI and the service read them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+from .projection import ProjectionConfig
+
+
+@dataclass
+class TrainConfig:
+    method: str = "gnsp"
+    """finetune | lwf | zscl | wise-ft | mgclip | gnsp"""
+    steps: int = 200
+    """Optimiser steps per task."""
+    batch_size: int = 32
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    """Linear warm-up, then cosine decay to zero."""
+    label_smoothing: float = 0.2
+    logit_scale: float = 100.0
+    """Fixed, not trained (as in GNSP and MG-CLIP)."""
+    template: str = "a photo of a {}."
+    """Prompt used for the task loss; evaluation uses the full template ensemble."""
+    ref_batch_size: int = 64
+    """Reference image-caption pairs per step (CD, MAP, ZSCL)."""
+    cd_weight: float = 1.0
+    map_weight: float = 0.75
+    cd_temperature: float = 2.0
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    first_task_full_finetune: bool = True
+    """GNSP: task 1 trains both towers with no projection; later tasks train only projected maps."""
+    stats_batch_size: int = 16
+    stats_augment: bool = True
+    """GNSP statistics pass with train augmentation (paper); False makes it deterministic."""
+    lwf_weight: float = 1.0
+    zscl_weight: float = 1.0
+    ensemble_every: int = 10
+    """ZSCL weight ensembling: average the weights every N steps."""
+    wise_alpha: float = 0.5
+    """WiSE-FT: W = (1 - α) W_pretrained + α W_finetuned after each task."""
+    lora_rank: int = 8
+    lora_alpha: float = 1.0
+    gap_alpha: float = 0.10
+    """MG-CLIP: stop when the mean negative logit moves by more than this fraction."""
+    gap_check_every: int = 20
+    compensation_epochs: int = 3
+    compensation_weight: float = 4.0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    """bf16 autocast on CUDA (ignored on CPU)."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Build from JSON-like data; unknown keys are an error so typos do not pass silently."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        data = dict(data)
+        proj = data.pop("projection", None)
+        if isinstance(proj, dict):
+            proj_known = {f.name for f in dataclasses.fields(ProjectionConfig)}
+            bad = sorted(set(proj) - proj_known)
+            if bad:
+                raise ConfigError(f"unknown projection keys {bad}; known keys: {sorted(proj_known)}")
+            proj = ProjectionConfig(**proj)
+        cfg = cls(**data, **({"projection": proj} if proj is not None else {}))
+        cfg.validate()
+        return cfg
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with some fields changed; `projection_<field>` keys change the projection config."""
+        proj_changes = {k[len("projection_"):]: v for k, v in changes.items() if k.startswith("projection_")}
+        rest = {k: v for k, v in changes.items() if not k.startswith("projection_")}
+        proj = dataclasses.replace(self.projection, **proj_changes)
+        cfg = dataclasses.replace(self, projection=proj, **rest)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        from .methods import METHODS
+
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {sorted(METHODS)}")
+        checks = {
+            "steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
+            "ref_batch_size": self.ref_batch_size >= 1, "wise_alpha": 0 <= self.wise_alpha <= 1,
+            "projection.threshold": self.projection.threshold > 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"invalid values for {bad}: steps/batch sizes must be >= 1, lr > 0, 0 <= wise_alpha <= 1")
+        if self.projection.rule not in ("energy", "cutoff") or self.projection.target not in ("gradient", "update"):
+            raise ConfigError("projection.rule must be 'energy' or 'cutoff'; projection.target 'gradient' or 'update'")
+
+
+def preset(name: str, **overrides: Any) -> TrainConfig:
+    """The published recipes: `gnsp` (paper settings), `gnsp-exact` (update projection, all maps)."""
+    presets = {
+        "gnsp": dict(method="gnsp"),
+        "gnsp-exact": dict(method="gnsp", projection_scope="all", projection_target="update",
+                           projection_rule="cutoff", projection_threshold=10.0),
+    }
+    if name not in presets:
+        return TrainConfig().replace(method=name, **overrides)
+    return TrainConfig().replace(**{**presets[name], **overrides})

@@ -1,0 +1,75 @@
+"""Evaluate a model the way every result in gnsp is reported (METHODS.md definitions).
+
+Accuracy uses the known-task label space (MTIL): each dataset is scored over its own class names,
+with the full template ensemble. MG-CLIP's compensation head joins where it exists for that task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .data import Task
+from .metrics import modality_gap, retrieval_recall
+from .mgclip import compensation_head
+from .models import LoadedModel
+from .zeroshot import TEMPLATES, build_text_head, evaluate_accuracy
+
+
+@dataclass
+class GeometryReport:
+    """Embedding-space health on held-out data: the modality gap and image-text retrieval."""
+
+    gap_norm: float
+    gap_cosine_to_pretrained: float | None
+    retrieval: dict[str, float]
+
+
+def task_accuracy(
+    loaded: LoadedModel, task: Task, extras: dict[str, torch.Tensor] | None = None,
+    templates: list[str] = TEMPLATES, device: torch.device | str = "cpu", batch_size: int = 64,
+) -> float:
+    """Top-1 (percent) on the task's test split over its own labels."""
+    model = loaded.model.to(device)
+    head = build_text_head(model, loaded.tokenizer, task.classnames, templates, device=device)
+    comp = compensation_head(extras or {}, task.name)
+    compensation = None
+    if comp is not None:
+        comp = comp.to(device)
+        compensation = comp.probs
+    return evaluate_accuracy(model, task.test.with_transform(loaded.preprocess_val), head,
+                             batch_size=batch_size, device=device, compensation=compensation)
+
+
+def accuracy_row(
+    loaded: LoadedModel, tasks: list[Task], extras: dict[str, torch.Tensor] | None = None,
+    device: torch.device | str = "cpu", batch_size: int = 64,
+) -> list[float]:
+    return [task_accuracy(loaded, t, extras, device=device, batch_size=batch_size) for t in tasks]
+
+
+@torch.no_grad()
+def class_prompt_gap(loaded: LoadedModel, task: Task, device: torch.device | str = "cpu",
+                     reference_gap: torch.Tensor | None = None) -> dict:
+    """Modality gap over held-out images paired with their class prompts (first template)."""
+    model = loaded.model.to(device).eval()
+    loader = torch.utils.data.DataLoader(task.test.with_transform(loaded.preprocess_val), batch_size=64)
+    feats, labels = [], []
+    for images, y in loader:
+        feats.append(nn.functional.normalize(model.encode_image(images.to(device)).float(), dim=-1))
+        labels.append(y)
+    tokens = loaded.tokenizer([TEMPLATES[0].format(c) for c in task.classnames]).to(device)
+    text = nn.functional.normalize(model.encode_text(tokens).float(), dim=-1)
+    return modality_gap(torch.cat(feats), text[torch.cat(labels).to(device)], reference_gap)
+
+
+@torch.no_grad()
+def pair_retrieval(loaded: LoadedModel, pairs, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Image->text and text->image R@1/R@5 on (image, caption) pairs."""
+    from .metrics import embed_pairs
+
+    img, txt, captions = embed_pairs(loaded.model.to(device), loaded.tokenizer,
+                                     pairs.with_transform(loaded.preprocess_val), device=device)
+    return retrieval_recall(img, txt, captions=captions)

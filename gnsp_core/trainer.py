@@ -1,0 +1,258 @@
+"""Learn one task in one process: the loop every method shares.
+
+`learn_task` takes the continual state of version N and returns version N+1. Ray Train calls the
+same function in each worker, passing a `Distributed` (rank, all-reduce, model wrapper) and a
+checkpoint callback; nothing here knows about Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .config import TrainConfig
+from .data import Task
+from .models import LoadedModel
+from .state import ContinualState, TaskRecord
+
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Distributed:
+    """How this process takes part in a multi-worker run (defaults: a single process)."""
+
+    rank: int = 0
+    world_size: int = 1
+    all_reduce: AllReduce | None = None
+    """Sums a tensor over workers in place and returns it."""
+    wrap_model: Callable[[nn.Module], nn.Module] | None = None
+    """E.g. DistributedDataParallel; gradients of the wrapped forward are averaged across workers."""
+
+
+@dataclass
+class Progress:
+    task: str
+    phase: str
+    step: int
+    total: int
+    loss: float | None = None
+    terms: dict[str, float] = field(default_factory=dict)
+    samples_per_s: float = 0.0
+    eta_s: float | None = None
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.step / max(1, self.total))
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+@dataclass
+class TaskContext:
+    """What a method sees while it learns one task."""
+
+    model: nn.Module
+    forward: nn.Module
+    tokenizer: Callable
+    task: Task
+    config: TrainConfig
+    state: ContinualState
+    device: torch.device
+    loaded: LoadedModel
+    reference: "ReferenceStream | None"
+    distributed: Distributed
+    task_index: int
+    _base_model: nn.Module | None = None
+
+    def base_model(self) -> nn.Module:
+        """The frozen pre-trained model (rebuilt from the spec once, on first use)."""
+        if self._base_model is None:
+            from .models import load_model
+
+            base = load_model(self.state.spec, self.device).model
+            base.eval().requires_grad_(False)
+            self._base_model = base
+        return self._base_model
+
+    def encode(self, images: list[torch.Tensor], texts: list[torch.Tensor]) -> tuple[list, list]:
+        """One forward (through the DDP wrapper) for several image and text groups; normalised features."""
+        img = torch.cat(images)
+        txt = torch.cat(texts)
+        out = self.forward(img, txt)
+        img_f, txt_f = (out["image_features"], out["text_features"]) if isinstance(out, dict) else out[:2]
+        img_f = nn.functional.normalize(img_f.float(), dim=-1)
+        txt_f = nn.functional.normalize(txt_f.float(), dim=-1)
+        return list(img_f.split([len(i) for i in images])), list(txt_f.split([len(t) for t in texts]))
+
+    def tokens(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts).to(self.device)
+
+
+class ReferenceStream:
+    """An endless, seeded stream of reference (image, caption) batches; no augmentation."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, device: torch.device) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size,
+                                 generator=gen, collate_fn=_collate_pairs)
+        self.device = device
+        self._iter: Iterator | None = None
+
+    def next(self) -> tuple[torch.Tensor, list[str]]:
+        if self._iter is None:
+            self._iter = iter(self.loader)
+        try:
+            images, captions = next(self._iter)
+        except StopIteration:
+            self._iter = iter(self.loader)
+            images, captions = next(self._iter)
+        return images.to(self.device), captions
+
+
+def _collate_pairs(batch: list) -> tuple[torch.Tensor, list[str]]:
+    return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return factor
+
+
+def _task_loader(task: Task, loaded: LoadedModel, cfg: TrainConfig, dist: Distributed, epoch: int) -> DataLoader:
+    dataset = task.train.with_transform(loaded.preprocess_train)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    if dist.world_size > 1:
+        sampler = DistributedSampler(dataset, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers, drop_last=True)
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                      num_workers=cfg.num_workers, drop_last=len(dataset) > cfg.batch_size)
+
+
+def _batches(task: Task, loaded: LoadedModel, cfg: TrainConfig, dist: Distributed) -> Iterator:
+    epoch = 0
+    while True:
+        yield from _task_loader(task, loaded, cfg, dist, epoch)
+        epoch += 1
+
+
+def learn_task(
+    state: ContinualState,
+    loaded: LoadedModel,
+    task: Task,
+    config: TrainConfig,
+    *,
+    reference: Dataset | None = None,
+    progress: ProgressFn | None = None,
+    distributed: Distributed | None = None,
+    resume: dict[str, Any] | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint_every: int = 0,
+) -> ContinualState:
+    """Learn `task` starting from `state`; return the next state (weights, statistics, history)."""
+    from .methods import build_method
+
+    config.validate()
+    dist = distributed or Distributed()
+    device = resolve_device(config.device)
+    seed_everything(config.seed + 7919 * len(state.history) + dist.rank)
+    model = loaded.model.to(device)
+    model.load_state_dict(state.weights)
+    model.train()
+    ref = None
+    if reference is not None:
+        ref = ReferenceStream(reference.with_transform(loaded.preprocess_val), config.ref_batch_size,
+                              config.seed + dist.rank, device)
+    ctx = TaskContext(model, model, loaded.tokenizer, task, config, state, device, loaded, ref, dist, len(state.history))
+    method = build_method(ctx)
+    method.begin_task()
+    params = method.trainable_parameters()
+    ctx.forward = dist.wrap_model(model) if dist.wrap_model else model
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    total = method.total_steps()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total))
+    start = 0
+    if resume is not None:
+        start = _restore(resume, model, optimizer, scheduler, method)
+    step = _train_loop(ctx, method, optimizer, scheduler, start, total, progress, on_checkpoint, checkpoint_every)
+    method.end_task(progress)
+    record = TaskRecord(task.name, list(task.classnames), config.method, step)
+    return ContinualState(
+        spec=state.spec,
+        weights={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+        stats=method.statistics(),
+        extras=method.extras(),
+        history=[*state.history, record],
+        config=config.to_dict(),
+    )
+
+
+def _train_loop(ctx, method, optimizer, scheduler, start, total, progress, on_checkpoint, every) -> int:
+    cfg, device = ctx.config, ctx.device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.amp)
+    batches = _batches(ctx.task, ctx.loaded, cfg, ctx.distributed)
+    for _ in range(start):  # keep the data order of an uninterrupted run
+        next(batches)
+    t0, step = time.perf_counter(), start
+    while step < total:
+        images, labels = next(batches)
+        with autocast:
+            terms = method.loss(images.to(device), labels.to(device))
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        method.after_backward()
+        method.before_step()
+        optimizer.step()
+        method.after_step(step)
+        scheduler.step()
+        step += 1
+        if progress is not None:
+            rate = (step - start) * len(images) * ctx.distributed.world_size / (time.perf_counter() - t0)
+            eta = (total - step) * (time.perf_counter() - t0) / (step - start)
+            progress(Progress(ctx.task.name, "train", step, total, float(loss.detach()),
+                              {k: float(v.detach()) for k, v in terms.items()}, rate, eta))
+        if on_checkpoint is not None and every and (step % every == 0 or step == total):
+            on_checkpoint(_checkpoint(ctx.model, optimizer, scheduler, method, step))
+        if method.stop_early(step):
+            break
+    return step
+
+
+def _checkpoint(model, optimizer, scheduler, method, step: int) -> dict[str, Any]:
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "method": method.checkpoint_state(), "step": step}
+
+
+def _restore(ckpt: dict[str, Any], model, optimizer, scheduler, method) -> int:
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    method.load_checkpoint_state(ckpt.get("method", {}))
+    return int(ckpt["step"])

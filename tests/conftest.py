@@ -1,0 +1,68 @@
+"""Tiny models and tiny synthetic tasks, built in a few lines, shared by the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gnsp_core.data import ImageSamples, Task
+from gnsp_core.models import LoadedModel, ModelSpec, load_model
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
+
+
+def striped_images(colour: tuple[int, int, int], n: int, seed: int, size: int = 32) -> list[np.ndarray]:
+    """Noisy images of one colour with random stripes: easy to tell apart by colour, never identical."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(n):
+        img = rng.normal(0, 25, (size, size, 3)) + np.array(colour)
+        img[:, rng.integers(0, size, 4)] = rng.integers(0, 255)
+        images.append(np.clip(img, 0, 255).astype(np.uint8))
+    return images
+
+
+def colour_task(name: str, colours: list[str], n_train: int, n_test: int = 8, seed: int = 0) -> Task:
+    def split(n: int, offset: int) -> ImageSamples:
+        images, labels = [], []
+        for label, colour in enumerate(colours):
+            images += striped_images(COLOURS[colour], n, seed + offset + 31 * label)
+            labels += [label] * n
+        return ImageSamples(images, labels)
+
+    return Task(name=name, classnames=list(colours), train=split(n_train, 0), test=split(n_test, 1000))
+
+
+class CaptionList(torch.utils.data.Dataset):
+    """Reference (image, caption) pairs for CD/MAP in tests."""
+
+    def __init__(self, samples: ImageSamples, captions: list[str]) -> None:
+        self.samples, self.captions = samples, captions
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int):
+        return self.samples[i][0], self.captions[i]
+
+    def with_transform(self, transform) -> "CaptionList":
+        return CaptionList(self.samples.with_transform(transform), self.captions)
+
+
+def reference_pairs(n_per_colour: int = 6) -> CaptionList:
+    images, captions = [], []
+    for i, (name, colour) in enumerate(COLOURS.items()):
+        images += striped_images(colour, n_per_colour, 500 + i)
+        captions += [f"a photo of something {name}"] * n_per_colour
+    return CaptionList(ImageSamples(images, [0] * len(images)), captions)
+
+
+@pytest.fixture()
+def tiny() -> LoadedModel:
+    return load_model(ModelSpec(name="tiny", seed=0))
+
+
+@pytest.fixture()
+def reference() -> CaptionList:
+    return reference_pairs()
