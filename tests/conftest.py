@@ -66,3 +66,16 @@ def tiny() -> LoadedModel:
 @pytest.fixture()
 def reference() -> CaptionList:
     return reference_pairs()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One private local Ray for every integration test in the session (never a machine-wide one)."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # read by the Train controller
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    yield ray
+    ray.shutdown()

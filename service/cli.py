@@ -1,0 +1,58 @@
+"""The `gnsp` command. Each subcommand lives in its own module; this file only wires them up."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from gnsp_core.errors import GnspError
+
+# (module, adds the parser, runs the command); imported lazily so `gnsp --help` stays fast.
+SUBCOMMANDS = {
+    "demo": ("service.demo", "add_demo_parser", "run_demo"),
+    "serve": ("service.serve_cli", "add_serve_parser", "run_serve"),
+    "learn": ("service.learn_cli", "add_learn_parser", "run_learn"),
+    "bench": ("service.bench_cli", "add_bench_parser", "run_bench_command"),
+    "tune": ("service.tune_cli", "add_tune_parser", "run_tune"),
+    "build-default": ("service.bench_cli", "add_build_default_parser", "run_build_default"),
+}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """open_clip's own convention, shared by every command that builds a model."""
+    parser.add_argument("--model", default=None,
+                        help="open_clip architecture (e.g. ViT-B-16), 'tiny' for the small test config; "
+                             "left out: the embedded offline default gnsp-mini")
+    parser.add_argument("--pretrained", default=None,
+                        help="open_clip pretrained tag (e.g. openai; needs a network) or a local .safetensors/.pt file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gnsp", description="Continual learning for CLIP models (GNSP).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, add, _run) in SUBCOMMANDS.items():
+        try:
+            getattr(importlib.import_module(module), add)(sub)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module, _add, run = SUBCOMMANDS[args.command]
+    try:
+        return int(getattr(importlib.import_module(module), run)(args) or 0)
+    except GnspError as exc:
+        print(f"gnsp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gnsp {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Learn a sequence of tasks, one Ray Train run per task, resumable at any point.
+
+The output folder is the sequence's whole record:
+
+    out_dir/progress.json            what the sequence is and which tasks are done (written atomically)
+    out_dir/after_<i>_<task>/        the ContinualState after task i (version i+1)
+    out_dir/runs/<job>-<i>-<task>/   Ray Train run storage: checkpoints inside a task
+
+Run it again with the same arguments after an interruption and finished tasks are skipped, while
+the task that was running resumes from its last checkpoint (same run storage path and name).
+Appending tasks to the list continues a finished sequence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import ray
+
+from gnsp_core.config import TrainConfig
+from gnsp_core.errors import ConfigError
+from gnsp_core.models import ModelSpec
+
+from .progress import JobProgress, open_board, watch_board
+from .train import TaskResult, TrainJob, WorkerResources, train_task
+
+PROGRESS_FILE = "progress.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SequenceResult:
+    state_dirs: list[Path]
+    """ContinualState folder after each task, in order."""
+    trained: list[int]
+    """Indices of the tasks this call trained (the others were already done)."""
+
+
+@contextmanager
+def ray_cluster(address: str | None, num_cpus: int | None = None) -> Iterator[None]:
+    """Join `address`, or start a private local Ray (never a machine-wide one); reuse one already up."""
+    if ray.is_initialized():
+        yield
+        return
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def learn_sequence(
+    task_sources: Sequence[str],
+    out_dir: str | Path,
+    model: ModelSpec,
+    config: TrainConfig,
+    *,
+    workers: int = 1,
+    gpus_per_worker: float = 0.0,
+    address: str | None = None,
+    progress: Callable[[JobProgress], None] | None = None,
+    reference: str | None = None,
+    checkpoint_every: int = 50,
+    max_failures: int = 1,
+    storage_path: str | None = None,
+) -> SequenceResult:
+    """Learn `task_sources` in order with `workers` Ray Train workers, continuing where a previous
+    call with the same out_dir stopped.
+
+    `storage_path` (a local folder or a cloud URI; default out_dir/runs) holds the mid-task
+    checkpoints; `address` joins an existing Ray cluster instead of starting a local one.
+    """
+    out_dir = Path(out_dir).resolve()
+    record = _open_record(out_dir, list(task_sources), model, config, reference)
+    job_id = _job_id(out_dir)
+    storage = storage_path or str(out_dir / "runs")
+    resources = WorkerResources(workers, gpus_per_worker)
+    trained: list[int] = []
+    if len(record["completed"]) >= len(task_sources):
+        return SequenceResult([out_dir / c["state"] for c in record["completed"]], trained)
+    with ray_cluster(address, num_cpus=max(os.cpu_count() or 1, workers)):
+        board = open_board(job_id)
+        try:
+            for index in range(len(record["completed"]), len(task_sources)):
+                source, name = task_sources[index], state_folder_name(index, task_sources[index])
+                base = str(out_dir / record["completed"][-1]["state"]) if index else None
+                job = TrainJob(task=source, config=config, base_state=base, model=None if base else model,
+                               reference=reference, checkpoint_every=checkpoint_every)
+                ray.get(board.reset.remote(index, len(task_sources)))
+                with watch_board(board, progress):
+                    result = train_task(job, storage_path=storage, name=f"{job_id}-{name}", out_dir=out_dir / name,
+                                        resources=resources, max_failures=max_failures, board=board)
+                _complete(out_dir, record, source, name, result)
+                trained.append(index)
+        finally:
+            ray.kill(board)
+    return SequenceResult([out_dir / c["state"] for c in record["completed"]], trained)
+
+
+def state_folder_name(index: int, source: str) -> str:
+    """`after_<i>_<task>`, with the task source reduced to a safe folder name."""
+    stem = Path(source.rstrip("/")).name or source
+    for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):
+        stem = stem.removesuffix(suffix)
+    return f"after_{index}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem).strip('._') or 'task'}"
+
+
+def _job_id(out_dir: Path) -> str:
+    """Stable per output folder, so a re-run finds its runs and two folders never share one."""
+    return f"{out_dir.name}-{hashlib.sha1(str(out_dir).encode()).hexdigest()[:8]}"
+
+
+def _open_record(out_dir: Path, tasks: list[str], model: ModelSpec, config: TrainConfig,
+                 reference: str | None) -> dict[str, Any]:
+    """Load progress.json (checking it describes the same sequence) or start a new one."""
+    fresh = {"format": FORMAT_VERSION, "tasks": tasks, "model": model.to_dict(), "config": config.to_dict(),
+             "reference": reference, "completed": [], "status": "running"}
+    path = out_dir / PROGRESS_FILE
+    if not path.is_file():
+        _write_json(path, fresh)
+        return fresh
+    record = json.loads(path.read_text())
+    done = [c["task"] for c in record["completed"]]
+    same = {k: record.get(k) for k in ("model", "config", "reference")} == {k: fresh[k] for k in ("model", "config", "reference")}
+    if not same or tasks[: len(done)] != done:
+        raise ConfigError(f"{out_dir} holds a different sequence (tasks {record['tasks']}, done {done}); "
+                          "use the same tasks, model and config to continue it, or a new --out folder")
+    record.update(tasks=tasks, status="running")
+    _write_json(path, record)
+    return record
+
+
+def _complete(out_dir: Path, record: dict[str, Any], source: str, name: str, result: TaskResult) -> None:
+    record["completed"].append({"task": source, "state": name, "metrics": result.metrics, "finished": time.time()})
+    if len(record["completed"]) == len(record["tasks"]):
+        record["status"] = "succeeded"
+    _write_json(out_dir / PROGRESS_FILE, record)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)

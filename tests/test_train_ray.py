@@ -1,0 +1,86 @@
+"""Ray Train integration: N workers learn like one process, and a killed worker resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import colour_task, reference_pairs
+from gnsp_core.config import TrainConfig
+from gnsp_core.data import load_task
+from gnsp_core.evaluation import task_accuracy
+from gnsp_core.models import ModelSpec, load_model
+from gnsp_core.state import ContinualState
+from gnsp_core.trainer import learn_task
+from service.sequence import learn_sequence
+from service.train import CrashDrill, TrainJob, WorkerResources, train_task
+
+pytestmark = pytest.mark.integration
+TINY = ModelSpec(name="tiny", seed=0)
+
+
+def write_image_folder(root: Path, name: str, colours: list[str]) -> Path:
+    """A colour task on disk in ImageFolder layout: workers get its path, never the images."""
+    task = colour_task(name, colours, n_train=16, n_test=8)
+    for split, samples in (("train", task.train), ("test", task.test)):
+        for i, (image, label) in enumerate(zip(samples.images, samples.labels)):
+            folder = root / name / split / colours[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i:03d}.png")
+    return root / name
+
+
+def learn_in_process(source: Path, config: TrainConfig, reference=None) -> tuple[ContinualState, float]:
+    """The single-process baseline: learn_task directly, no Ray."""
+    loaded = load_model(TINY)
+    task = load_task(str(source))
+    state = learn_task(ContinualState.initial(loaded.model, TINY), loaded, task, config, reference=reference)
+    return state, task_accuracy(loaded, task)
+
+
+def accuracy_of(state_dir: Path, source: Path) -> float:
+    state = ContinualState.load(state_dir)
+    loaded = load_model(state.spec)
+    loaded.model.load_state_dict(state.weights)
+    return task_accuracy(loaded, load_task(str(source)))
+
+
+def test_two_workers_collect_the_statistics_of_one_process(ray_session, tmp_path):
+    # A near-zero learning rate keeps the weights equal in both runs, so any difference would
+    # come from the sharded, all-reduced statistics pass.
+    source = write_image_folder(tmp_path, "rgb", ["red", "green", "blue"])
+    config = TrainConfig(method="gnsp", steps=2, lr=1e-9, batch_size=8, warmup_steps=1, ref_batch_size=8,
+                         stats_augment=False).replace(projection_stat_norm="task")
+    expected, _ = learn_in_process(source, config, reference=reference_pairs())
+    seen = []
+    result = learn_sequence([str(source)], tmp_path / "out", TINY, config, workers=2, progress=seen.append,
+                            reference="tests.conftest:reference_pairs", checkpoint_every=1)
+    assert result.trained == [0] and result.state_dirs == [(tmp_path / "out" / "after_0_rgb").resolve()]
+    state = ContinualState.load(result.state_dirs[0])
+    assert state.stats.num_tasks == 1 and [r.name for r in state.history] == ["rgb"]
+    assert state.stats.covariances.keys() == expected.stats.covariances.keys()
+    for name, cov in expected.stats.covariances.items():
+        torch.testing.assert_close(state.stats.covariances[name], cov, rtol=1e-4, atol=1e-6, msg=name)
+    assert seen[-1].phase == "done" and seen[-1].step == 2 and seen[-1].total == 2
+
+    started = time.perf_counter()  # a finished sequence is not trained again
+    again = learn_sequence([str(source)], tmp_path / "out", TINY, config, workers=2)
+    assert again.trained == [] and time.perf_counter() - started < 1.0
+
+
+def test_killed_worker_resumes_from_its_checkpoint(ray_session, tmp_path):
+    source = write_image_folder(tmp_path, "rgb", ["red", "green", "blue"])
+    config = TrainConfig(method="finetune", steps=30, lr=1e-3, batch_size=8, warmup_steps=3)
+    marker = tmp_path / "rank1-killed"
+    job = TrainJob(task=str(source), config=config, model=TINY, checkpoint_every=10,
+                   drill=CrashDrill(rank=1, after_step=10, marker=str(marker)))
+    result = train_task(job, storage_path=str(tmp_path / "runs"), name="killed", out_dir=tmp_path / "state",
+                        resources=WorkerResources(workers=2), max_failures=1)
+    assert marker.read_text() == "10"  # rank 1 did die after the step-10 checkpoint
+    assert result.metrics["resumed_from"] == 10 and result.metrics["step"] == 30
+    _, uninterrupted = learn_in_process(source, config)
+    assert abs(accuracy_of(result.state_dir, source) - uninterrupted) <= 1.0
