@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .config import TrainConfig
 from .data import Task
+from .errors import DatasetError
 from .models import LoadedModel
 from .state import ContinualState, TaskRecord
 
@@ -150,7 +151,9 @@ def _task_loader(task: Task, loaded: LoadedModel, cfg: TrainConfig, dist: Distri
     if dist.world_size > 1:
         sampler = DistributedSampler(dataset, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
         sampler.set_epoch(epoch)
-        return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers, drop_last=True)
+        # Every rank gets len(sampler) items, so ranks agree on the number of batches either way.
+        return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                          drop_last=len(sampler) > cfg.batch_size)
     return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=gen,
                       num_workers=cfg.num_workers, drop_last=len(dataset) > cfg.batch_size)
 
@@ -158,7 +161,11 @@ def _task_loader(task: Task, loaded: LoadedModel, cfg: TrainConfig, dist: Distri
 def _batches(task: Task, loaded: LoadedModel, cfg: TrainConfig, dist: Distributed) -> Iterator:
     epoch = 0
     while True:
-        yield from _task_loader(task, loaded, cfg, dist, epoch)
+        loader = _task_loader(task, loaded, cfg, dist, epoch)
+        if len(loader) == 0:  # an empty epoch would spin here forever
+            raise DatasetError(f"task {task.name!r} has {len(task.train)} training images, "
+                               f"too few for {dist.world_size} workers")
+        yield from loader
         epoch += 1
 
 

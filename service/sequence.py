@@ -30,6 +30,7 @@ from gnsp_core.errors import ConfigError
 from gnsp_core.models import ModelSpec
 
 from .progress import JobProgress, open_board, watch_board
+from .sources import task_source
 from .train import TaskResult, TrainJob, WorkerResources, train_task
 
 PROGRESS_FILE = "progress.json"
@@ -82,7 +83,8 @@ def learn_sequence(
     checkpoints; `address` joins an existing Ray cluster instead of starting a local one.
     """
     out_dir = Path(out_dir).resolve()
-    record = _open_record(out_dir, list(task_sources), model, config, reference)
+    task_sources = [task_source(s) for s in task_sources]
+    record = _open_record(out_dir, task_sources, model, config, reference)
     job_id = _job_id(out_dir)
     storage = storage_path or str(out_dir / "runs")
     resources = WorkerResources(workers, gpus_per_worker)
@@ -110,7 +112,7 @@ def learn_sequence(
 
 def state_folder_name(index: int, source: str) -> str:
     """`after_<i>_<task>`, with the task source reduced to a safe folder name."""
-    stem = Path(source.rstrip("/")).name or source
+    stem = source[len("mtil:"):].partition("@")[0] if source.startswith("mtil:") else Path(source.rstrip("/")).name
     for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):
         stem = stem.removesuffix(suffix)
     return f"after_{index}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem).strip('._') or 'task'}"
@@ -132,10 +134,12 @@ def _open_record(out_dir: Path, tasks: list[str], model: ModelSpec, config: Trai
         return fresh
     record = json.loads(path.read_text())
     done = [c["task"] for c in record["completed"]]
-    same = {k: record.get(k) for k in ("model", "config", "reference")} == {k: fresh[k] for k in ("model", "config", "reference")}
-    if not same or tasks[: len(done)] != done:
-        raise ConfigError(f"{out_dir} holds a different sequence (tasks {record['tasks']}, done {done}); "
-                          "use the same tasks, model and config to continue it, or a new --out folder")
+    differs = [k for k in ("model", "config", "reference") if record.get(k) != fresh[k]]
+    if tasks[: len(done)] != done:
+        differs.append(f"tasks (done so far: {done})")
+    if differs:
+        raise ConfigError(f"{out_dir} holds a different sequence: its {', '.join(differs)} differ; "
+                          "continue it with the same arguments, or use a new output folder")
     record.update(tasks=tasks, status="running")
     _write_json(path, record)
     return record

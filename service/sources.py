@@ -1,7 +1,9 @@
-"""Reference specs: the strings that tell a Ray worker which image-caption pairs to load.
+"""Task sources and reference specs: the strings that tell a Ray worker which data to load.
 
-Workers receive specs, never datasets, so nothing large travels through the object store and a
-restarted worker rebuilds exactly the same data. A reference spec is one of
+Workers receive strings, never datasets, so nothing large travels through the object store and a
+restarted worker rebuilds exactly the same data. A task source is whatever
+`gnsp_core.data.load_task` accepts; `task_source` makes local paths absolute on the driver (a
+worker's working directory is not the driver's). A reference spec is one of
 - `builtin` or `builtin:<kind>`: `gnsp_core.reference_data.load_reference_pairs(kind)`
   (`emoji`, `flags`, `emoji+flags`; the default is `emoji+flags`);
 - `<module>:<function>`: an importable zero-argument function returning a dataset of
@@ -12,9 +14,10 @@ from __future__ import annotations
 
 import importlib
 import re
+from pathlib import Path
 from typing import Any, Callable
 
-from gnsp_core.errors import ConfigError
+from gnsp_core.errors import ConfigError, DatasetError
 
 BUILTIN = "builtin"
 _CALLABLE = re.compile(r"^(?P<module>[A-Za-z_][\w.]*):(?P<function>[A-Za-z_]\w*)$")
@@ -33,6 +36,19 @@ def resolve_callable(spec: str) -> Callable[..., Any]:
     if not callable(function):
         raise ConfigError(f"{match['module']!r} has no function {match['function']!r}")
     return function
+
+
+def task_source(source: str) -> str:
+    """Check a task source on the driver (fail fast, before any worker starts); paths become absolute."""
+    from gnsp_core.builtin_tasks import BUILTIN_TASKS
+
+    if source in BUILTIN_TASKS or source.startswith("mtil:"):
+        return source
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DatasetError(f"task source {source!r} is neither a built-in task ({', '.join(sorted(BUILTIN_TASKS))}), "
+                           "an mtil:<dataset>@<root> source, nor an existing folder or archive")
+    return str(path.resolve())
 
 
 def check_reference_spec(spec: str | None) -> None:

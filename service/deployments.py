@@ -1,0 +1,123 @@
+"""The two back-end Serve deployments: the zero-shot classifier and the job runner.
+
+Classifier: the model version is the `@serve.multiplexed` model id, so each replica keeps a
+bounded LRU of loaded versions, Serve routes a request to a replica that already holds its
+version, and a pinned version is just another id. `@serve.batch` sits on the classifier's own
+method (batches are split per model id by Serve), so concurrent requests share one image-tower
+pass. Swapping the active version never touches a loaded model: new requests simply carry the
+new id, and requests in flight finish on the version they were routed with.
+
+JobRunner: exactly one replica; it owns every write to the store except uploads (versions, the
+active pointer, job records) and runs the JobQueue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from .settings import ServiceSettings
+from .store import ModelStore
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment(name="Classifier")
+class Classifier:
+    def __init__(self, settings: ServiceSettings) -> None:
+        from gnsp_core.zeroshot import TextHeadCache
+
+        self.settings = settings
+        self.store = ModelStore.open(settings.store)
+        self.cache_dir = Path(tempfile.mkdtemp(prefix="gnsp-versions-", dir=settings.work_dir))
+        self.heads = TextHeadCache(settings.text_head_cache)
+        async def load_version(model_id: str):
+            return await self._load_version(model_id)
+
+        # Wired per instance so the LRU size comes from the settings (Ray supports this form; the
+        # loader must be a plain function, not a bound method).
+        self.get_version = serve.multiplexed(max_num_models_per_replica=settings.max_versions_per_replica)(
+            load_version)
+        self.classify_batch.set_max_batch_size(settings.max_batch_size)
+        self.classify_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+
+    async def _load_version(self, model_id: str):
+        from .versions import load_served_model
+
+        return await asyncio.to_thread(load_served_model, self.store, int(model_id), self.cache_dir)
+
+    async def classify(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One request: {"images": [bytes], "labels": [str]}; the version is the multiplexed model id."""
+        return await self.classify_batch(request)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def classify_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        served = await self.get_version(serve.get_multiplexed_model_id())
+        return await asyncio.to_thread(served.classify, requests, self.heads)
+
+    async def check_version(self, version: int) -> dict[str, Any]:
+        """Load a version and run a smoke test on it, before it may become active."""
+        served = await self.get_version(str(version))
+        return await asyncio.to_thread(served.check, self.heads)
+
+
+@serve.deployment(name="JobRunner", num_replicas=1, max_ongoing_requests=64)
+class JobRunner:
+    def __init__(self, settings: ServiceSettings, classifier: DeploymentHandle) -> None:
+        from .attempt import RayTrainRunner
+        from .jobs import JobQueue
+        from .versions import ensure_base_version
+
+        self.store = ModelStore.open(settings.store)
+        self.classifier = classifier
+        ensure_base_version(self.store, settings)
+        self.queue = JobQueue(self.store, settings, RayTrainRunner(settings), self._check_version)
+        for note in self.queue.recover():
+            log.warning("recovery: %s", note)
+        self.queue.start()
+
+    def _check_version(self, version: int) -> dict[str, Any]:
+        handle = self.classifier.options(multiplexed_model_id=str(version))
+        return handle.check_version.remote(version).result(timeout_s=600)
+
+    def check_config(self, method: str, config: dict[str, Any]) -> None:
+        """Raise ConfigError for an unknown method or a bad training setting (before the upload is stored)."""
+        from gnsp_core.config import TrainConfig
+        from gnsp_core.errors import ConfigError
+
+        try:
+            TrainConfig.from_dict({**config, "method": method})
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, AttributeError) as exc:  # a value of the wrong type
+            raise ConfigError(f"invalid training config: {exc}") from None
+
+    def submit(self, task_id: str, name: str, method: str, config: dict[str, Any], upload: str,
+               dataset: dict[str, Any]) -> dict[str, Any]:
+        return self.queue.submit(task_id, name, method, config, upload, dataset)
+
+    def get(self, task_id: str) -> dict[str, Any]:
+        return self.queue.view(task_id)
+
+    def list(self) -> list[dict[str, Any]]:
+        return self.queue.list()
+
+    def cancel(self, task_id: str) -> dict[str, Any]:
+        return self.queue.cancel(task_id)
+
+    def activate(self, version: int, reason: str) -> dict[str, Any]:
+        return self.queue.activate(version, reason)
+
+    def counts(self) -> dict[str, int]:
+        return self.queue.counts()
+
+    def __del__(self) -> None:
+        queue = getattr(self, "queue", None)
+        if queue is not None:
+            queue.stop()

@@ -1,0 +1,122 @@
+"""Service errors, and the one place that turns any GnspError into an HTTP status.
+
+gnsp_core raises one exception type per user mistake (bad dataset, bad config, ...); the service
+adds its own (unknown version, upload too large, missing token, ...). Every route lets them
+propagate and `http_status` decides the status, so the mapping cannot drift between routes.
+Errors raised inside another deployment arrive wrapped in a RayTaskError: `unwrap` recovers them.
+"""
+
+from __future__ import annotations
+
+from gnsp_core.errors import ConfigError, DatasetError, GnspError, ModelSpecError, StateError
+
+
+class BadRequestError(GnspError):
+    """The request is malformed (bad base64, bad labels, bad form fields)."""
+
+    code = "bad_request"
+
+
+class InvalidImageError(BadRequestError):
+    """An image to classify is not a decodable PNG/JPEG within the limits."""
+
+    code = "bad_image"
+
+
+class UnsupportedMediaError(BadRequestError):
+    """The request body has a content type this endpoint does not accept."""
+
+    code = "unsupported_media_type"
+
+
+class UnauthorizedError(GnspError):
+    """A write endpoint was called without the right bearer token."""
+
+    code = "unauthorized"
+
+
+class NotFoundError(GnspError):
+    """Something named in the request does not exist."""
+
+    code = "not_found"
+
+
+class UnknownVersionError(NotFoundError):
+    code = "unknown_version"
+
+
+class UnknownTaskError(NotFoundError):
+    code = "unknown_task"
+
+
+class ConflictError(GnspError):
+    """The request is valid but the resource is in the wrong state (e.g. cancel a finished job)."""
+
+    code = "conflict"
+
+
+class UploadTooLargeError(GnspError):
+    """The upload or request body is over its size limit."""
+
+    code = "upload_too_large"
+
+
+class ServiceFault(GnspError):
+    """The service itself failed (store unreadable, model will not load): a 5xx, not the user's fault."""
+
+    code = "service_error"
+
+
+class VersionLoadError(ServiceFault):
+    """A stored version failed to load or to answer a check request, so it is not served."""
+
+    code = "version_load_failed"
+
+
+class NotReadyError(ServiceFault):
+    """The store has no active version yet (the service is still starting)."""
+
+    code = "not_ready"
+
+
+_STATUS: dict[type[GnspError], int] = {
+    UnauthorizedError: 401,
+    NotFoundError: 404,
+    ConflictError: 409,
+    UploadTooLargeError: 413,
+    UnsupportedMediaError: 415,
+    BadRequestError: 400,
+    DatasetError: 400,
+    ConfigError: 400,
+    ModelSpecError: 400,
+    NotReadyError: 503,
+    ServiceFault: 500,
+    StateError: 500,  # a stored state that does not load is the store's fault, not the caller's
+}
+
+
+def http_status(error: GnspError) -> int:
+    """The HTTP status for an error: the entry of its nearest class in the MRO (400 by default)."""
+    for cls in type(error).__mro__:
+        if cls in _STATUS:
+            return _STATUS[cls]
+    return 400
+
+
+def unwrap(error: BaseException) -> BaseException:
+    """The original exception behind a RayTaskError / DeploymentHandle failure, if there is one."""
+    seen = 0
+    while seen < 5 and getattr(error, "cause", None) is not None and error is not error.cause:
+        error = error.cause
+        seen += 1
+    return error
+
+
+def error_message(error: BaseException) -> str:
+    """The user-facing message: the exception's own text, never a remote traceback."""
+    error = unwrap(error)
+    return str(error.args[0]) if error.args else type(error).__name__
+
+
+def error_body(code: str, message: str) -> dict:
+    return {"error": {"code": code, "message": message}}

@@ -1,0 +1,129 @@
+"""Pydantic models of the REST API (the HTTP edge only; inside, the service passes dicts and dataclasses)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+TaskStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+MAX_LABEL_CHARS = 200
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable error name, e.g. bad_dataset, unknown_version.")
+    message: str = Field(description="What went wrong and how to fix it.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class TaskAccepted(BaseModel):
+    task_id: str
+    status: TaskStatus = "queued"
+
+
+class TaskView(BaseModel):
+    task_id: str
+    name: str
+    status: TaskStatus
+    progress: float = Field(ge=0, le=1, description="0..1; live while running (from the Ray Train progress board).")
+    phase: str | None = Field(None, description="queued | starting | train | <method phase> | evaluating | publishing | <final status>")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    model_version: int | None = Field(None, description="The version this job produced (stored even when not activated).")
+    activated: bool = False
+    error: str | None = None
+    note: str | None = None
+    method: str | None = None
+    base_version: int | None = None
+    attempts: int = 0
+    created: float | None = None
+    started: float | None = None
+    finished: float | None = None
+    cancel_requested: bool = False
+    dataset: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskView]
+
+
+class ClassifyRequest(BaseModel):
+    images: list[str] = Field(min_length=1, description="Base64 PNG or JPEG images (a data: URL prefix is accepted).")
+    labels: list[str] = Field(min_length=1, description="Candidate class names; scores are over these labels.")
+    model_version: int | None = Field(None, description="Pin a version; null uses the active version.")
+
+
+class ClassifyResult(BaseModel):
+    label: str
+    scores: dict[str, float]
+
+
+class ClassifyResponse(BaseModel):
+    model_version: int
+    results: list[ClassifyResult]
+
+
+class ModelView(BaseModel):
+    version: int
+    active: bool
+    created: float | None = None
+    parent: int | None = None
+    task: str | None = Field(None, description="The task that produced this version (null for version 1).")
+    task_id: str | None = None
+    method: str | None = None
+    tasks: list[str] = Field(default_factory=list, description="Every task learned so far, in order.")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    gate: dict[str, Any] = Field(default_factory=dict)
+    spec: dict[str, Any] | None = None
+
+
+class ModelList(BaseModel):
+    active_version: int | None
+    models: list[ModelView]
+    history: list[dict[str, Any]] = Field(default_factory=list, description="Activations, oldest first.")
+
+
+class ActivationResponse(BaseModel):
+    active_version: int
+    previous_version: int | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    active_version: int | None = None
+
+
+# OpenAPI request bodies of the routes that parse their own body (streamed uploads, two content types).
+TASK_UPLOAD_BODY = {
+    "required": True,
+    "content": {"multipart/form-data": {"schema": {
+        "type": "object",
+        "required": ["name", "dataset"],
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 100, "description": "Task name."},
+            "dataset": {"type": "string", "format": "binary",
+                        "description": "zip or tar(.gz) of an ImageFolder tree (class folders of images)."},
+            "method": {"type": "string", "description": "finetune | lwf | zscl | wise-ft | mgclip | gnsp"},
+            "config": {"type": "string", "description": "JSON object of TrainConfig fields, e.g. {\"steps\": 100}."},
+        },
+    }}},
+}
+
+CLASSIFY_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": ClassifyRequest.model_json_schema()},
+        "multipart/form-data": {"schema": {
+            "type": "object",
+            "required": ["images", "labels"],
+            "properties": {
+                "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                "labels": {"type": "array", "items": {"type": "string"},
+                           "description": "Repeat the field once per label (or send one JSON list)."},
+                "model_version": {"type": "integer"},
+            },
+        }},
+    },
+}

@@ -1,0 +1,85 @@
+"""Service settings: one typed object that `gnsp serve`, `serve run deploy/serve_config.yaml` and the
+tests all build, and every deployment receives.
+
+It is a pydantic model because it crosses the Serve config boundary (the YAML's `args`); inside
+the service it is read-only data. Field docstrings are the documentation of the YAML keys.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gnsp_core.archives import ArchiveLimits
+
+TOKEN_ENV = "GNSP_API_TOKEN"
+
+
+class ServiceSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    store: str = "gnsp-store"
+    """Store location: a local directory or a pyarrow.fs URI (file://, s3://, gs://, ...)."""
+    model: str | None = None
+    """open_clip architecture of version 1 when the store is empty (None: the embedded gnsp-mini)."""
+    pretrained: str | None = None
+    """open_clip pretrained tag or local .safetensors/.pt for version 1."""
+    seed: int = 0
+    activation: Literal["auto", "manual"] = "auto"
+    """auto: a version that passes the quality gate becomes active; manual: only POST .../activate does."""
+    heldout: str | None = "builtin"
+    """Held-out zero-shot set for the quality gate: 'builtin' (gnsp_core.reference_data's photos),
+    'module:function' returning a Task, a task source (folder/archive/built-in name), or None (no gate)."""
+    max_heldout_drop: float = 2.0
+    """Gate: the largest allowed drop of held-out accuracy (percentage points) from the base version."""
+    reference: str | None = "builtin"
+    """Reference image-caption pairs for methods with distillation terms (see service.sources)."""
+    default_method: str = "gnsp"
+    workers: int = Field(1, ge=1)
+    """Ray Train workers per job."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    checkpoint_every: int = Field(25, ge=1)
+    on_restart: Literal["resume", "fail"] = "resume"
+    """What a restarted service does with a job that was running: resume it from its last Ray Train
+    checkpoint, or mark it failed ('interrupted')."""
+    max_attempts: int = Field(2, ge=1)
+    """A job interrupted this many times is marked failed instead of resumed again."""
+    work_dir: str | None = None
+    """Local scratch for uploads being received and datasets being extracted (None: system temp)."""
+    max_upload_bytes: int = Field(512 * 1024**2, ge=1)
+    max_files: int = Field(20_000, ge=1)
+    max_total_bytes: int = Field(2 * 1024**3, ge=1)
+    max_file_bytes: int = Field(50 * 1024**2, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_classify_bytes: int = Field(32 * 1024**2, ge=1)
+    max_classify_images: int = Field(64, ge=1)
+    max_labels: int = Field(1000, ge=1)
+    classifier_replicas: int | Literal["auto"] = 1
+    """Fixed replica count, or 'auto' for Serve autoscaling between min/max replicas."""
+    classifier_min_replicas: int = Field(1, ge=0)
+    classifier_max_replicas: int = Field(2, ge=1)
+    classifier_cpus: float = Field(0.0, ge=0)
+    classifier_gpus: float = Field(0.0, ge=0)
+    ingress_replicas: int = Field(1, ge=1)
+    max_versions_per_replica: int = Field(3, ge=1)
+    """Bounded LRU of versions each classifier replica keeps loaded (the multiplexed model ids)."""
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    text_head_cache: int = Field(256, ge=1)
+    api_token: str | None = Field(None, repr=False)
+    """Bearer token for write endpoints; None reads GNSP_API_TOKEN (unset: no auth)."""
+
+    def archive_limits(self) -> ArchiveLimits:
+        return ArchiveLimits(max_files=self.max_files, max_total_bytes=self.max_total_bytes,
+                             max_file_bytes=self.max_file_bytes, max_image_pixels=self.max_image_pixels)
+
+    def token(self) -> str | None:
+        """The bearer token in force: the configured one, else the environment's, else none."""
+        return self.api_token or os.environ.get(TOKEN_ENV) or None
+
+    def with_token_from_env(self) -> "ServiceSettings":
+        """Resolve the token where the app is built, so replicas need not share its environment."""
+        return self if self.api_token else self.model_copy(update={"api_token": os.environ.get(TOKEN_ENV) or None})

@@ -1,0 +1,110 @@
+"""Helpers shared by the service tests: tiny datasets on disk, a Serve app on 127.0.0.1, polling."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import socket
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+from PIL import Image
+
+from conftest import COLOURS, colour_task
+from service.settings import ServiceSettings
+
+ENDED = ("succeeded", "failed", "cancelled")
+FAST_CONFIG = {"steps": 3, "batch_size": 8, "warmup_steps": 1, "lr": 1e-3}
+_serve_port: int | None = None
+
+
+def write_colour_folder(root: Path, colours: list[str], n_train: int = 6, n_test: int = 3, seed: int = 0) -> Path:
+    """An ImageFolder task with train/ and test/ splits of noisy colour images."""
+    task = colour_task(root.name, colours, n_train=n_train, n_test=n_test, seed=seed)
+    for split, samples in (("train", task.train), ("test", task.test)):
+        for i, (image, label) in enumerate(zip(samples.images, samples.labels)):
+            folder = root / split / colours[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i:03d}.png")
+    return root
+
+
+def zip_folder(folder: Path, prefix: str = "") -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zf.write(path, prefix + path.relative_to(folder).as_posix())
+    return buffer.getvalue()
+
+
+def colour_zip(tmp: Path, colours: list[str], **kwargs: Any) -> bytes:
+    return zip_folder(write_colour_folder(tmp / "-".join(colours), colours, **kwargs))
+
+
+def png_bytes(colour: str, size: int = 32) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), COLOURS[colour]).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_b64(colour: str) -> str:
+    return base64.b64encode(png_bytes(colour)).decode()
+
+
+def service_settings(tmp: Path, **overrides: Any) -> ServiceSettings:
+    """Tiny model, a colour held-out set, no reference pairs, small limits: fast and deterministic."""
+    heldout = write_colour_folder(tmp / "heldout", ["red", "green", "blue", "yellow"], n_train=2, n_test=3, seed=7)
+    fields: dict[str, Any] = dict(
+        store=str(tmp / "store"), model="tiny", heldout=str(heldout), max_heldout_drop=100.0,
+        reference="tests.conftest:reference_pairs", default_method="finetune", checkpoint_every=1,
+        work_dir=str(tmp), max_upload_bytes=2 * 1024**2, max_total_bytes=8 * 1024**2,
+        max_file_bytes=4 * 1024**2, max_image_pixels=1_000_000, max_files=500, batch_wait_timeout_s=0.005,
+    )
+    return ServiceSettings(**{**fields, **overrides})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_service(settings: ServiceSettings, name: str) -> str:
+    """Deploy the app on the session's Ray (one HTTP proxy for the session); returns its base URL."""
+    global _serve_port
+    from ray import serve
+
+    from service.app import build_app
+
+    if _serve_port is None:
+        _serve_port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": _serve_port})
+    serve.run(build_app(settings), name=name, route_prefix="/")
+    return f"http://127.0.0.1:{_serve_port}"
+
+
+def stop_service(name: str) -> None:
+    from ray import serve
+
+    serve.delete(name)
+
+
+def wait_for(client: httpx.Client, task_id: str, statuses: tuple[str, ...] = ENDED, timeout: float = 240) -> dict:
+    """Poll GET /v1/tasks/{id} until its status is one of `statuses`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body = client.get(f"/v1/tasks/{task_id}").json()
+        if body["status"] in statuses or time.monotonic() > deadline:
+            return body
+        time.sleep(0.3)
+
+
+def store_snapshot(root: Path) -> dict[str, str]:
+    """Every file under the store with its hash: equal snapshots mean an unchanged store."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}

