@@ -1,9 +1,9 @@
 """One attempt of a job on Ray: train on a TorchTrainer, evaluate, apply the gate, publish a version.
 
 The attempt runs in its own Ray task, not in the job runner's process, for one reason: a running
-TorchTrainer cannot be stopped from the outside, but its driver can. Cancelling the task
-(`ray.cancel(force=True)`) kills that process, and with it the Train controller it owns and the
-controller's training workers. Progress flows from rank 0 to a `ProgressBoard` actor
+TorchTrainer cannot be stopped from the outside, but its driver can. Cancelling the task raises a
+KeyboardInterrupt in it, on which Ray Train aborts the run itself (workers stopped, placement group
+removed); only if that hangs is the process killed. Progress flows from rank 0 to a `ProgressBoard` actor
 (service/progress.py), which the runner polls while it waits.
 
 `train_on_ray` is the single integration point with service/train.py.
@@ -32,6 +32,7 @@ from .settings import ServiceSettings
 from .store import ModelStore
 
 POLL_S = 0.5
+STOP_GRACE_S = 30.0
 # Where each phase of an attempt sits on the job's 0..1 progress bar.
 _PHASES = {"queued": (0.0, 0.0), "resuming": (0.0, 0.02), "starting": (0.02, 0.05), "train": (0.05, 0.85),
            "saving": (0.90, 0.92), "done": (0.92, 0.93), "evaluating": (0.93, 0.97), "publishing": (0.97, 0.99)}
@@ -161,8 +162,17 @@ class RayTrainRunner:
                 return _result(ref)
             reason = should_stop()
             if reason is not None:
-                ray.cancel(ref, force=True)
+                _stop(ref)
                 raise JobCancelled() if reason == "cancel" else JobInterrupted()
+
+
+def _stop(ref: ray.ObjectRef) -> None:
+    """Abort the attempt's TorchTrainer: a KeyboardInterrupt in its driver makes Ray Train abort the
+    run gracefully (workers stopped, placement group freed); kill the process if that hangs."""
+    ray.cancel(ref, force=False)
+    ready, _ = ray.wait([ref], timeout=STOP_GRACE_S)
+    if not ready:
+        ray.cancel(ref, force=True)
 
 
 def _result(ref: ray.ObjectRef) -> AttemptOutcome:

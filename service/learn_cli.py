@@ -3,21 +3,22 @@
     gnsp learn --tasks digits,animals --method gnsp --workers 2 --out runs/seq1
     gnsp learn --tasks ./my_photos.zip --workers 4 --gpus-per-worker 1 --model ViT-B-16 --pretrained openai --out runs/seq2
 
-Re-running the same command after an interruption continues the sequence (see service.sequence).
+Re-running the same command after an interruption (Ctrl-C, a crash) continues the sequence: finished
+tasks are skipped and the running one resumes from its last checkpoint (see service.sequence).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 from pathlib import Path
 
 from gnsp_core.config import TrainConfig
-from gnsp_core.errors import ConfigError, GnspError
+from gnsp_core.errors import ConfigError
 from gnsp_core.models import DEFAULT_MODEL, ModelSpec
 
+from .cli import add_model_arguments
 from .progress import JobProgress
 from .sources import BUILTIN
 
@@ -36,8 +37,7 @@ def add_learn_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--steps", type=int, help="optimiser steps per task (overrides the config)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker; 0 trains on CPU (gloo)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="open_clip architecture, `tiny`, or the embedded default")
-    p.add_argument("--pretrained", help="open_clip pretrained tag or a local .safetensors/.pt file")
+    add_model_arguments(p)
     p.add_argument("--reference", help="reference pairs: builtin, builtin:<kind>, module:function, or none "
                                         f"(default: builtin for {', '.join(REFERENCE_METHODS)})")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
@@ -68,26 +68,20 @@ def reference_for(spec: str | None, method: str) -> str | None:
 
 
 def run_learn(args: argparse.Namespace) -> int:
-    """Entry point of `gnsp learn`; returns the process exit code."""
+    """Entry point of `gnsp learn`; returns the process exit code (user errors raise GnspError)."""
     _quiet_ray_warnings()
     from .sequence import learn_sequence  # imports Ray: keep `gnsp --help` fast
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    config = build_config(args.config, args.method, args.steps)
     bar = ProgressBar()
     try:
-        config = build_config(args.config, args.method, args.steps)
         result = learn_sequence(
-            tasks, args.out, ModelSpec(name=args.model, pretrained=args.pretrained), config,
+            tasks, args.out, ModelSpec(name=args.model or DEFAULT_MODEL, pretrained=args.pretrained), config,
             workers=args.workers, gpus_per_worker=args.gpus_per_worker, address=args.address, progress=bar,
             reference=reference_for(args.reference, config.method), checkpoint_every=args.checkpoint_every,
             max_failures=args.max_failures, storage_path=args.storage,
         )
-    except GnspError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to continue", file=sys.stderr)
-        return 130
     finally:
         bar.close()
     skipped = len(tasks) - len(result.trained)

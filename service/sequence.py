@@ -2,9 +2,9 @@
 
 The output folder is the sequence's whole record:
 
-    out_dir/progress.json            what the sequence is and which tasks are done (written atomically)
-    out_dir/after_<i>_<task>/        the ContinualState after task i (version i+1)
-    out_dir/runs/<job>-<i>-<task>/   Ray Train run storage: checkpoints inside a task
+    out_dir/progress.json                 the sequence and which tasks are done (written atomically)
+    out_dir/after_<i>_<task>/             the ContinualState after task i (version i+1)
+    out_dir/runs/<job>-after_<i>_<task>/  Ray Train run storage: checkpoints of the running task
 
 Run it again with the same arguments after an interruption and finished tasks are skipped, while
 the task that was running resumes from its last checkpoint (same run storage path and name).
@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -104,6 +105,7 @@ def learn_sequence(
                     result = train_task(job, storage_path=storage, name=f"{job_id}-{name}", out_dir=out_dir / name,
                                         resources=resources, max_failures=max_failures, board=board)
                 _complete(out_dir, record, source, name, result)
+                _drop_local_run(storage, f"{job_id}-{name}")
                 trained.append(index)
         finally:
             ray.kill(board)
@@ -150,6 +152,12 @@ def _complete(out_dir: Path, record: dict[str, Any], source: str, name: str, res
     if len(record["completed"]) == len(record["tasks"]):
         record["status"] = "succeeded"
     _write_json(out_dir / PROGRESS_FILE, record)
+
+
+def _drop_local_run(storage: str, name: str) -> None:
+    """A finished task's checkpoints are no longer needed once its state is in out_dir (local storage only)."""
+    if "://" not in storage:
+        shutil.rmtree(Path(storage) / name, ignore_errors=True)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

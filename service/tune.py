@@ -17,6 +17,7 @@ finished task. Output files: service.tune_report.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -46,6 +47,8 @@ from .tune_trial import TrialSetup, run_trial
 
 TRIAL_CPU = 0.01
 """A trial only drives its TorchTrainer; the trainer's workers hold the cores."""
+
+log = logging.getLogger("gnsp.tune")
 
 __all__ = ["TuneOutcome", "TuneRequest", "SearchSpace", "read_results", "run_tune_job", "search_space"]
 
@@ -90,34 +93,37 @@ class SequenceOptunaSearch(OptunaSearch):
 
 
 class LiveTable(tune.Callback):
-    """Rewrites the trials table on every result, so a running search can be watched (and polled)."""
+    """Rewrites the trials table on every result, so a running search can be watched (and polled),
+    and logs each result to the `gnsp.tune` logger. Tune pickles callbacks with the run, so what
+    is shown is left to the logging setup of the process that runs (or resumes) the search."""
 
-    def __init__(self, out_dir: str, num_tasks: int, echo: bool) -> None:
-        self.out_dir, self.num_tasks, self.echo = out_dir, num_tasks, echo
+    def __init__(self, out_dir: str, num_tasks: int) -> None:
+        self.out_dir, self.num_tasks = out_dir, num_tasks
 
-    def rows(self, trials: list) -> list[dict[str, Any]]:
-        return [trial_row(t.trial_id, t.config, t.last_result or {}, t.status.lower(), self.num_tasks) for t in trials]
+    def rows(self, trials: list, latest: tuple | None = None) -> list[dict[str, Any]]:
+        """Rows from each trial's last result; `latest` (trial, result): one Tune has not stored yet."""
+        def metrics(t) -> dict:
+            return latest[1] if latest and t is latest[0] else t.last_result or {}
+
+        return [trial_row(t.trial_id, t.config, metrics(t), t.status.lower(), self.num_tasks) for t in trials]
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
-        write_table(self.rows(trials), Path(self.out_dir))
-        if self.echo:
-            p = trial.config
-            print(f"trial {trial.trial_id} task {result['tasks_done']}/{self.num_tasks} ({result['task']}): "
-                  f"ρ={p['threshold']:.3f} CD={p['cd_weight']:.2f} MAP={p['map_weight']:.2f} lr={p['lr']:.1e} -> "
-                  f"seen acc {result['seen_acc']:.1f}%, forgetting {result['forgetting']:.1f}, "
-                  f"retention {result['retention']:.3f}, objective {result[OBJECTIVE]:.3f}", flush=True)
+        write_table(self.rows(trials, (trial, result)), Path(self.out_dir))
+        p = trial.config
+        log.info(f"trial {trial.trial_id} task {result['tasks_done']}/{self.num_tasks} ({result['task']}): "
+                 f"ρ={p['threshold']:.3f} CD={p['cd_weight']:.2f} MAP={p['map_weight']:.2f} lr={p['lr']:.1e} -> "
+                 f"seen acc {result['seen_acc']:.1f}%, forgetting {result['forgetting']:.1f}, "
+                 f"retention {result['retention']:.3f}, objective {result[OBJECTIVE]:.3f}")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
         write_table(self.rows(trials), Path(self.out_dir))
-        if self.echo:
-            print(f"trial {trial.trial_id} failed; `--resume` retries it", flush=True)
+        log.warning(f"trial {trial.trial_id} failed; `gnsp tune --resume` retries it")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         write_table(self.rows(trials), Path(self.out_dir))
 
 
-def run_tune_job(request: TuneRequest, *, resume: bool = False, address: str | None = None,
-                 echo: bool = False) -> TuneOutcome:
+def run_tune_job(request: TuneRequest, *, resume: bool = False, address: str | None = None) -> TuneOutcome:
     """Run (or with `resume`, continue) a search; blocks until it ends. Starts a private local Ray
     unless one is running or `address` names a cluster. Status goes to out_dir/status.json."""
     out = Path(request.out_dir)
@@ -133,7 +139,7 @@ def run_tune_job(request: TuneRequest, *, resume: bool = False, address: str | N
     with ray_cluster(address, num_cpus=(os.cpu_count() or 1) + 1):
         write_status(out, "running")
         try:
-            outcome = _search(request, resume, echo)
+            outcome = _search(request, resume)
         except KeyboardInterrupt:
             write_status(out, "cancelled", "interrupted; `gnsp tune --resume` continues the search")
             raise
@@ -153,13 +159,13 @@ def _final_status(outcome: TuneOutcome, trials: int) -> tuple[str, str | None]:
     return ("failed" if outcome.best is None and failed else "succeeded"), note
 
 
-def _search(request: TuneRequest, resume: bool, echo: bool) -> TuneOutcome:
+def _search(request: TuneRequest, resume: bool) -> TuneOutcome:
     out = Path(request.out_dir)
     folders = prepare_validation_tasks(request.tasks, out / "data", request.val_fraction, request.max_train_per_class)
     setup = TrialSetup([str(f) for f in folders], request.config, None if request.base_state else request.model,
                        request.base_state, _baseline_r1(request), str(out / "work"),
                        WorkerResources(request.workers, request.gpus_per_worker))
-    _tuner(request, setup, len(folders), resume, echo).fit()
+    _tuner(request, setup, len(folders), resume).fit()
     rows = sort_rows(json.loads((out / "trials.json").read_text()))
     best = best_row(rows)
     write_table(rows, out)
@@ -170,7 +176,7 @@ def _search(request: TuneRequest, resume: bool, echo: bool) -> TuneOutcome:
     return TuneOutcome(out, rows, best, config)
 
 
-def _tuner(request: TuneRequest, setup: TrialSetup, num_tasks: int, resume: bool, echo: bool) -> tune.Tuner:
+def _tuner(request: TuneRequest, setup: TrialSetup, num_tasks: int, resume: bool) -> tune.Tuner:
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": TRIAL_CPU})
     path = Path(request.out_dir) / "ray" / f"tune-{request.job_id}"
     if resume and tune.Tuner.can_restore(path):
@@ -183,7 +189,7 @@ def _tuner(request: TuneRequest, setup: TrialSetup, num_tasks: int, resume: bool
                                     search_alg=_searcher(request, num_tasks), scheduler=scheduler,
                                     max_concurrent_trials=_max_concurrent(request)),
         run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=0,
-                                  callbacks=[LiveTable(request.out_dir, num_tasks, echo)],
+                                  callbacks=[LiveTable(request.out_dir, num_tasks)],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
 

@@ -11,6 +11,7 @@ service.tune_objective for the objective and why); the test splits are never rea
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import TYPE_CHECKING
 
@@ -73,7 +74,10 @@ def run_tune(args: argparse.Namespace) -> int:
     from .tune import run_tune_job  # imports Ray: keep `gnsp --help` fast
 
     request = build_request(args)
-    outcome = run_tune_job(request, resume=args.resume, address=args.address, echo=True)
+    progress = logging.getLogger("gnsp.tune")
+    progress.setLevel(logging.INFO)
+    progress.addHandler(logging.StreamHandler(sys.stdout))
+    outcome = run_tune_job(request, resume=args.resume, address=args.address)
     print((outcome.out_dir / "trials.md").read_text())
     if outcome.best is None:
         print("no trial learned every task: no best config", file=sys.stderr)

@@ -24,6 +24,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -282,7 +283,7 @@ def test_rayservice_wiring():
 # --- (c) the Serve configs through Ray Serve's own model ------------------------------------------
 
 def _check_serve_config(config: dict[str, Any], where: str) -> None:
-    from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
+    from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
 
     parsed = ServeDeploySchema.model_validate(config)
     # ServeDeploySchema ignores unknown keys (forward compatibility): a typo would pass silently.
@@ -292,6 +293,9 @@ def _check_serve_config(config: dict[str, Any], where: str) -> None:
     for app in config["applications"]:
         unknown = set(app) - set(ServeApplicationSchema.model_fields)
         assert not unknown, f"{where}: application keys Ray Serve does not know: {unknown}"
+        for deployment in app.get("deployments", []):
+            unknown = set(deployment) - set(DeploymentSchema.model_fields)
+            assert not unknown, f"{where}: {deployment.get('name')}: deployment keys Ray Serve does not know: {unknown}"
 
 
 def _check_application(app: dict[str, Any], where: str) -> None:
@@ -305,7 +309,10 @@ def _check_application(app: dict[str, Any], where: str) -> None:
     ServiceSettings(**app.get("args", {}))  # extra="forbid": an unknown key fails here
     built = build_app(call_user_app_builder_with_args_if_necessary(import_attr(app["import_path"]), app.get("args", {})),
                       name=app["name"])
-    assert built.deployments, f"{where}: {app['import_path']} built no deployment"
+    names = {d.name for d in built.deployments}
+    assert names, f"{where}: {app['import_path']} built no deployment"
+    overridden = {d["name"] for d in app.get("deployments", [])}
+    assert overridden <= names, f"{where}: the config overrides deployments the app does not have: {overridden - names}"
 
 
 def test_serve_config_parses_through_ray_serve_schema():
@@ -323,8 +330,14 @@ def test_rayservice_serve_config_v2_parses_and_matches_serve_config():
     local = {a["name"]: a for a in serve_config()["applications"]}
     for app in v2["applications"]:
         assert app["name"] in local, f"serveConfigV2 application {app['name']} is not in deploy/serve_config.yaml"
+        other = local[app["name"]]
         for key in ("import_path", "route_prefix"):
-            assert app.get(key) == local[app["name"]].get(key), f"{app['name']}: {key} differs from serve_config.yaml"
+            assert app.get(key) == other.get(key), f"{app['name']}: {key} differs from serve_config.yaml"
+        # Same settings and deployments named (values may differ: GPU workers, the PVC's store path).
+        assert set(app.get("args", {})) == set(other.get("args", {})), \
+            f"{app['name']}: args keys differ from serve_config.yaml: {set(app['args']) ^ set(other['args'])}"
+        assert ({d["name"] for d in app.get("deployments", [])} == {d["name"] for d in other.get("deployments", [])}), \
+            f"{app['name']}: deployment overrides differ from serve_config.yaml"
     assert v2.get("http_options", {}).get("host") == "0.0.0.0", "pods must listen on all interfaces"
 
 
@@ -422,3 +435,49 @@ def test_dockerfile_passes_hadolint():
     result = subprocess.run([hadolint, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True,
                             timeout=60, env={**os.environ, "NO_COLOR": "1"})
     assert result.returncode == 0, f"hadolint {shlex.quote(str(ROOT / 'Dockerfile'))}:\n{result.stdout}{result.stderr}"
+
+
+# --- (c') deploy/serve_config.yaml deployed the way `serve run`/`serve deploy`/KubeRay deploy it --
+
+@pytest.mark.integration
+def test_serve_config_deploys_through_serves_config_path(ray_session, tmp_path):
+    """The config goes through `client.deploy_apps(ServeDeploySchema)` (what `serve run CONFIG`
+    calls, and what `serve deploy` and KubeRay reach through the dashboard): the controller imports
+    and builds the app, applies the config's deployment overrides, and the app answers /healthz.
+    Only the store, model and quality-gate data are swapped for tiny local ones, and the app gets its
+    own name and route so it can share the session's Serve with the other service tests."""
+    import httpx
+    from ray import serve
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    import service_support
+
+    app = dict(serve_config()["applications"][0])
+    fast = service_support.service_settings(tmp_path).model_dump()
+    app["args"] = {**app.get("args", {}), **{key: fast[key] for key in (
+        "store", "model", "heldout", "max_heldout_drop", "reference", "default_method", "work_dir")}}
+    app["name"], app["route_prefix"] = "gnsp-config-check", "/config-check"
+
+    if service_support._serve_port is None:  # one HTTP proxy on 127.0.0.1 for the whole session
+        service_support._serve_port = service_support.free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": service_support._serve_port})
+    serve_start().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}), _blocking=False)
+    try:
+        deadline = time.monotonic() + 150
+        status = None
+        while time.monotonic() < deadline:
+            status = serve.status().applications.get(app["name"])
+            if status is not None and status.status in ("RUNNING", "DEPLOY_FAILED", "UNHEALTHY"):
+                break
+            time.sleep(0.5)
+        assert status is not None and status.status == "RUNNING", status
+        for override in app.get("deployments", []):  # the config's overrides were applied
+            running = status.deployments[override["name"]].replica_states.get("RUNNING", 0)
+            if isinstance(override.get("num_replicas"), int):
+                assert running == override["num_replicas"], (override["name"], running)
+        response = httpx.get(f"http://127.0.0.1:{service_support._serve_port}/config-check/healthz", timeout=30)
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "ok" and response.json()["active_version"] == 1
+    finally:
+        serve.delete(app["name"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -58,11 +59,11 @@ def test_validation_split_comes_from_train_data_only(tmp_path):
 
 
 @pytest.mark.integration
-def test_tiny_search_end_to_end_then_resume_after_failed_trials(ray_session, tmp_path, capsys):
+def test_tiny_search_end_to_end_then_resume_after_failed_trials(ray_session, tmp_path, caplog):
     sources = [str(write_colour_folder(tmp_path, "rg", ["red", "green"], 0)),
                str(write_colour_folder(tmp_path, "by", ["blue", "yellow"], 1))]
     out = tmp_path / "search"
-    request = TuneRequest(tasks=sources, out_dir=str(out), model=TINY, trials=4, config=CONFIG,
+    request = TuneRequest(tasks=sources, out_dir=str(out), model=TINY, trials=3, config=CONFIG,
                           space=SearchSpace(lr=(1e-4, 3e-2)), max_concurrent=3)
     # Break task 2 so every trial fails after reporting task 1: an interrupted search.
     folders = prepare_validation_tasks(sources, out / "data", request.val_fraction, None)
@@ -70,14 +71,15 @@ def test_tiny_search_end_to_end_then_resume_after_failed_trials(ray_session, tmp
     first = run_tune_job(request)
     assert {r["status"] for r in first.rows} <= {"error", "stopped"} and first.best is None
     assert read_results(out)["status"] == "failed" and not (out / "best.json").exists()
-    capsys.readouterr()
+    caplog.clear()
 
     (folders[1] / "hidden").rename(folders[1] / "train")
-    outcome = run_tune_job(TuneRequest.load(out), resume=True, echo=True)
-    echoed = capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="gnsp.tune"):
+        outcome = run_tune_job(TuneRequest.load(out), resume=True)
+    echoed = caplog.text
     assert "task 2/2" in echoed and "task 1/2" not in echoed  # resumed after task 1, not restarted
     rows = outcome.rows
-    assert len(rows) == 4 and {r["status"] for r in rows} <= {"complete", "stopped"}
+    assert len(rows) == 3 and {r["status"] for r in rows} <= {"complete", "stopped"}
     objectives = [r["objective"] for r in rows]
     assert max(objectives) > min(objectives)
     for name in ("trials.csv", "trials.md", "trials.json", "objective_vs_threshold.png", "best.json"):

@@ -1,0 +1,170 @@
+"""Bad input over HTTP: every case is a 4xx with a JSON error, and the store is byte-for-byte unchanged."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import stat
+import tarfile
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import httpx
+import pytest
+from PIL import Image
+
+from service_support import (colour_zip, png_b64, png_bytes, service_settings, start_service, stop_service,
+                             store_snapshot, write_colour_folder, zip_folder)
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad-input")
+    settings = service_settings(tmp, api_token=TOKEN)
+    url = start_service(settings, "gnsp-bad-input")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=url, timeout=60, headers=auth) as client, httpx.Client(base_url=url, timeout=60) as anon:
+        yield client, anon, tmp, Path(settings.store)
+    stop_service("gnsp-bad-input")
+
+
+def zip_entries(entries: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def zip_with_symlink() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("red/0.png", png_bytes("red"))
+        zf.writestr("blue/0.png", png_bytes("blue"))
+        link = zipfile.ZipInfo("blue/1.png")
+        link.create_system = 3
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(link, "/etc/passwd")
+    return buffer.getvalue()
+
+
+def tar_with_symlink() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tf:
+        for name in ("red/0.png", "blue/0.png"):
+            data = png_bytes(name.split("/")[0])
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("blue/1.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(link)
+    return buffer.getvalue()
+
+
+def zip_bomb() -> bytes:
+    """20 MB of zeros in a 20 KB zip: over the 4 MB per-file limit the test service uses."""
+    return zip_entries({"red/0.png": png_bytes("red"), "blue/bomb.png": bytes(20 * 1024**2)})
+
+
+def huge_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (1100, 1100), (0, 0, 200)).save(buffer, format="PNG")  # 1.21 M pixels > 1 M limit
+    return buffer.getvalue()
+
+
+def task(client: httpx.Client, dataset: bytes | None, name: str = "t", **fields: str) -> httpx.Response:
+    files = {"dataset": ("data.zip", dataset, "application/zip")} if dataset is not None else None
+    return client.post("/v1/tasks", data={"name": name, **fields}, files=files or {"other": ("x", b"x")})
+
+
+def good_zip(tmp: Path) -> bytes:
+    return colour_zip(tmp, ["red", "blue"], n_train=2, n_test=1)
+
+
+def one_class_zip(tmp: Path) -> bytes:
+    return zip_folder(write_colour_folder(tmp / "one", ["red"], n_train=2, n_test=1))
+
+
+def classify(client: httpx.Client, **body) -> httpx.Response:
+    return client.post("/v1/classify", json={"images": [png_b64("red")], "labels": ["red", "blue"], **body})
+
+
+Case = Callable[[httpx.Client, httpx.Client, Path], httpx.Response]
+CASES: dict[str, tuple[Case, int, str]] = {
+    "corrupt archive": (lambda c, a, t: task(c, b"PK\x03\x04" + os.urandom(2000)), 400, "bad_dataset"),
+    "not an archive": (lambda c, a, t: task(c, png_bytes("red")), 400, "bad_dataset"),
+    "zip slip": (lambda c, a, t: task(c, zip_entries({"red/0.png": png_bytes("red"), "../../evil.png": png_bytes("blue")})),
+                 400, "bad_dataset"),
+    "absolute path": (lambda c, a, t: task(c, zip_entries({"red/0.png": png_bytes("red"), "/tmp/evil.png": b"x"})),
+                      400, "bad_dataset"),
+    "zip symlink": (lambda c, a, t: task(c, zip_with_symlink()), 400, "bad_dataset"),
+    "tar symlink": (lambda c, a, t: task(c, tar_with_symlink()), 400, "bad_dataset"),
+    "zip bomb": (lambda c, a, t: task(c, zip_bomb()), 400, "bad_dataset"),
+    "non-image files": (lambda c, a, t: task(c, zip_entries({"red/a.txt": b"hello", "blue/b.txt": b"world"})),
+                        400, "bad_dataset"),
+    "one class": (lambda c, a, t: task(c, one_class_zip(t)), 400, "bad_dataset"),
+    "empty archive": (lambda c, a, t: task(c, zip_entries({})), 400, "bad_dataset"),
+    "oversized upload": (lambda c, a, t: task(c, os.urandom(3 * 1024**2)), 413, "upload_too_large"),
+    "huge image": (lambda c, a, t: task(c, zip_entries({"red/0.png": png_bytes("red"), "blue/0.png": huge_png()})),
+                   400, "bad_dataset"),
+    "missing dataset": (lambda c, a, t: task(c, None), 400, "bad_request"),
+    "missing name": (lambda c, a, t: task(c, good_zip(t), name=""), 400, "bad_request"),
+    "not multipart": (lambda c, a, t: c.post("/v1/tasks", json={"name": "x"}), 415, "unsupported_media_type"),
+    "config not JSON": (lambda c, a, t: task(c, good_zip(t), config="{steps: 3"), 400, "bad_request"),
+    "unknown config key": (lambda c, a, t: task(c, good_zip(t), config=json.dumps({"stepz": 3})), 400, "bad_config"),
+    "bad config value": (lambda c, a, t: task(c, good_zip(t), config=json.dumps({"steps": "many"})), 400, "bad_config"),
+    "unknown method": (lambda c, a, t: task(c, good_zip(t), method="magic"), 400, "bad_config"),
+    "missing token": (lambda c, a, t: task(a, good_zip(t)), 401, "unauthorized"),
+    "wrong token": (lambda c, a, t: a.post("/v1/models/1/activate", headers={"Authorization": "Bearer nope"}),
+                    401, "unauthorized"),
+    "cancel without token": (lambda c, a, t: a.delete("/v1/tasks/task-x"), 401, "unauthorized"),
+    "unknown version": (lambda c, a, t: classify(c, model_version=99), 404, "unknown_version"),
+    "unknown version info": (lambda c, a, t: c.get("/v1/models/99"), 404, "unknown_version"),
+    "activate unknown version": (lambda c, a, t: c.post("/v1/models/99/activate"), 404, "unknown_version"),
+    "version not a number": (lambda c, a, t: c.get("/v1/models/latest"), 422, "invalid_request"),
+    "unknown task": (lambda c, a, t: c.get("/v1/tasks/task-nope"), 404, "unknown_task"),
+    "cancel unknown task": (lambda c, a, t: c.delete("/v1/tasks/task-nope"), 404, "unknown_task"),
+    "bad base64": (lambda c, a, t: classify(c, images=["not base64!!"]), 400, "bad_image"),
+    "base64 of text": (lambda c, a, t: classify(c, images=[base64.b64encode(b"hello").decode()]), 400, "bad_image"),
+    "huge image to classify": (lambda c, a, t: classify(c, images=[base64.b64encode(huge_png()).decode()]),
+                               400, "bad_image"),
+    "empty labels": (lambda c, a, t: classify(c, labels=[]), 422, "invalid_request"),
+    "blank label": (lambda c, a, t: classify(c, labels=["red", " "]), 400, "bad_request"),
+    "duplicate labels": (lambda c, a, t: classify(c, labels=["red", "red"]), 400, "bad_request"),
+    "no images": (lambda c, a, t: classify(c, images=[]), 422, "invalid_request"),
+    "malformed JSON": (lambda c, a, t: c.post("/v1/classify", content=b"{", headers={"content-type": "application/json"}),
+                       422, "invalid_request"),
+    "classify as text": (lambda c, a, t: c.post("/v1/classify", content=b"red", headers={"content-type": "text/plain"}),
+                         415, "unsupported_media_type"),
+    "multipart without labels": (lambda c, a, t: c.post("/v1/classify", files=[("images", ("a.png", png_bytes("red")))]),
+                                 400, "bad_request"),
+    "unknown route": (lambda c, a, t: c.get("/v2/everything"), 404, "not_found"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_a_clear_4xx_and_leaves_the_store_unchanged(service, case):
+    client, anon, tmp, store = service
+    send, status, code = CASES[case]
+    before = store_snapshot(store)
+    response = send(client, anon, tmp)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and len(error["message"]) > 10, error
+    assert store_snapshot(store) == before
+    if status == 401:
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_service_still_works_after_bad_input(service):
+    client, anon, tmp, store = service
+    answer = classify(anon).json()  # classify is a read: no token needed
+    assert answer["model_version"] == 1 and answer["results"][0]["label"] in ("red", "blue")
+    assert client.get("/v1/tasks").json() == {"tasks": []}

@@ -1,0 +1,166 @@
+"""End to end over real HTTP on 127.0.0.1: learn a task, classify with the new version, roll back;
+queue and cancel jobs; and kill -9 the whole service mid-job, then restart it on the same store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service_support import (ENDED, FAST_CONFIG, colour_zip, free_port, png_b64, png_bytes, service_settings,
+                             start_service, stop_service, wait_for)
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    url = start_service(service_settings(tmp), "gnsp-e2e")
+    with httpx.Client(base_url=url, timeout=120) as client:
+        yield client, tmp
+    stop_service("gnsp-e2e")
+
+
+def upload(client: httpx.Client, tmp: Path, name: str, colours: list[str], config: dict) -> str:
+    response = client.post("/v1/tasks", data={"name": name, "config": json.dumps(config)},
+                           files={"dataset": (f"{name}.zip", colour_zip(tmp, colours), "application/zip")})
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] == "queued"
+    return response.json()["task_id"]
+
+
+def classify(client: httpx.Client, labels: list[str], version: int | None = None) -> dict:
+    response = client.post("/v1/classify", json={"images": [png_b64("red"), png_b64("blue")], "labels": labels,
+                                                 "model_version": version})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_learn_a_task_then_classify_and_roll_back(service):
+    client, tmp = service
+    models = client.get("/v1/models").json()
+    assert models["active_version"] == 1 and [m["version"] for m in models["models"]] == [1]
+
+    task_id = upload(client, tmp, "rgb", ["red", "green", "blue"], FAST_CONFIG)
+    seen = []
+    while (job := client.get(f"/v1/tasks/{task_id}").json())["status"] not in ENDED:
+        seen.append(job["progress"])
+        time.sleep(0.2)
+    assert job["status"] == "succeeded", job
+    assert seen == sorted(seen) and all(0 <= p < 1 for p in seen) and job["progress"] == 1.0
+    assert job["model_version"] == 2 and job["activated"] and job["base_version"] == 1
+    assert {"task_accuracy", "heldout_accuracy", "base_heldout_accuracy"} <= set(job["metrics"])
+    assert job["dataset"]["classes"] == ["blue", "green", "red"]
+
+    version = client.get("/v1/models/2").json()
+    assert version["tasks"] == ["rgb"] and version["parent"] == 1 and version["active"] and version["gate"]["passed"]
+    answer = classify(client, ["red", "green", "blue"])
+    assert answer["model_version"] == 2 and len(answer["results"]) == 2
+    assert set(answer["results"][0]["scores"]) == {"red", "green", "blue"}
+    assert abs(sum(answer["results"][0]["scores"].values()) - 1) < 1e-3
+    multipart = client.post("/v1/classify", files=[("images", ("a.png", png_bytes("red"), "image/png"))],
+                            data={"labels": ["red", "blue"]})
+    assert multipart.status_code == 200 and multipart.json()["model_version"] == 2
+
+    rollback = client.post("/v1/models/1/activate")
+    assert rollback.json() == {"active_version": 1, "previous_version": 2}
+    assert classify(client, ["red", "green", "blue"])["model_version"] == 1
+    assert classify(client, ["red", "green"], version=2)["model_version"] == 2  # a pinned version still answers
+    models = client.get("/v1/models").json()
+    assert models["active_version"] == 1 and [h["version"] for h in models["history"]] == [1, 2, 1]
+
+    metrics = client.get("/metrics").text
+    assert 'gnsp_http_requests_total{method="POST",route="/v1/classify",status="200"}' in metrics
+    assert "gnsp_active_model_version 1.0" in metrics and 'gnsp_jobs{status="succeeded"} 1.0' in metrics
+    assert [t["task_id"] for t in client.get("/v1/tasks").json()["tasks"]] == [task_id]
+
+
+def test_second_upload_waits_and_cancel_stops_the_trainer(service):
+    import ray
+
+    client, tmp = service
+    cpus = ray.available_resources().get("CPU", 0)
+    first = upload(client, tmp, "long", ["red", "yellow"], {**FAST_CONFIG, "steps": 100_000})
+    second = upload(client, tmp, "next", ["green", "blue"], FAST_CONFIG)
+    running = wait_for(client, first, ("running",))
+    assert running["status"] == "running"
+    assert client.get(f"/v1/tasks/{second}").json()["status"] == "queued"  # never two jobs on one base
+    assert client.delete(f"/v1/tasks/{second}").json()["status"] == "cancelled"
+    while (job := client.get(f"/v1/tasks/{first}").json())["phase"] != "train":  # the trainer is running
+        assert job["status"] == "running", job
+        time.sleep(0.2)
+    assert client.delete(f"/v1/tasks/{first}").json()["status"] == "cancelled"
+    assert client.delete(f"/v1/tasks/{first}").status_code == 409
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < cpus:  # the training worker's CPU is free again
+        assert time.monotonic() < deadline, "the cancelled trainer still holds its CPU"
+        time.sleep(0.2)
+    assert wait_for(client, second)["status"] == "cancelled"  # it never ran
+    assert [m["version"] for m in client.get("/v1/models").json()["models"]] == [1, 2]
+
+
+def start_gnsp_serve(store: Path, tmp: Path, port: int) -> subprocess.Popen:
+    """`gnsp serve` in its own process group (its private Ray lives and dies with it)."""
+    settings = service_settings(tmp)
+    command = [sys.executable, "-m", "service.serve_cli", "--store", str(store), "--model", "tiny",
+               "--port", str(port), "--num-cpus", "2", "--set", f"heldout={settings.heldout}",
+               "--set", "reference=tests.conftest:reference_pairs", "--set", "default_method=finetune",
+               "--set", "checkpoint_every=2", "--set", "max_heldout_drop=100", "--set", f"work_dir={tmp}"]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    log = open(tmp / f"serve-{time.monotonic_ns()}.log", "w")
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_healthy(client: httpx.Client, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, "gnsp serve exited"
+        try:
+            if client.get("/healthz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "gnsp serve did not become healthy"
+        time.sleep(0.5)
+
+
+def test_service_killed_mid_job_restarts_with_store_intact(tmp_path):
+    store, port = tmp_path / "store", free_port()
+    process = start_gnsp_serve(store, tmp_path, port)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            wait_healthy(client, process)
+            task_id = upload(client, tmp_path, "rgb", ["red", "green", "blue"], {**FAST_CONFIG, "steps": 60})
+            while (job := client.get(f"/v1/tasks/{task_id}").json())["progress"] < 0.3:  # past a checkpoint
+                assert job["status"] in ("queued", "running"), job
+                time.sleep(0.2)
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(30)
+            manifests = sorted(p.relative_to(store) for p in store.glob("models/*/manifest.json"))
+            assert [str(p) for p in manifests] == ["models/v000001/manifest.json"]
+            assert json.loads((store / "active.json").read_text())["version"] == 1
+
+            process = start_gnsp_serve(store, tmp_path, port)
+            wait_healthy(client, process)
+            models = client.get("/v1/models").json()
+            assert models["active_version"] == 1 and [m["version"] for m in models["models"]] == [1]
+            job = client.get(f"/v1/tasks/{task_id}").json()
+            assert job["status"] in ("queued", "running") and job.get("attempts", 0) >= 1
+            job = wait_for(client, task_id)
+            assert job["status"] == "succeeded" and job["attempts"] == 2, job
+            assert job["metrics"].get("resumed_from"), job  # continued from its checkpoint, not from scratch
+            assert client.get("/v1/models").json()["active_version"] == 2
+        process.send_signal(signal.SIGINT)
+        assert process.wait(120) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
