@@ -6,9 +6,10 @@ left out): samples/s = steps x batch per worker x workers / seconds. Prints a ma
 writes JSON.
 
     python benchmarks/scaling.py --model tiny --workers 1,2 --out out/scaling             # CPU (gloo)
-    python benchmarks/scaling.py --model ViT-B-16 --pretrained openai --gpus-per-worker 1 \\
-        --workers 1,2,4 --batch-size 64 --out out/scaling-gpu                          # GPU (nccl)
+    python benchmarks/scaling.py --model ViT-B-16 --gpus-per-worker 1 --cpus-per-worker 4 \\
+        --loader-workers 3 --workers 1,2,4 --batch-size 64 --out out/scaling-gpu       # GPU (nccl)
 
+Throughput does not depend on the weights, so the GPU run needs no `--pretrained` (and no network).
 On CPU every worker gets `--cpus-per-worker` cores (Ray sets its torch threads to match), so
 1 worker x 1 core against 2 workers x 1 core is the comparison that matters on a 2-core machine.
 """
@@ -41,7 +42,7 @@ def steady_rate(snapshots: list[JobProgress], warmup: int, samples_per_step: int
 def measure(args: argparse.Namespace, workers: int, storage: str) -> dict:
     """One TorchTrainer run with `workers` workers; returns its row of the table."""
     config = TrainConfig(method=args.method, steps=args.steps, batch_size=args.batch_size, lr=1e-5,
-                         warmup_steps=1, stats_augment=False)
+                         warmup_steps=1, stats_augment=False, num_workers=args.loader_workers)
     job = TrainJob(task=args.task, config=config, model=ModelSpec(args.model, args.pretrained),
                    reference=args.reference, checkpoint_every=args.steps)
     board = open_board(f"scaling-{workers}-{time.time_ns()}")
@@ -80,6 +81,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10, help="steps left out of the measurement")
     p.add_argument("--batch-size", type=int, default=32, help="per worker")
+    p.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker (GPU runs)")
     p.add_argument("--address", help="Ray cluster to join (default: a private local one)")
     p.add_argument("--out", required=True, help="folder for scaling.json and scaling.md")
     return p.parse_args(argv)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -175,8 +176,9 @@ def _build_into(work: Path, target: Path, progress: ProgressFn) -> None:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(work / WEIGHTS_FILE))
     _write_json(work / CONFIG_FILE, open_clip_config(target))  # loads from the cache folder alone
-    report.update(recipe_version=RECIPE_VERSION, build_s=round(time.perf_counter() - start, 1),
-                  parameters=sum(v.numel() for v in state.values() if v.is_floating_point()))
+    digest = hashlib.sha256((work / WEIGHTS_FILE).read_bytes()).hexdigest()
+    report.update(recipe_version=RECIPE_VERSION, build_s=round(time.perf_counter() - start, 1), weights_sha256=digest,
+                  parameters=sum(p.numel() for p in model.parameters()))
     _write_json(work / REPORT_FILE, report)
     progress(1.0, f"gnsp-mini built in {report['build_s']:.0f} s")
 

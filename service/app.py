@@ -8,8 +8,10 @@ flight finishes on the version it started with while the pointer moves) and stre
 local disk, validates them and puts them in the store before the job runner sees a path.
 `build_app(args)` is the application builder for `serve run deploy/serve_config.yaml` and
 `gnsp serve`; `args` are ServiceSettings fields.
-"""
 
+No `from __future__ import annotations` here: FastAPI must see the route signatures' real types
+through Serve's class-based view.
+"""
 
 import hmac
 import shutil
@@ -28,12 +30,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gnsp_core.errors import GnspError
 
+from . import prometheus
 from . import schemas as api
 from .deployments import Classifier, JobRunner
-from .errors import (BadRequestError, NotReadyError, UnauthorizedError, UnknownVersionError, UnsupportedMediaError,
-                     error_body, error_message, http_status, unwrap)
+from .errors import (BadRequestError, NotReadyError, UnauthorizedError, UnknownVersionError, error_body,
+                     error_message, http_status, unwrap)
 from .jobs import new_task_id
-from . import prometheus
 from .prometheus import MetricsMiddleware
 from .settings import ServiceSettings
 from .store import ModelStore
@@ -63,7 +65,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+    message = str(exc.detail)
+    if exc.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed"):
+        message = f"{message}: {request.method} {request.url.path}; the API is described at /docs"
+    return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
 
 
 @app.exception_handler(Exception)

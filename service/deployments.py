@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,11 @@ class Classifier:
         served = await self.get_version(str(version))
         return await asyncio.to_thread(served.check, self.heads)
 
+    def __del__(self) -> None:
+        shutil.rmtree(getattr(self, "cache_dir", ""), ignore_errors=True)
 
-@serve.deployment(name="JobRunner", num_replicas=1, max_ongoing_requests=64)
+
+@serve.deployment(name="JobRunner", num_replicas=1, max_ongoing_requests=64, graceful_shutdown_timeout_s=90)
 class JobRunner:
     def __init__(self, settings: ServiceSettings, classifier: DeploymentHandle) -> None:
         from .attempt import RayTrainRunner

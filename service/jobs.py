@@ -182,7 +182,7 @@ class JobQueue:
             if status in ENDED:
                 raise ConflictError(f"task {task_id!r} already ended ({status}); nothing to cancel")
             self._cancel.setdefault(task_id, threading.Event()).set()
-            if status == "queued":
+            if status == "queued" and task_id in self._queue:  # not yet taken by the worker
                 self._queue.remove(task_id)
                 self._end(task_id, "cancelled", error="cancelled before it started")
                 return self.view(task_id)
@@ -228,10 +228,13 @@ class JobQueue:
     def _run(self, task_id: str) -> None:
         with self._lock:
             record = self._records[task_id]
+            cancel = self._cancel.setdefault(task_id, threading.Event())
+            if cancel.is_set():  # cancelled between leaving the queue and starting
+                self._end(task_id, "cancelled", error="cancelled before it started")
+                return
             base = record.get("base_version") or self.store.active()
             self._save(record, status="running", started=time.time(), attempts=record.get("attempts", 0) + 1,
                        base_version=base, phase="starting")
-            cancel = self._cancel.setdefault(task_id, threading.Event())
             self._live[task_id] = (record.get("progress") or 0.0, "starting")
 
         def should_stop() -> str | None:
@@ -266,16 +269,22 @@ class JobQueue:
             self._end(task_id, "failed", error=gate_message(gate, version))
             return
         if self.settings.activation == "manual":
-            self._end(task_id, "succeeded", note=f"version {version} stored; activate it with POST /v1/models/{version}/activate")
+            self._end(task_id, "succeeded",
+                      note=f"version {version} stored; activate it with POST /v1/models/{version}/activate")
             return
         with self._activation:
+            if self.store.active() == version:  # activated just before a crash cut the job short
+                self._end(task_id, "succeeded", activated=True)
+                return
             if self.store.active() != record["base_version"]:
-                self._end(task_id, "succeeded", note=f"the active version changed while the job ran; version {version} stored, not activated")
+                self._end(task_id, "succeeded",
+                          note=f"the active version changed while the job ran; version {version} stored, not activated")
                 return
             try:
                 self.check_version(version)
             except Exception as exc:
-                self._end(task_id, "failed", error=f"version {version} failed its load check and was not activated: {error_message(exc)}")
+                self._end(task_id, "failed",
+                          error=f"version {version} failed its load check and was not activated: {error_message(exc)}")
                 return
             self.store.set_active(version, f"task {task_id} ({record['name']})")
         self._end(task_id, "succeeded", activated=True)

@@ -29,15 +29,19 @@ class TaskView(BaseModel):
     name: str
     status: TaskStatus
     progress: float = Field(ge=0, le=1, description="0..1; live while running (from the Ray Train progress board).")
-    phase: str | None = Field(None, description="queued | starting | train | <method phase> | evaluating | publishing | <final status>")
+    phase: str | None = Field(
+        None, description="queued | starting | train | <method phase> | evaluating | publishing | <final status>")
     metrics: dict[str, Any] = Field(default_factory=dict)
-    model_version: int | None = Field(None, description="The version this job produced (stored even when not activated).")
+    model_version: int | None = Field(
+        None, description="The version this job produced (stored even when not activated).")
     activated: bool = False
     error: str | None = None
     note: str | None = None
     method: str | None = None
-    base_version: int | None = None
-    attempts: int = 0
+    config: dict[str, Any] = Field(default_factory=dict, description="The TrainConfig fields given with the task.")
+    base_version: int | None = Field(
+        None, description="The version this job trains from (the active one when it started).")
+    attempts: int = Field(0, description="Starts of this job: 2 or more means it resumed after an interruption.")
     created: float | None = None
     started: float | None = None
     finished: float | None = None

@@ -8,9 +8,10 @@ the service it is read-only data. Field docstrings are the documentation of the 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gnsp_core.archives import ArchiveLimits
 
@@ -71,6 +72,19 @@ class ServiceSettings(BaseModel):
     text_head_cache: int = Field(256, ge=1)
     api_token: str | None = Field(None, repr=False)
     """Bearer token for write endpoints; None reads GNSP_API_TOKEN (unset: no auth)."""
+
+    @field_validator("store", "work_dir")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        """Resolve local paths where the settings are made: replicas may run in another directory."""
+        if value is None or "://" in value:
+            return value
+        return str(Path(value).expanduser().resolve())
+
+    @field_validator("pretrained")
+    @classmethod
+    def _absolute_file(cls, value: str | None) -> str | None:
+        return str(Path(value).resolve()) if value and Path(value).is_file() else value
 
     def archive_limits(self) -> ArchiveLimits:
         return ArchiveLimits(max_files=self.max_files, max_total_bytes=self.max_total_bytes,

@@ -8,6 +8,9 @@ worker's working directory is not the driver's). A reference spec is one of
   (`emoji`, `flags`, `emoji+flags`; the default is `emoji+flags`);
 - `<module>:<function>`: an importable zero-argument function returning a dataset of
   (image, caption) pairs with `with_transform` (tests use `tests.conftest:reference_pairs`).
+  Every worker imports it: on a local cluster the driver's working directory is on the workers'
+  sys.path; on a multi-node cluster the module must be installed (or shipped in a runtime_env).
+Likewise, on a multi-node cluster task folders and archives must be on storage every node sees.
 """
 
 from __future__ import annotations

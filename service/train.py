@@ -31,7 +31,7 @@ from ray.train.torch import TorchTrainer
 from gnsp_core.config import TrainConfig
 from gnsp_core.data import load_task
 from gnsp_core.errors import ConfigError, GnspError
-from gnsp_core.models import ModelSpec, load_model
+from gnsp_core.models import LoadedModel, ModelSpec, load_model
 from gnsp_core.state import ContinualState
 from gnsp_core.trainer import Distributed, learn_task
 
@@ -39,6 +39,7 @@ from .progress import BoardReporter
 from .sources import check_reference_spec, load_reference
 
 TRAIN_STATE_FILE = "train_state.pt"
+FINISHED = "finished"
 
 
 @dataclass(frozen=True)
@@ -148,24 +149,26 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     reporter = _Reporter(rank, BoardReporter(loop_config["board"] if rank == 0 else None), job.drill)
     resume = _read_checkpoint(ray.train.get_checkpoint())
-    if resume == "final":
+    if resume == FINISHED:
         return  # the run had already finished: its final checkpoint stands
-    reporter.board.send(phase="starting", resumed_from=resume["step"] if resume else None)
+    resumed_from = resume["step"] if resume else None
+    reporter.board.send(phase="starting", resumed_from=resumed_from)
     device = ray.train.torch.get_device()
     config = job.config.replace(device=str(device)) if job.config.device == "auto" else job.config
     state, loaded = _starting_point(job, device)
     distributed = Distributed(rank, world_size, _sum_across_workers if world_size > 1 else None,
                               _wrap_ddp if world_size > 1 else None)
     started = time.perf_counter()
-    new_state = learn_task(
-        state, loaded, load_task(job.task), config, reference=load_reference(job.reference),
-        progress=reporter.board, distributed=distributed, resume=resume,
-        on_checkpoint=reporter.checkpoint, checkpoint_every=job.checkpoint_every,
-    )
-    reporter.final(new_state, resume["step"] if resume else None, time.perf_counter() - started)
+    with tempfile.TemporaryDirectory(prefix="gnsp-task-") as scratch:  # where an archive is unpacked
+        new_state = learn_task(
+            state, loaded, load_task(job.task, work_dir=scratch), config, reference=load_reference(job.reference),
+            progress=reporter.board, distributed=distributed, resume=resume,
+            on_checkpoint=reporter.checkpoint, checkpoint_every=job.checkpoint_every,
+        )
+    reporter.final(new_state, resumed_from, time.perf_counter() - started)
 
 
-def _starting_point(job: TrainJob, device: torch.device):
+def _starting_point(job: TrainJob, device: torch.device) -> tuple[ContinualState, LoadedModel]:
     if job.base_state is not None:
         state = ContinualState.load(job.base_state)
         return state, load_model(state.spec, device)
@@ -184,12 +187,12 @@ def _wrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _read_checkpoint(checkpoint: Checkpoint | None) -> dict[str, Any] | str | None:
-    """The training state to resume from; "final" when the checkpoint is a finished ContinualState."""
+    """The training state to resume from; FINISHED when the checkpoint is the final ContinualState."""
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
         if (Path(folder) / "state.json").is_file():
-            return "final"
+            return FINISHED
         return torch.load(Path(folder) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
 
 

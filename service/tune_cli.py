@@ -11,15 +11,17 @@ service.tune_objective for the objective and why); the test splits are never rea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
-from typing import TYPE_CHECKING
 
 from gnsp_core.errors import ConfigError
 from gnsp_core.models import DEFAULT_MODEL, ModelSpec
 
-if TYPE_CHECKING:
-    from .tune_request import TuneRequest
+from .learn_cli import build_config
+from .tune_request import SearchSpace, TuneRequest
+
+DEFAULT_RANGES = dataclasses.asdict(SearchSpace())
 
 
 def add_tune_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -42,17 +44,33 @@ def add_tune_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial")
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the CPUs fit)")
+    p.add_argument("--range", action="append", default=[], metavar="NAME=LOW,HIGH",
+                   help="search range of threshold, cd_weight, map_weight or lr (repeatable; defaults: "
+                        f"{', '.join(f'{k}={lo:g},{hi:g}' for k, (lo, hi) in DEFAULT_RANGES.items())})")
     p.add_argument("--seed", type=int, default=0, help="searcher seed")
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     add_model_arguments(p)
     return p
 
 
-def build_request(args: argparse.Namespace) -> "TuneRequest":
-    """The TuneRequest the flags describe (or, with --resume, the one saved in --out)."""
-    from .learn_cli import build_config
-    from .tune_request import TuneRequest
+def parse_ranges(items: list[str]) -> SearchSpace:
+    """`["lr=1e-5,1e-3", ...]` -> a SearchSpace with those ranges changed."""
+    ranges = {}
+    for item in items:
+        name, _, bounds = item.partition("=")
+        try:
+            low, high = (float(b) for b in bounds.split(","))
+        except ValueError:
+            raise ConfigError(f"--range {item!r}: write NAME=LOW,HIGH, e.g. lr=1e-5,1e-3") from None
+        ranges[name.strip()] = (low, high)
+    unknown = sorted(set(ranges) - set(DEFAULT_RANGES))
+    if unknown:
+        raise ConfigError(f"--range: unknown names {unknown}; searched values are {sorted(DEFAULT_RANGES)}")
+    return SearchSpace(**ranges)
 
+
+def build_request(args: argparse.Namespace) -> TuneRequest:
+    """The TuneRequest the flags describe (or, with --resume, the one saved in --out)."""
     if args.resume:
         return TuneRequest.load(args.out)
     if not args.tasks:
@@ -63,7 +81,7 @@ def build_request(args: argparse.Namespace) -> "TuneRequest":
     return TuneRequest(
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], out_dir=args.out,
         model=ModelSpec(name=args.model or DEFAULT_MODEL, pretrained=args.pretrained), base_state=args.from_state,
-        trials=args.trials, config=config, searcher=args.searcher, workers=args.workers,
+        trials=args.trials, config=config, space=parse_ranges(args.range), searcher=args.searcher, workers=args.workers,
         gpus_per_worker=args.gpus_per_worker, max_concurrent=args.max_concurrent,
         max_train_per_class=args.max_train_per_class, val_fraction=args.val_fraction, seed=args.seed,
     )
@@ -77,6 +95,7 @@ def run_tune(args: argparse.Namespace) -> int:
     progress = logging.getLogger("gnsp.tune")
     progress.setLevel(logging.INFO)
     progress.addHandler(logging.StreamHandler(sys.stdout))
+    progress.propagate = False  # Ray or a library may have configured the root logger as well
     outcome = run_tune_job(request, resume=args.resume, address=args.address)
     print((outcome.out_dir / "trials.md").read_text())
     if outcome.best is None:

@@ -182,7 +182,7 @@ def check_labels(labels: list[str], max_labels: int) -> list[str]:
     for label in labels:
         if not isinstance(label, str) or not label or len(label) > MAX_LABEL_CHARS or not label.isprintable():
             raise BadRequestError(f"every label must be 1 to {MAX_LABEL_CHARS} printable characters, got {label!r:.60}")
-    if len({label for label in labels}) != len(labels):
+    if len(set(labels)) != len(labels):
         raise BadRequestError("labels must be unique (scores are keyed by label)")
     return labels
 
@@ -230,7 +230,10 @@ async def read_body(request: Request, limit: int) -> bytes:
     return request._body
 
 
-async def read_classify_request(request: Request, settings: ServiceSettings) -> tuple[list[bytes], list[str], int | None]:
+ClassifyInput = tuple[list[bytes], list[str], int | None]
+
+
+async def read_classify_request(request: Request, settings: ServiceSettings) -> ClassifyInput:
     """Images (raw bytes, checked), labels (checked) and the pinned version of a classify request."""
     body = await read_body(request, settings.max_classify_bytes)
     kind, _ = parse_options_header(request.headers.get("content-type", ""))
@@ -252,7 +255,7 @@ async def read_classify_request(request: Request, settings: ServiceSettings) -> 
     return images, labels, pinned
 
 
-async def _classify_form(request: Request, settings: ServiceSettings) -> tuple[list[bytes], list[str], int | None]:
+async def _classify_form(request: Request, settings: ServiceSettings) -> ClassifyInput:
     form = await request.form(max_files=settings.max_classify_images, max_fields=settings.max_labels + 8)
     images = []
     for i, item in enumerate(form.getlist("images")):
@@ -262,7 +265,8 @@ async def _classify_form(request: Request, settings: ServiceSettings) -> tuple[l
         try:
             labels = json.loads(labels[0])
         except json.JSONDecodeError:
-            raise BadRequestError("labels looks like a JSON list but does not parse; repeat the field per label") from None
+            raise BadRequestError("labels looks like a JSON list but does not parse; "
+                                  "repeat the field once per label instead") from None
         if not isinstance(labels, list):
             raise BadRequestError("labels must be a list of strings")
     raw_version = form.get("model_version")

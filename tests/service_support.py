@@ -82,8 +82,11 @@ def start_service(settings: ServiceSettings, name: str) -> str:
     from service.app import build_app
 
     if _serve_port is None:
-        _serve_port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": _serve_port})
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+        # If another test already started Serve, its port stands: ask the controller which it is.
+        from ray.serve.context import _get_global_client
+
+        _serve_port = _get_global_client().http_config.port
     serve.run(build_app(settings), name=name, route_prefix="/")
     return f"http://127.0.0.1:{_serve_port}"
 

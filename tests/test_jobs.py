@@ -58,7 +58,8 @@ class FakeRunner:
             if self.error is not None:
                 raise self.error
             state = fake_state(self.tmp / record["task_id"], record["task_id"])
-            version = self.store.publish_version(state, {"task_id": record["task_id"], "parent": record["base_version"]})
+            manifest = {"task_id": record["task_id"], "parent": record["base_version"]}
+            version = self.store.publish_version(state, manifest)
             return AttemptOutcome(version, {"heldout_accuracy": 40.0}, self.gate)
         finally:
             with self._lock:

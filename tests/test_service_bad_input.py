@@ -21,6 +21,7 @@ from service_support import (colour_zip, png_b64, png_bytes, service_settings, s
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 TOKEN = "s3cret-token"
+JSON = "application/json"
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +85,33 @@ def task(client: httpx.Client, dataset: bytes | None, name: str = "t", **fields:
     return client.post("/v1/tasks", data={"name": name, **fields}, files=files or {"other": ("x", b"x")})
 
 
+def chunked_upload(client: httpx.Client, size: int) -> httpx.Response:
+    """A multipart body sent chunked (no Content-Length): the limit must hold while streaming."""
+    boundary = "gnsp-test-boundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nbig\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"dataset\"; filename=\"big.zip\"\r\n"
+            "Content-Type: application/zip\r\n\r\n").encode()
+
+    def body():
+        yield head
+        for _ in range(size // 65536):
+            yield os.urandom(65536)
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    content_type = f"multipart/form-data; boundary={boundary}"
+    return client.post("/v1/tasks", content=body(), headers={"content-type": content_type})
+
+
 def good_zip(tmp: Path) -> bytes:
     return colour_zip(tmp, ["red", "blue"], n_train=2, n_test=1)
 
 
 def one_class_zip(tmp: Path) -> bytes:
     return zip_folder(write_colour_folder(tmp / "one", ["red"], n_train=2, n_test=1))
+
+
+def classify_files(client: httpx.Client) -> httpx.Response:
+    return client.post("/v1/classify", files=[("images", ("a.png", png_bytes("red"), "image/png"))])
 
 
 def classify(client: httpx.Client, **body) -> httpx.Response:
@@ -100,7 +122,7 @@ Case = Callable[[httpx.Client, httpx.Client, Path], httpx.Response]
 CASES: dict[str, tuple[Case, int, str]] = {
     "corrupt archive": (lambda c, a, t: task(c, b"PK\x03\x04" + os.urandom(2000)), 400, "bad_dataset"),
     "not an archive": (lambda c, a, t: task(c, png_bytes("red")), 400, "bad_dataset"),
-    "zip slip": (lambda c, a, t: task(c, zip_entries({"red/0.png": png_bytes("red"), "../../evil.png": png_bytes("blue")})),
+    "zip slip": (lambda c, a, t: task(c, zip_entries({"red/0.png": png_bytes("red"), "../../evil.png": b"x"})),
                  400, "bad_dataset"),
     "absolute path": (lambda c, a, t: task(c, zip_entries({"red/0.png": png_bytes("red"), "/tmp/evil.png": b"x"})),
                       400, "bad_dataset"),
@@ -112,6 +134,7 @@ CASES: dict[str, tuple[Case, int, str]] = {
     "one class": (lambda c, a, t: task(c, one_class_zip(t)), 400, "bad_dataset"),
     "empty archive": (lambda c, a, t: task(c, zip_entries({})), 400, "bad_dataset"),
     "oversized upload": (lambda c, a, t: task(c, os.urandom(3 * 1024**2)), 413, "upload_too_large"),
+    "oversized chunked upload": (lambda c, a, t: chunked_upload(c, 3 * 1024**2), 413, "upload_too_large"),
     "huge image": (lambda c, a, t: task(c, zip_entries({"red/0.png": png_bytes("red"), "blue/0.png": huge_png()})),
                    400, "bad_dataset"),
     "missing dataset": (lambda c, a, t: task(c, None), 400, "bad_request"),
@@ -139,11 +162,11 @@ CASES: dict[str, tuple[Case, int, str]] = {
     "blank label": (lambda c, a, t: classify(c, labels=["red", " "]), 400, "bad_request"),
     "duplicate labels": (lambda c, a, t: classify(c, labels=["red", "red"]), 400, "bad_request"),
     "no images": (lambda c, a, t: classify(c, images=[]), 422, "invalid_request"),
-    "malformed JSON": (lambda c, a, t: c.post("/v1/classify", content=b"{", headers={"content-type": "application/json"}),
+    "malformed JSON": (lambda c, a, t: c.post("/v1/classify", content=b"{", headers={"content-type": JSON}),
                        422, "invalid_request"),
     "classify as text": (lambda c, a, t: c.post("/v1/classify", content=b"red", headers={"content-type": "text/plain"}),
                          415, "unsupported_media_type"),
-    "multipart without labels": (lambda c, a, t: c.post("/v1/classify", files=[("images", ("a.png", png_bytes("red")))]),
+    "multipart without labels": (lambda c, a, t: classify_files(c),
                                  400, "bad_request"),
     "unknown route": (lambda c, a, t: c.get("/v2/everything"), 404, "not_found"),
 }

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,6 +46,32 @@ def classify(client: httpx.Client, labels: list[str], version: int | None = None
     return response.json()
 
 
+class ClassifyLoad:
+    """Classify requests from a second thread, until the block ends (at least three of them)."""
+
+    def __init__(self, client: httpx.Client) -> None:
+        self.client, self.stop = client, threading.Event()
+        self.statuses: set[int] = set()
+        self.versions: set[int] = set()
+        self.count = 0
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self.stop.is_set() or self.count < 3:
+            response = self.client.post("/v1/classify", json={"images": [png_b64("red")], "labels": ["red", "blue"]})
+            self.statuses.add(response.status_code)
+            self.versions.add(response.json().get("model_version"))
+            self.count += 1
+
+    def __enter__(self) -> "ClassifyLoad":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(120)
+
+
 def test_learn_a_task_then_classify_and_roll_back(service):
     client, tmp = service
     models = client.get("/v1/models").json()
@@ -57,6 +84,7 @@ def test_learn_a_task_then_classify_and_roll_back(service):
         time.sleep(0.2)
     assert job["status"] == "succeeded", job
     assert seen == sorted(seen) and all(0 <= p < 1 for p in seen) and job["progress"] == 1.0
+    assert any(0 < p < 1 for p in seen)  # live progress while it ran
     assert job["model_version"] == 2 and job["activated"] and job["base_version"] == 1
     assert {"task_accuracy", "heldout_accuracy", "base_heldout_accuracy"} <= set(job["metrics"])
     assert job["dataset"]["classes"] == ["blue", "green", "red"]
@@ -71,12 +99,16 @@ def test_learn_a_task_then_classify_and_roll_back(service):
                             data={"labels": ["red", "blue"]})
     assert multipart.status_code == 200 and multipart.json()["model_version"] == 2
 
-    rollback = client.post("/v1/models/1/activate")
-    assert rollback.json() == {"active_version": 1, "previous_version": 2}
+    with ClassifyLoad(client) as load:  # requests keep flowing while the active version moves
+        rollback = client.post("/v1/models/1/activate")
+        assert rollback.json() == {"active_version": 1, "previous_version": 2}
+        assert client.post("/v1/models/2/activate").json()["active_version"] == 2
+        assert client.post("/v1/models/1/activate").json()["active_version"] == 1
+    assert load.statuses == {200} and load.versions <= {1, 2} and load.count >= 3
     assert classify(client, ["red", "green", "blue"])["model_version"] == 1
     assert classify(client, ["red", "green"], version=2)["model_version"] == 2  # a pinned version still answers
     models = client.get("/v1/models").json()
-    assert models["active_version"] == 1 and [h["version"] for h in models["history"]] == [1, 2, 1]
+    assert models["active_version"] == 1 and [h["version"] for h in models["history"]] == [1, 2, 1, 2, 1]
 
     metrics = client.get("/metrics").text
     assert 'gnsp_http_requests_total{method="POST",route="/v1/classify",status="200"}' in metrics
@@ -114,10 +146,26 @@ def start_gnsp_serve(store: Path, tmp: Path, port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "service.serve_cli", "--store", str(store), "--model", "tiny",
                "--port", str(port), "--num-cpus", "2", "--set", f"heldout={settings.heldout}",
                "--set", "reference=tests.conftest:reference_pairs", "--set", "default_method=finetune",
-               "--set", "checkpoint_every=2", "--set", "max_heldout_drop=100", "--set", f"work_dir={tmp}"]
+               "--set", "checkpoint_every=3", "--set", "max_heldout_drop=100", "--set", f"work_dir={tmp}"]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
     log = open(tmp / f"serve-{time.monotonic_ns()}.log", "w")
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL the service and every process of its session: Ray puts its workers in their own process
+    groups, so killpg alone would leave the old HTTP proxy answering on the port."""
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if entry.name.isdigit() and int(stat[stat.rindex(")") + 2:].split()[3]) == process.pid:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    process.wait(30)
 
 
 def wait_healthy(client: httpx.Client, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -139,12 +187,11 @@ def test_service_killed_mid_job_restarts_with_store_intact(tmp_path):
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
             wait_healthy(client, process)
-            task_id = upload(client, tmp_path, "rgb", ["red", "green", "blue"], {**FAST_CONFIG, "steps": 60})
-            while (job := client.get(f"/v1/tasks/{task_id}").json())["progress"] < 0.3:  # past a checkpoint
+            task_id = upload(client, tmp_path, "rgb", ["red", "green", "blue"], {**FAST_CONFIG, "steps": 30})
+            while (job := client.get(f"/v1/tasks/{task_id}").json())["progress"] < 0.4:  # past 3 checkpoints
                 assert job["status"] in ("queued", "running"), job
                 time.sleep(0.2)
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(30)
+            kill_session(process)
             manifests = sorted(p.relative_to(store) for p in store.glob("models/*/manifest.json"))
             assert [str(p) for p in manifests] == ["models/v000001/manifest.json"]
             assert json.loads((store / "active.json").read_text())["version"] == 1
@@ -162,5 +209,19 @@ def test_service_killed_mid_job_restarts_with_store_intact(tmp_path):
         process.send_signal(signal.SIGINT)
         assert process.wait(120) == 0
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        kill_session(process)
+
+
+def test_serve_config_yaml_builds_the_app():
+    """deploy/serve_config.yaml is a valid Serve config whose builder accepts its args."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from service.app import build_app
+
+    raw = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
+    config = ServeDeploySchema.model_validate(raw)
+    app = config.applications[0]
+    assert app.import_path == "service.app:build_app"
+    assert {d["name"] for d in raw["applications"][0]["deployments"]} == {"Ingress", "Classifier", "JobRunner"}
+    assert build_app(app.args) is not None

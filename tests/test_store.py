@@ -119,6 +119,7 @@ def test_store_written_files_are_plain_json(tmp_path):
     store = ModelStore.open(str(tmp_path / "store"))
     store.publish_version(fake_state(tmp_path / "a", "a"), {"metrics": {"heldout_accuracy": 50.0}})
     store.set_active(1, "base model")
-    assert json.loads((tmp_path / "store" / version_dir(1) / MANIFEST).read_text())["metrics"] == {"heldout_accuracy": 50.0}
+    manifest = json.loads((tmp_path / "store" / version_dir(1) / MANIFEST).read_text())
+    assert manifest["metrics"] == {"heldout_accuracy": 50.0}
     assert json.loads((tmp_path / "store" / ACTIVE).read_text())["version"] == 1
     assert not [p for p in (tmp_path / "store").rglob("*") if ".tmp-" in p.name]
