@@ -32,6 +32,9 @@ class TrainConfig:
     map_weight: float = 0.75
     cd_temperature: float = 2.0
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    trainable: str = "auto"
+    """Regex of parameter names that may train; `all`; or `auto`: `all`, except on gnsp-mini whose
+    pre-trained towers stay frozen (LiT-style, as it was aligned) and only its heads train."""
     first_task_full_finetune: bool = True
     """GNSP: task 1 trains both towers with no projection; later tasks train only projected maps."""
     stats_batch_size: int = 16

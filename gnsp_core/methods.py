@@ -8,6 +8,7 @@ Hooks (Mammoth-style): `begin_task`, `loss(images, labels) -> {term: tensor}`, `
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 from . import losses
 from .linear_maps import LinearMapSet
+from .models import trainable_pattern
 from .projection import NullSpaceProjector, ProjectorStatistics, collect_statistics
 from .trainer import TaskContext
 
@@ -38,7 +40,9 @@ class Method:
 
     # --- hooks -------------------------------------------------------------------------------
     def begin_task(self) -> None:
-        self.model.requires_grad_(True)
+        allowed = re.compile(trainable_pattern(self.cfg.trainable, self.ctx.loaded.spec.name))
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(bool(allowed.match(name)))
         self.model.logit_scale.requires_grad_(False)
         _freeze_batchnorm_statistics(self.model)
 
@@ -82,15 +86,22 @@ class Method:
     def reference_batch(self) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         if self.ctx.reference is None:
             raise ValueError(f"method {self.name!r} needs reference image-caption pairs; pass `reference=`")
-        images, captions = self.ctx.reference.next()
+        images, captions, self._ref_index = self.ctx.reference.next()
         return images, captions, self.ctx.tokens(captions)
 
     @torch.no_grad()
     def base_features(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        base = self.ctx.base_model()
-        img = nn.functional.normalize(base.encode_image(images).float(), dim=-1)
-        txt = nn.functional.normalize(base.encode_text(tokens).float(), dim=-1)
-        return img, txt
+        """The pre-trained model's features of the last reference batch, each pair computed once."""
+        cache = self.__dict__.setdefault("_base_cache", {})
+        index = self._ref_index.tolist()
+        missing = [i for i, k in enumerate(index) if k not in cache]
+        if missing:
+            base = self.ctx.base_model()
+            img = nn.functional.normalize(base.encode_image(images[missing]).float(), dim=-1)
+            txt = nn.functional.normalize(base.encode_text(tokens[missing]).float(), dim=-1)
+            for j, i in enumerate(missing):
+                cache[index[i]] = (img[j], txt[j])
+        return torch.stack([cache[k][0] for k in index]), torch.stack([cache[k][1] for k in index])
 
 
 class LwF(Method):
@@ -249,7 +260,7 @@ class GNSP(Method):
 
     def _reference_statistics(self) -> dict[str, torch.Tensor]:
         batches = [self.ctx.reference.next() for _ in range(max(1, len(self.ctx.reference.loader)))]
-        forward = lambda b: self.model(b[0], self.ctx.tokens(b[1]))  # noqa: E731
+        forward = lambda b: self.model(b[0], self.ctx.tokens(b[1]))  # noqa: E731  (b = images, captions, index)
         return self._collect(batches, forward)
 
 

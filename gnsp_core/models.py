@@ -21,6 +21,8 @@ from .errors import ModelSpecError
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 DEFAULT_MODEL = "gnsp-mini"
 _configs_registered = False
+# Models whose pre-trained towers stay frozen by default (TrainConfig.trainable="auto").
+FROZEN_TOWERS = {DEFAULT_MODEL: r"^(visual\.head\.|text\.proj)"}
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,13 @@ def load_model(spec: ModelSpec | None = None, device: str | torch.device = "cpu"
         raise ModelSpecError(f"could not load {spec.name} with pretrained={spec.pretrained!r}: {exc}") from exc
     tokenizer = open_clip.get_tokenizer(spec.name)
     return LoadedModel(model, preprocess_train, preprocess_val, tokenizer, spec)
+
+
+def trainable_pattern(setting: str, model_name: str) -> str:
+    """The parameter-name regex a TrainConfig.trainable setting means for this model."""
+    if setting == "auto":
+        return FROZEN_TOWERS.get(model_name, ".*")
+    return ".*" if setting == "all" else setting
 
 
 def model_config(name: str) -> dict[str, Any]:

@@ -99,29 +99,45 @@ class TaskContext:
         return self.tokenizer(texts).to(self.device)
 
 
+class _Indexed(Dataset):
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, caption = self.dataset[index]
+        return image, caption, index
+
+
 class ReferenceStream:
-    """An endless, seeded stream of reference (image, caption) batches; no augmentation."""
+    """An endless, seeded stream of reference (image, caption, index) batches; no augmentation.
+
+    The index lets methods cache the frozen pre-trained model's features of each pair: the pool
+    is fixed and unaugmented, so those features never change.
+    """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, device: torch.device) -> None:
         gen = torch.Generator().manual_seed(seed)
-        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size,
-                                 generator=gen, collate_fn=_collate_pairs)
+        self.loader = DataLoader(_Indexed(dataset), batch_size=batch_size, shuffle=True,
+                                 drop_last=len(dataset) > batch_size, generator=gen, collate_fn=_collate_pairs)
         self.device = device
         self._iter: Iterator | None = None
 
-    def next(self) -> tuple[torch.Tensor, list[str]]:
+    def next(self) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         if self._iter is None:
             self._iter = iter(self.loader)
         try:
-            images, captions = next(self._iter)
+            images, captions, index = next(self._iter)
         except StopIteration:
             self._iter = iter(self.loader)
-            images, captions = next(self._iter)
-        return images.to(self.device), captions
+            images, captions, index = next(self._iter)
+        return images.to(self.device), captions, index
 
 
-def _collate_pairs(batch: list) -> tuple[torch.Tensor, list[str]]:
-    return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+def _collate_pairs(batch: list) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    return torch.stack([b[0] for b in batch]), [b[1] for b in batch], torch.tensor([b[2] for b in batch])
 
 
 def resolve_device(name: str) -> torch.device:
