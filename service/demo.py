@@ -20,6 +20,7 @@ from gnsp_core.state import ContinualState
 from gnsp_core.trainer import Progress, learn_task, resolve_device
 
 DEMO_TASKS = "digits,animals"
+LOCAL_STEPS = 60
 
 
 def add_demo_parser(sub) -> None:
@@ -27,8 +28,12 @@ def add_demo_parser(sub) -> None:
 
     p = sub.add_parser("demo", help="learn built-in tasks on the offline default and print a before/after table")
     p.add_argument("--tasks", default=DEMO_TASKS, help="comma-separated task sources")
-    p.add_argument("--method", default="gnsp")
-    p.add_argument("--steps", type=int, default=60, help="optimiser steps per task")
+    p.add_argument("--method", default="gnsp", help="continual-learning method (finetune, lwf, zscl, wise-ft, mgclip, gnsp)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimiser steps per task (default: 30 through the service, 60 with --local)")
+    p.add_argument("--reference", default="builtin",
+                   help="reference image-caption pairs: builtin (emoji and flags) or module:function")
+    p.add_argument("--store", default=None, help="store folder for the service (default: a temporary one)")
     p.add_argument("--max-train-per-class", type=int, default=40)
     p.add_argument("--max-test-per-class", type=int, default=20)
     p.add_argument("--local", action="store_true", help="run the library directly instead of through the service")
@@ -57,6 +62,16 @@ def print_table(before: dict, after: dict, chance: dict[str, float]) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    """Through the REST service (default), or the library directly with --local."""
+    if not args.local:
+        from service.demo_rest import run_rest_demo
+
+        return run_rest_demo(args)
+    return run_local_demo(args)
+
+
+def run_local_demo(args: argparse.Namespace) -> int:
+    """The library path: learn the tasks in this process and print the table."""
     from service.sources import load_reference
 
     start = time.perf_counter()
@@ -66,10 +81,10 @@ def run_demo(args: argparse.Namespace) -> int:
     caps = dict(max_train_per_class=args.max_train_per_class, max_test_per_class=args.max_test_per_class)
     tasks = [load_task(s.strip(), **caps) for s in args.tasks.split(",") if s.strip()]
     heldout = load_heldout_task()
-    reference = load_reference("builtin")
+    reference = load_reference(args.reference)
     state = ContinualState.initial(loaded.model, loaded.spec)
     before = _snapshot(loaded, tasks, heldout, state, device)
-    config = TrainConfig(method=args.method, steps=args.steps)
+    config = TrainConfig(method=args.method, steps=args.steps or LOCAL_STEPS)
     for task in tasks:
         bar = tqdm(total=config.steps, desc=f"learning {task.name}", unit="step", dynamic_ncols=True)
 
