@@ -37,7 +37,8 @@ def zero_shot_row(loaded, task: Task) -> dict:
 
 def markdown(rows: list[dict], skipped: list[str]) -> str:
     lines = ["| task | classes | test images | zero-shot top-1 % | chance % |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['task']} | {r['classes']} | {r['test_images']} | {r['top1']:.1f} | {r['chance']:.1f} |" for r in rows]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['classes']} | {r['test_images']} | {r['top1']:.1f} | {r['chance']:.1f} |")
     if skipped:
         lines.append(f"\nskipped (data package missing): {', '.join(skipped)}")
     return "\n".join(lines)

@@ -89,7 +89,8 @@ def efficientnet_lite0_state_dict() -> dict[str, torch.Tensor]:
     mapped = {}
     for (key, ref), (src_key, tensor) in zip(target.items(), source.items()):
         if ref.shape != tensor.shape:
-            raise ModelSpecError(f"EfficientNet-Lite0 mapping: {src_key} {tuple(tensor.shape)} -> {key} {tuple(ref.shape)}")
+            shapes = f"{src_key} {tuple(tensor.shape)} -> {key} {tuple(ref.shape)}"
+            raise ModelSpecError(f"EfficientNet-Lite0 weights do not map onto timm: {shapes}")
         mapped[key] = tensor
     return mapped
 
@@ -152,6 +153,7 @@ def build_default_model(
         work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
             _build_into(work, target, progress or (lambda _f, _m: None))
+            _make_readable(work)
             old = target.with_name(f".{target.name}-old-{os.getpid()}")
             if target.exists():
                 os.replace(target, old)
@@ -181,6 +183,13 @@ def _build_into(work: Path, target: Path, progress: ProgressFn) -> None:
                   parameters=sum(p.numel() for p in model.parameters()))
     _write_json(work / REPORT_FILE, report)
     progress(1.0, f"gnsp-mini built in {report['build_s']:.0f} s")
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp makes a private folder; a shared cache should be readable like any other download."""
+    os.chmod(folder, 0o755)
+    for path in folder.iterdir():
+        os.chmod(path, 0o644)
 
 
 def _sync_config(folder: Path) -> None:

@@ -24,11 +24,12 @@ teacher), MiniLM, the 1,000 ImageNet class names (open_clip) in the 8 prompt tem
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import open_clip
@@ -183,8 +184,9 @@ def train_projections(model: nn.Module, feats: Features, classifier: tuple[Tenso
     """AdamW on fc1, fc2 and the text projection; returns each loss term at the first and last step."""
     params = [*model.visual.head.parameters(), *model.text.proj.parameters()]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / recipe.steps)))
-    weights = {"distill": recipe.distill_weight, "cosine": recipe.cosine_weight, "contrastive": recipe.contrastive_weight}
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.steps)
+    weights = {"distill": recipe.distill_weight, "cosine": recipe.cosine_weight,
+               "contrastive": recipe.contrastive_weight}
     gen = torch.Generator().manual_seed(recipe.seed)
     history: dict[str, list[float]] = {k: [] for k in weights}
     for step in range(recipe.steps):
@@ -222,13 +224,31 @@ def heldout_zero_shot(model: nn.Module, preprocess: Callable, tokenizer: Callabl
     return {"top1": round(100 * correct, 2), "chance": round(100 / len(classnames), 2), "n": len(images)}
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide the MiniLM load report: it lists BERT's unused pooler weights, expected with mean pooling."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
 def _create(config: dict) -> tuple[nn.Module, Callable, Callable]:
-    model = open_clip.CustomTextCLIP(**config["model_cfg"])  # loads the installed MiniLM weights
+    with _quiet_transformers():
+        model = open_clip.CustomTextCLIP(**config["model_cfg"])  # loads the installed MiniLM weights
     pre = config["preprocess_cfg"]
     preprocess = open_clip.image_transform(pre["size"], is_train=False, mean=pre["mean"], std=pre["std"],
                                            interpolation=pre["interpolation"], resize_mode=pre["resize_mode"])
     text_cfg = config["model_cfg"]["text_cfg"]
-    tokenizer = open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=text_cfg["context_length"])
+    tokenizer = open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"],
+                                                context_length=text_cfg["context_length"])
     return model.eval(), preprocess, tokenizer
 
 

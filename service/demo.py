@@ -31,6 +31,8 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--method", default="gnsp", help="continual-learning method (finetune, lwf, zscl, wise-ft, mgclip, gnsp)")
     p.add_argument("--steps", type=int, default=None,
                    help="optimiser steps per task (default: 30 through the service, 60 with --local)")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="learning rate (1e-3 suits gnsp-mini's small trainable heads; the paper's 1e-5 is for ViT-B/16)")
     p.add_argument("--reference", default="builtin",
                    help="reference image-caption pairs: builtin (emoji and flags) or module:function")
     p.add_argument("--store", default=None, help="store folder for the service (default: a temporary one)")
@@ -84,7 +86,7 @@ def run_local_demo(args: argparse.Namespace) -> int:
     reference = load_reference(args.reference)
     state = ContinualState.initial(loaded.model, loaded.spec)
     before = _snapshot(loaded, tasks, heldout, state, device)
-    config = TrainConfig(method=args.method, steps=args.steps or LOCAL_STEPS)
+    config = TrainConfig(method=args.method, lr=args.lr, steps=args.steps or LOCAL_STEPS)
     for task in tasks:
         bar = tqdm(total=config.steps, desc=f"learning {task.name}", unit="step", dynamic_ncols=True)
 

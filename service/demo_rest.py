@@ -70,7 +70,9 @@ def local_service(settings: Any) -> Iterator[str]:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
         port = _get_global_client().http_config.port  # an already running Serve keeps its own port
-        serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+        # Quiet replicas: no access log line per progress poll, warnings and errors still show.
+        serve.run(build_app(settings), name=APP_NAME, route_prefix="/",
+                  logging_config={"enable_access_log": False, "log_level": "WARNING"})
         try:
             yield f"http://127.0.0.1:{port}"
         finally:
@@ -141,7 +143,7 @@ def submit_task(client: httpx.Client, name: str, archive: Path, method: str, con
         return _check(client.post("/v1/tasks", data=data, files=files))["task_id"]
 
 
-def follow_job(client: httpx.Client, task_id: str, name: str, poll_s: float = 0.5) -> dict[str, Any]:
+def follow_job(client: httpx.Client, task_id: str, name: str, poll_s: float = 1.0) -> dict[str, Any]:
     """Poll the job with a progress bar until it ends; Ctrl-C cancels it. Returns the final record."""
     bar = tqdm(total=100, desc=f"learning {name}", unit="%", dynamic_ncols=True)
     try:
@@ -254,7 +256,7 @@ def run_rest_demo(args: argparse.Namespace) -> int:
     if not tasks:
         raise DemoError("--tasks names no task")
     heldout = load_heldout_task()
-    config = {"steps": args.steps or REST_STEPS, "ref_batch_size": REF_BATCH_SIZE}
+    config = {"steps": args.steps or REST_STEPS, "ref_batch_size": REF_BATCH_SIZE, "lr": args.lr}
     with tempfile.TemporaryDirectory(prefix="gnsp-demo-") as tmp:
         work = Path(tmp)
         store = args.store or str(work / "store")

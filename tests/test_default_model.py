@@ -108,6 +108,41 @@ def test_moved_cache_gets_its_config_paths_rewritten(tmp_path):
     assert text_cfg["hf_model_name"] == text_cfg["hf_tokenizer_name"] == str(folder)
 
 
+class _ToyClip(torch.nn.Module):
+    """Just the parts the recipe trains: a timm-style MLP vision head and a linear text projection."""
+
+    def __init__(self) -> None:
+        from timm.layers import Mlp
+
+        super().__init__()
+        self.visual, self.text = torch.nn.Module(), torch.nn.Module()
+        self.visual.head = torch.nn.Sequential()
+        self.visual.head.add_module("mlp", Mlp(16, 32, 8, bias=(True, False)))
+        self.text.proj = torch.nn.Linear(6, 8, bias=False)
+        self.logit_scale = torch.nn.Parameter(torch.zeros(()))
+
+
+def _toy_alignment(steps: int) -> tuple[dict, dict]:
+    from gnsp_core.default_recipe import Features, Recipe, init_from_teacher, train_projections
+
+    gen = torch.Generator().manual_seed(1)
+    feats = Features(*(torch.randn(n, d, generator=gen) for n, d in ((40, 16), (40, 16), (40, 6), (10, 6))))
+    classifier = (torch.randn(10, 16, generator=gen), torch.randn(10, generator=gen))
+    recipe = Recipe(steps=steps, batch_size=16)
+    model = _ToyClip()
+    init_from_teacher(model, classifier, feats.prompts, recipe)
+    history = train_projections(model, feats, classifier, recipe, lambda _f: None)
+    return model.state_dict(), history
+
+
+def test_alignment_is_seeded_and_learns():
+    (first, history), (second, _) = _toy_alignment(60), _toy_alignment(60)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert history["contrastive"][-1] < history["contrastive"][0]
+    assert history["distill"][-1] < history["distill"][0]
+    assert first["logit_scale"].exp().item() == pytest.approx(100.0)
+
+
 @pytest.fixture(scope="module")
 def built() -> Path:
     return dm.build_default_model()
