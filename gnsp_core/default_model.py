@@ -220,6 +220,8 @@ def load_default_model(spec: ModelSpec, device: str | torch.device = "cpu") -> L
 
     if spec.pretrained is not None and not Path(spec.pretrained).is_file():
         raise ModelSpecError(f"gnsp-mini takes a local weights file as `pretrained`, not {spec.pretrained!r}")
+    if not is_built():
+        log.warning("gnsp-mini is not in %s yet: building it once (a few minutes on CPU)", cache_root())
     folder = build_default_model(progress=lambda f, m: log.info("gnsp-mini build %.0f%%: %s", 100 * f, m))
     _sync_config(folder)
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(

@@ -109,7 +109,7 @@ def augmented_views(images: Sequence[Image.Image], num_emoji: int, recipe: Recip
     return views
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def trunk_features(trunk: nn.Module, images: Sequence[Image.Image], preprocess: Callable, batch: int,
                    progress: Callable[[float], None] = lambda _f: None) -> Tensor:
     """Pooled trunk features [N, C] in eval mode (channels-last is about 1.5x faster on CPU)."""
@@ -123,7 +123,7 @@ def trunk_features(trunk: nn.Module, images: Sequence[Image.Image], preprocess: 
     return torch.cat(out)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def text_features(text: nn.Module, tokenizer: Callable, texts: Sequence[str], batch: int = 256) -> Tensor:
     """MiniLM's pooled features [N, 384], before the projection; padding trimmed per batch (same result, 3x faster)."""
     text.eval()

@@ -12,6 +12,9 @@ choice itself fits the test set), so every score `gnsp tune` optimises comes fro
   Scoring retention on the pairs the distillation losses fit would reward large CD/MAP weights
   for memorising those very pairs, not for keeping the model's image-text alignment.
   The held-out photos (`gnsp bench --eval heldout`) stay untouched: they are a test set.
+  gnsp-mini's projections were aligned on this pool, so for it retention measures how much of the
+  pre-trained image-text alignment survives on pairs the continual trainer never sees (as ZSCL's
+  reference images come from CLIP's pre-training distribution), not accuracy on unseen images.
 """
 
 from __future__ import annotations
