@@ -76,19 +76,28 @@ def free_port() -> int:
 
 def start_service(settings: ServiceSettings, name: str) -> str:
     """Deploy the app on the session's Ray (one HTTP proxy for the session); returns its base URL."""
-    global _serve_port
     from ray import serve
 
     from service.app import build_app
 
+    serve.run(build_app(settings), name=name, route_prefix="/")
+    return f"http://127.0.0.1:{session_serve_port()}"
+
+
+def session_serve_port() -> int:
+    """The session's one HTTP proxy on 127.0.0.1, started on first use.
+
+    If something else (the demo, another test) already started Serve, its port stands: ask the
+    controller which it is rather than assuming ours.
+    """
+    global _serve_port
     if _serve_port is None:
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-        # If another test already started Serve, its port stands: ask the controller which it is.
+        from ray import serve
         from ray.serve.context import _get_global_client
 
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
         _serve_port = _get_global_client().http_config.port
-    serve.run(build_app(settings), name=name, route_prefix="/")
-    return f"http://127.0.0.1:{_serve_port}"
+    return _serve_port
 
 
 def stop_service(name: str) -> None:

@@ -459,9 +459,7 @@ def test_serve_config_deploys_through_serves_config_path(ray_session, tmp_path):
         "store", "model", "heldout", "max_heldout_drop", "reference", "default_method", "work_dir")}}
     app["name"], app["route_prefix"] = "gnsp-config-check", "/config-check"
 
-    if service_support._serve_port is None:  # one HTTP proxy on 127.0.0.1 for the whole session
-        service_support._serve_port = service_support.free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": service_support._serve_port})
+    port = service_support.session_serve_port()  # one HTTP proxy on 127.0.0.1 for the whole session
     serve_start().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}), _blocking=False)
     try:
         deadline = time.monotonic() + 150
@@ -476,7 +474,7 @@ def test_serve_config_deploys_through_serves_config_path(ray_session, tmp_path):
             running = status.deployments[override["name"]].replica_states.get("RUNNING", 0)
             if isinstance(override.get("num_replicas"), int):
                 assert running == override["num_replicas"], (override["name"], running)
-        response = httpx.get(f"http://127.0.0.1:{service_support._serve_port}/config-check/healthz", timeout=30)
+        response = httpx.get(f"http://127.0.0.1:{port}/config-check/healthz", timeout=30)
         assert response.status_code == 200, response.text
         assert response.json()["status"] == "ok" and response.json()["active_version"] == 1
     finally:
