@@ -150,6 +150,8 @@ def build_default_model(
     with _build_lock(target):
         if is_built(cache_dir) and not force:
             return target
+        for stale in target.parent.glob(f".{target.name}-*"):  # left by a killed build; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
             _build_into(work, target, progress or (lambda _f, _m: None))

@@ -77,6 +77,7 @@ def _fake_build(calls: list[int], delay: float = 0.0):
 def test_build_is_locked_atomic_and_cached(tmp_path, monkeypatch):
     calls: list[int] = []
     monkeypatch.setattr(dm, "_build_into", _fake_build(calls, delay=0.3))
+    (tmp_path / f".{dm.default_model_dir(tmp_path).name}-killed").mkdir()  # a killed build's leftovers
     threads = [threading.Thread(target=dm.build_default_model, args=(tmp_path,)) for _ in range(3)]
     for t in threads:
         t.start()
