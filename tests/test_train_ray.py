@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
-from conftest import colour_task, reference_pairs
+from service_support import write_colour_folder
+from conftest import reference_pairs
 from gnsp_core.config import TrainConfig
 from gnsp_core.data import load_task
 from gnsp_core.errors import ConfigError, DatasetError
@@ -25,17 +25,6 @@ from service.sources import load_reference, task_source
 from service.train import CrashDrill, TrainJob, WorkerResources, train_task
 
 TINY = ModelSpec(name="tiny", seed=0)
-
-
-def write_image_folder(root: Path, name: str, colours: list[str]) -> Path:
-    """A colour task on disk in ImageFolder layout: workers get its path, never the images."""
-    task = colour_task(name, colours, n_train=16, n_test=8)
-    for split, samples in (("train", task.train), ("test", task.test)):
-        for i, (image, label) in enumerate(zip(samples.images, samples.labels)):
-            folder = root / name / split / colours[label]
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(folder / f"{i:03d}.png")
-    return root / name
 
 
 def learn_in_process(source: Path, config: TrainConfig, reference=None) -> tuple[ContinualState, float]:
@@ -57,7 +46,7 @@ def accuracy_of(state_dir: Path, source: Path) -> float:
 def test_two_workers_collect_the_statistics_of_one_process(ray_session, tmp_path):
     # A near-zero learning rate keeps the weights equal in both runs, so any difference would
     # come from the sharded, all-reduced statistics pass.
-    source = write_image_folder(tmp_path, "rgb", ["red", "green", "blue"])
+    source = write_colour_folder(tmp_path / "rgb", ["red", "green", "blue"], n_train=16, n_test=8)
     config = TrainConfig(method="gnsp", steps=2, lr=1e-9, batch_size=8, warmup_steps=1, ref_batch_size=8,
                          stats_augment=False).replace(projection_stat_norm="task")
     expected, _ = learn_in_process(source, config, reference=reference_pairs())
@@ -80,7 +69,7 @@ def test_two_workers_collect_the_statistics_of_one_process(ray_session, tmp_path
 
 @pytest.mark.integration
 def test_killed_worker_resumes_from_its_checkpoint(ray_session, tmp_path):
-    source = write_image_folder(tmp_path, "rgb", ["red", "green", "blue"])
+    source = write_colour_folder(tmp_path / "rgb", ["red", "green", "blue"], n_train=16, n_test=8)
     config = TrainConfig(method="finetune", steps=30, lr=1e-3, batch_size=8, warmup_steps=3)
     marker = tmp_path / "rank1-killed"
     job = TrainJob(task=str(source), config=config, model=TINY, checkpoint_every=10,

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import colour_task
+from service_support import write_colour_folder
 from gnsp_core.config import TrainConfig
 from gnsp_core.data import load_task
 from gnsp_core.models import ModelSpec
@@ -21,17 +19,6 @@ from service.tune_trial import trial_config
 
 TINY = ModelSpec(name="tiny", seed=0)
 CONFIG = TrainConfig(method="gnsp", steps=4, batch_size=8, warmup_steps=1, ref_batch_size=8, stats_augment=False)
-
-
-def write_colour_folder(root: Path, name: str, colours: list[str], seed: int) -> Path:
-    """An ImageFolder with train/ and test/ splits: workers get its path, never the images."""
-    task = colour_task(name, colours, n_train=10, n_test=6, seed=seed)
-    for split, samples in (("train", task.train), ("test", task.test)):
-        for i, (image, label) in enumerate(zip(samples.images, samples.labels)):
-            folder = root / name / split / colours[label]
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(folder / f"{i:03d}.png")
-    return root / name
 
 
 def pixels(samples) -> set[bytes]:
@@ -47,7 +34,7 @@ def test_objective_is_the_harmonic_mean_of_seen_accuracy_and_capped_retention():
 
 
 def test_validation_split_comes_from_train_data_only(tmp_path):
-    source = write_colour_folder(tmp_path, "rg", ["red", "green"], seed=0)
+    source = write_colour_folder(tmp_path / "rg", ["red", "green"], n_train=10, n_test=6, seed=0)
     [folder] = prepare_validation_tasks([str(source)], tmp_path / "data", 0.2, None)
     original, carved = load_task(str(source)), load_task(str(folder))
     assert carved.classnames == original.classnames
@@ -60,8 +47,8 @@ def test_validation_split_comes_from_train_data_only(tmp_path):
 
 @pytest.mark.integration
 def test_tiny_search_end_to_end_then_resume_after_failed_trials(ray_session, tmp_path, caplog):
-    sources = [str(write_colour_folder(tmp_path, "rg", ["red", "green"], 0)),
-               str(write_colour_folder(tmp_path, "by", ["blue", "yellow"], 1))]
+    sources = [str(write_colour_folder(tmp_path / "rg", ["red", "green"], n_train=10, n_test=6, seed=0)),
+               str(write_colour_folder(tmp_path / "by", ["blue", "yellow"], n_train=10, n_test=6, seed=1))]
     out = tmp_path / "search"
     request = TuneRequest(tasks=sources, out_dir=str(out), model=TINY, trials=3, config=CONFIG,
                           space=SearchSpace(lr=(1e-4, 3e-2)), max_concurrent=3)
