@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-
 from .config import TrainConfig
 from .data import Task
 from .evaluation import accuracy_row, class_prompt_gap
@@ -34,16 +33,26 @@ def _step_timer() -> tuple[list[float], Callable[[Progress], None]]:
     return times, on_progress
 
 
+def pretrained_row(loaded: LoadedModel, tasks: list[Task], evals: list[Task], device: str = "auto") -> dict[str, Any]:
+    """The pre-trained model's accuracy row and modality gap: the same for every method, measured once."""
+    device = resolve_device(device)
+    row = accuracy_row(loaded, tasks + evals, {}, device)
+    return {"acc": row, "gap": class_prompt_gap(loaded, evals[0], device) if evals else None}
+
+
 def run_method(
     loaded: LoadedModel, tasks: list[Task], evals: list[Task], config: TrainConfig,
-    reference=None, progress: BenchProgress | None = None,
+    reference=None, progress: BenchProgress | None = None, pretrained: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One method over the sequence: the (T+1) x (T+E) accuracy matrix, metrics, gap and cost."""
+    """One method over the sequence: the (T+1) x (T+E) accuracy matrix, metrics, gap and cost.
+
+    `pretrained` is `pretrained_row(...)` of these weights (measured here when not given)."""
     device = resolve_device(config.device)
     state = ContinualState.initial(loaded.model, loaded.spec)
     everything = tasks + evals
-    acc = [accuracy_row(loaded, everything, state.extras, device)]
-    pretrained_gap = class_prompt_gap(loaded, evals[0], device) if evals else None
+    pretrained = pretrained or pretrained_row(loaded, tasks, evals, config.device)
+    acc = [list(pretrained["acc"])]
+    pretrained_gap = pretrained["gap"]
     gaps = [pretrained_gap["norm"]] if evals else []
     gap_cos: list[float | None] = [1.0] if evals else []
     train_s, step_ms = 0.0, []
@@ -82,9 +91,10 @@ def run_bench(
     initial = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     results: dict[str, Any] = {"model": loaded.spec.name, "tasks": [t.name for t in tasks],
                                "eval": [e.name for e in evals], "methods": {}}
+    pretrained = pretrained_row(loaded, tasks, evals, next(iter(configs.values())).device) if configs else None
     for name, config in configs.items():
         loaded.model.load_state_dict(initial)
-        results["methods"][name] = run_method(loaded, tasks, evals, config, reference, progress)
+        results["methods"][name] = run_method(loaded, tasks, evals, config, reference, progress, pretrained)
         _write(results, out)  # partial results survive an interrupted bench
     loaded.model.load_state_dict(initial)
     for name in configs:

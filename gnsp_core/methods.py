@@ -32,6 +32,8 @@ class Method:
     """Plain fine-tuning: the task loss on every parameter but the (fixed) logit scale."""
 
     name = "finetune"
+    uses_reference = False
+    """Whether its losses need reference image-caption pairs (distillation on data of no task)."""
 
     def __init__(self, ctx: TaskContext) -> None:
         self.ctx, self.cfg, self.model = ctx, ctx.config, ctx.model
@@ -133,6 +135,7 @@ class ZSCL(Method):
     reference pairs, and average the weights along the trajectory (weight ensembling)."""
 
     name = "zscl"
+    uses_reference = True
 
     def begin_task(self) -> None:
         super().begin_task()
@@ -196,6 +199,7 @@ class GNSP(Method):
     """
 
     name = "gnsp"
+    uses_reference = True
 
     def begin_task(self) -> None:
         proj = self.cfg.projection
@@ -271,6 +275,11 @@ def _registry() -> dict[str, type[Method]]:
 
 
 METHODS = ("finetune", "lwf", "zscl", "wise-ft", "mgclip", "gnsp")
+
+
+def uses_reference(method: str) -> bool:
+    """Whether `method` needs reference pairs, so callers load them only when they are used."""
+    return _registry()[method].uses_reference
 
 
 def build_method(ctx: TaskContext) -> Method:

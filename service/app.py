@@ -36,11 +36,12 @@ from .deployments import Classifier, JobRunner
 from .errors import (BadRequestError, NotReadyError, UnauthorizedError, UnknownVersionError, error_body,
                      error_message, http_status, unwrap)
 from .jobs import new_task_id
+from .tune_jobs import new_search_id
 from .prometheus import MetricsMiddleware
 from .settings import ServiceSettings
 from .store import ModelStore
-from .uploads import (archive_filename, check_task_name, parse_config, read_classify_request, receive_form,
-                      validate_dataset)
+from .uploads import (archive_filename, check_task_name, parse_config, parse_tune_body, read_body,
+                      read_classify_request, receive_form, validate_dataset)
 
 app = FastAPI(title="gnsp", version="0.1.0",
               description="Continual learning for CLIP: add tasks, follow jobs, query versioned zero-shot classifiers.")
@@ -182,6 +183,55 @@ class Ingress:
         """Cancel: a queued job never runs; a running job's trainer is stopped."""
         self._authorize(credentials)
         return api.TaskView(**await call(self.jobs.cancel.remote(task_id)))
+
+    # --- searches (Ray Tune) ---------------------------------------------------------------------
+
+    @app.post("/v1/tune", status_code=202, response_model=api.TuneView, responses=ERRORS,
+              openapi_extra={"requestBody": api.TUNE_BODY})
+    async def start_search(self, request: Request,
+                           credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> api.TuneView:
+        """Queue a Ray Tune search of GNSP's threshold, CD/MAP weights and learning rate (JSON, or
+        multipart with a `request` JSON field and a `dataset` archive to tune for)."""
+        self._authorize(credentials)
+        kind = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        if kind != "multipart/form-data":
+            body = parse_tune_body(await read_body(request, 1 << 20))
+            return api.TuneView(**await call(self.jobs.submit_search.remote(body, None)))
+        scratch = Path(tempfile.mkdtemp(prefix="gnsp-upload-", dir=self.settings.work_dir))
+        try:
+            form = await receive_form(request.headers.get("content-type"), request.headers.get("content-length"), request.stream(), "dataset",
+                                      scratch / "upload", self.settings.max_upload_bytes)
+            body = parse_tune_body(form.fields.get("request"))
+            upload = None
+            if form.file is not None:
+                await run_in_threadpool(validate_dataset, form.file, self.settings.archive_limits(),
+                                        self.settings.work_dir)
+                upload = await run_in_threadpool(self.store.put_upload, new_search_id(), form.file,
+                                                 archive_filename(form.file))
+            return api.TuneView(**await call(self.jobs.submit_search.remote(body, upload)))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    @app.get("/v1/tune", response_model=api.TuneList)
+    async def list_searches(self) -> api.TuneList:
+        return api.TuneList(**await call(self.jobs.searches_list.remote()))
+
+    @app.get("/v1/tune/{job_id}", response_model=api.TuneView, responses=ERRORS)
+    async def get_search(self, job_id: str) -> api.TuneView:
+        return api.TuneView(**await call(self.jobs.search.remote(job_id)))
+
+    @app.delete("/v1/tune/{job_id}", response_model=api.TuneView, responses=ERRORS)
+    async def cancel_search(self, job_id: str,
+                            credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> api.TuneView:
+        self._authorize(credentials)
+        return api.TuneView(**await call(self.jobs.cancel_search.remote(job_id)))
+
+    @app.post("/v1/tune/{job_id}/apply", response_model=api.TuneDefaults, responses=ERRORS)
+    async def apply_search(self, job_id: str,
+                           credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> api.TuneDefaults:
+        """Make the search's best config the default training config of tasks submitted later."""
+        self._authorize(credentials)
+        return api.TuneDefaults(**await call(self.jobs.apply_search.remote(job_id)))
 
     # --- classification --------------------------------------------------------------------------
 

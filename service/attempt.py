@@ -23,10 +23,10 @@ from ray.actor import ActorHandle
 from gnsp_core.archives import safe_extract
 from gnsp_core.config import TrainConfig
 from gnsp_core.folders import validate_image_folder
+from gnsp_core.methods import uses_reference
 
 from .errors import ServiceFault, unwrap
 from .jobs import AttemptOutcome, JobCancelled, JobInterrupted
-from .learn_cli import REFERENCE_METHODS
 from .progress import JobProgress, open_board
 from .settings import ServiceSettings
 from .store import ModelStore
@@ -72,7 +72,7 @@ def train_on_ray(plan: AttemptPlan, store: ModelStore, task_dir: Path, base_dir:
 
     settings = plan.settings
     config = TrainConfig.from_dict(plan.config)
-    reference = settings.reference if config.method in REFERENCE_METHODS else None
+    reference = settings.reference if uses_reference(config.method) else None
     job = TrainJob(task=str(task_dir), config=config, base_state=str(base_dir), reference=reference,
                    checkpoint_every=settings.checkpoint_every)
     resources = WorkerResources(settings.workers, settings.gpus_per_worker, settings.cpus_per_worker)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from gnsp_core.errors import GnspError
 
@@ -17,6 +18,12 @@ SUBCOMMANDS = {
     "tune": ("service.tune_cli", "add_tune_parser", "run_tune"),
     "build-default": ("service.bench_cli", "add_build_default_parser", "run_build_default"),
 }
+
+
+def quiet_ray_warnings() -> None:
+    """Ray warns about its own deprecated internals; hide those (only Ray's) from users."""
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"ray(\.|$)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

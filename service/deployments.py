@@ -76,15 +76,18 @@ class JobRunner:
     def __init__(self, settings: ServiceSettings, classifier: DeploymentHandle) -> None:
         from .attempt import RayTrainRunner
         from .jobs import JobQueue
+        from .tune_jobs import TuneJobs
         from .versions import ensure_base_version
 
         self.store = ModelStore.open(settings.store)
-        self.classifier = classifier
+        self.settings, self.classifier = settings, classifier
         ensure_base_version(self.store, settings)
         self.queue = JobQueue(self.store, settings, RayTrainRunner(settings), self._check_version)
-        for note in self.queue.recover():
+        self.searches = TuneJobs(self.store, settings)
+        for note in [*self.queue.recover(), *self.searches.recover()]:
             log.warning("recovery: %s", note)
         self.queue.start()
+        self.searches.start()
 
     def _check_version(self, version: int) -> dict[str, Any]:
         handle = self.classifier.options(multiplexed_model_id=str(version))
@@ -104,7 +107,7 @@ class JobRunner:
 
     def submit(self, task_id: str, name: str, method: str, config: dict[str, Any], upload: str,
                dataset: dict[str, Any]) -> dict[str, Any]:
-        return self.queue.submit(task_id, name, method, config, upload, dataset)
+        return self.queue.submit(task_id, name, method, self.searches.task_config(method, config), upload, dataset)
 
     def get(self, task_id: str) -> dict[str, Any]:
         return self.queue.view(task_id)
@@ -121,7 +124,33 @@ class JobRunner:
     def counts(self) -> dict[str, int]:
         return self.queue.counts()
 
+    # --- searches (service.tune_jobs) -------------------------------------------------------------
+
+    def submit_search(self, body: dict[str, Any], upload: str | None) -> dict[str, Any]:
+        """Queue a search; `upload` is a validated dataset the ingress put in the store (moved out of it here)."""
+        if upload is None:
+            return self.searches.submit(body)
+        scratch = Path(tempfile.mkdtemp(prefix="gnsp-tune-upload-", dir=self.settings.work_dir))
+        try:
+            dataset = self.store.fetch_upload(upload, scratch)
+            return self.searches.submit(body, dataset)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+            self.store.delete_job_files(Path(upload).parent.name)
+
+    def search(self, job_id: str) -> dict[str, Any]:
+        return self.searches.view(job_id)
+
+    def searches_list(self) -> dict[str, Any]:
+        return {"searches": self.searches.list(), "defaults": self.searches.defaults()}
+
+    def cancel_search(self, job_id: str) -> dict[str, Any]:
+        return self.searches.cancel(job_id)
+
+    def apply_search(self, job_id: str) -> dict[str, Any]:
+        return self.searches.apply(job_id)
+
     def __del__(self) -> None:
-        queue = getattr(self, "queue", None)
-        if queue is not None:
-            queue.stop()
+        for worker in (getattr(self, "queue", None), getattr(self, "searches", None)):
+            if worker is not None:
+                worker.stop()

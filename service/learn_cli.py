@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from pathlib import Path
 
 from gnsp_core.config import TrainConfig
 from gnsp_core.errors import ConfigError
+from gnsp_core.methods import uses_reference
 from gnsp_core.models import DEFAULT_MODEL, ModelSpec
 
-from .cli import add_model_arguments
+from .cli import add_model_arguments, quiet_ray_warnings
 from .progress import JobProgress
 from .sources import BUILTIN
 
 # Methods whose losses read reference image-caption pairs (CD/MAP, distillation).
-REFERENCE_METHODS = ("gnsp", "zscl")
 
 
 def add_learn_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -39,7 +38,7 @@ def add_learn_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker; 0 trains on CPU (gloo)")
     add_model_arguments(p)
     p.add_argument("--reference", help="reference pairs: builtin, builtin:<kind>, module:function, or none "
-                                        f"(default: builtin for {', '.join(REFERENCE_METHODS)})")
+                                        "(default: builtin for the methods that distil on reference data: gnsp, zscl)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     p.add_argument("--max-failures", type=int, default=1, help="worker-group restarts allowed per task")
     p.add_argument("--storage", help="Ray Train run storage (folder or cloud URI; default OUT/runs)")
@@ -63,13 +62,13 @@ def build_config(path: str | None, method: str | None, steps: int | None) -> Tra
 
 def reference_for(spec: str | None, method: str) -> str | None:
     if spec is None:
-        return BUILTIN if method in REFERENCE_METHODS else None
+        return BUILTIN if uses_reference(method) else None
     return None if spec.lower() == "none" else spec
 
 
 def run_learn(args: argparse.Namespace) -> int:
     """Entry point of `gnsp learn`; returns the process exit code (user errors raise GnspError)."""
-    _quiet_ray_warnings()
+    quiet_ray_warnings()
     from .sequence import learn_sequence  # imports Ray: keep `gnsp --help` fast
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -118,9 +117,3 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-
-
-def _quiet_ray_warnings() -> None:
-    """Ray warns about its own deprecated internals; hide those (only Ray's) from users."""
-    for category in (DeprecationWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"ray(\.|$)")

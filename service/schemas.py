@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 TaskStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 MAX_LABEL_CHARS = 200
@@ -99,6 +99,58 @@ class Health(BaseModel):
     active_version: int | None = None
 
 
+class SearchRanges(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    threshold: tuple[float, float] | None = Field(None, description="Energy-tail ρ range (log scale).")
+    cd_weight: tuple[float, float] | None = None
+    map_weight: tuple[float, float] | None = None
+    lr: tuple[float, float] | None = Field(None, description="Learning-rate range (log scale).")
+
+
+class TuneBody(BaseModel):
+    """`POST /v1/tune`: what to search. The service picks the model, the hardware and where results go."""
+
+    model_config = ConfigDict(extra="forbid")
+    tasks: list[str] = Field(default_factory=list, description=(
+        "Built-in task names, learned in order; an uploaded dataset (multipart) is learned after them."))
+    trials: int = Field(12, ge=1, le=500)
+    config: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields not searched (steps, ...).")
+    space: SearchRanges | None = None
+    searcher: Literal["optuna", "random"] = "optuna"
+    max_concurrent: int | None = Field(None, ge=1)
+    max_train_per_class: int | None = Field(None, ge=1)
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each task's train split used to validate.")
+    seed: int = 0
+    base_version: int | Literal["active"] | None = Field(
+        "active", description="Trials start from this stored version; null: from the bare model.")
+    apply_best: bool = Field(False, description="When it succeeds, its best config becomes the default for new tasks.")
+
+
+class TuneView(BaseModel):
+    job_id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: float = Field(ge=0, le=1, description="Share of the trial budget done (trials count by tasks learned).")
+    error: str | None = None
+    trials: list[dict[str, Any]] = Field(default_factory=list, description="One row per trial, best first.")
+    best: dict[str, Any] | None = Field(None, description="The best trial that learned every task, with its config.")
+    request: dict[str, Any] = Field(default_factory=dict)
+    created: float | None = None
+    apply_best: bool = False
+    applied: bool = Field(False, description="Its best config is the current default for new tasks.")
+    cancelled: bool = False
+
+
+class TuneDefaults(BaseModel):
+    config: dict[str, Any] = Field(description="Training config that tasks of its method start from.")
+    source: str = Field(description="The search it came from.")
+    updated: float | None = None
+
+
+class TuneList(BaseModel):
+    searches: list[TuneView]
+    defaults: TuneDefaults | None = None
+
+
 # OpenAPI request bodies of the routes that parse their own body (streamed uploads, two content types).
 TASK_UPLOAD_BODY = {
     "required": True,
@@ -127,6 +179,21 @@ CLASSIFY_BODY = {
                 "labels": {"type": "array", "items": {"type": "string"},
                            "description": "Repeat the field once per label (or send one JSON list)."},
                 "model_version": {"type": "integer"},
+            },
+        }},
+    },
+}
+
+TUNE_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": TuneBody.model_json_schema()},
+        "multipart/form-data": {"schema": {
+            "type": "object",
+            "properties": {
+                "request": {"type": "string", "description": "The JSON request (as for application/json)."},
+                "dataset": {"type": "string", "format": "binary",
+                            "description": "zip or tar(.gz) of an ImageFolder tree: the task to tune for."},
             },
         }},
     },

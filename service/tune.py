@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from gnsp_core.models import load_model
 from gnsp_core.state import ContinualState
 
 from .sequence import ray_cluster
+from .cli import quiet_ray_warnings
 from .train import WorkerResources
 from .tune_data import prepare_validation_tasks, validation_reference
 from .tune_objective import OBJECTIVE, retrieval_r1
@@ -130,7 +130,7 @@ def run_tune_job(request: TuneRequest, *, resume: bool = False, address: str | N
     if not resume and (out / "ray").exists():
         raise ConfigError(f"{out} already holds a search: resume it with `gnsp tune --resume --out {out}` "
                           "or choose a new --out folder")
-    _quiet_ray_warnings()
+    quiet_ray_warnings()
     # Each trial reports a checkpoint only once per task, so Tune's snapshot-per-checkpoint is cheap here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     out.mkdir(parents=True, exist_ok=True)
@@ -224,9 +224,3 @@ def _baseline_r1(request: TuneRequest) -> float:
     r1 = retrieval_r1(load_model(spec), validation_reference())
     cache.write_text(json.dumps({"spec": spec.to_dict(), "r1": r1}))
     return r1
-
-
-def _quiet_ray_warnings() -> None:
-    """Ray warns about its own deprecated internals; hide those (only Ray's)."""
-    for category in (DeprecationWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"ray(\.|$)")

@@ -166,6 +166,26 @@ def parse_config(raw: str | None) -> dict[str, Any]:
     return config
 
 
+def parse_tune_body(raw: bytes | str | None) -> dict[str, Any]:
+    """A `POST /v1/tune` request (JSON), checked against the schema; only the fields the caller set."""
+    from pydantic import ValidationError
+
+    from .schemas import TuneBody
+
+    try:
+        data = json.loads(raw or "{}")
+    except json.JSONDecodeError as exc:
+        raise BadRequestError(f"the tune request is not valid JSON ({exc.msg}); send e.g. {{\"tasks\": [\"digits\"]}}") from None
+    if not isinstance(data, dict):
+        raise BadRequestError('the tune request must be a JSON object, e.g. {"tasks": ["digits"], "trials": 12}')
+    try:
+        body = TuneBody.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise BadRequestError(f"invalid tune request: {problems}") from None
+    return body.model_dump(exclude_unset=True, exclude_none=False)
+
+
 def check_task_name(name: str | None) -> str:
     name = (name or "").strip()
     if not name or len(name) > 100 or not name.isprintable():

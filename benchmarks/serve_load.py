@@ -1,0 +1,238 @@
+"""Classify latency and throughput of the REST service, with and without dynamic batching, and during version swaps.
+
+Starts a private local Ray with the gnsp app on 127.0.0.1 over a fresh store, then for each
+batching setting (max_batch_size 16, and 1 = no batching) sends POST /v1/classify (one 224-px
+PNG, 10 free-text labels) from 1, 8 and 32 concurrent clients, each sending its next request when
+the last one is answered. The in-process baseline is `ServedModel.classify` of the same version on
+one request in this process. The swap run keeps 8 clients going while the active version is moved
+between two stored versions (version 2 is version 1's state stored again, so each swap makes the
+classifier load a model it does not hold yet); every non-200 answer counts as a failure.
+
+    python benchmarks/serve_load.py --model tiny --seconds 5          # quick
+    python benchmarks/serve_load.py --seconds 15 --out out/serve_load  # gnsp-mini (the default)
+
+Prints a markdown table and writes serve_load.json and serve_load.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+LABELS = ["a dog", "a cat", "a car", "a tree", "a house", "a bird", "a boat", "a flower", "a chair", "a shoe"]
+CLIENTS = (1, 8, 32)
+BATCHING = {"batching (max 16)": 16, "no batching": 1}
+
+
+def photo_png(seed: int = 0, size: int = 224) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def summary(latencies: list[float], failures: int, seconds: float) -> dict[str, Any]:
+    ms = sorted(1000 * x for x in latencies)
+    pick = (lambda q: ms[min(len(ms) - 1, int(q * len(ms)))]) if ms else (lambda q: float("nan"))
+    return {"requests": len(ms), "failures": failures, "p50_ms": pick(0.50), "p99_ms": pick(0.99),
+            "throughput_rps": len(ms) / seconds}
+
+
+async def load(url: str, clients: int, seconds: float, body: dict, during=None) -> dict[str, Any]:
+    """`clients` closed-loop clients for `seconds`; `during` (a coroutine function) runs alongside."""
+    latencies: list[float] = []
+    failures = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal failures
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            try:
+                response = await http.post("/v1/classify", json=body)
+                ok = response.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                latencies.append(time.perf_counter() - start)
+            else:
+                failures += 1
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        await http.post("/v1/classify", json=body)  # warm: version loaded, text head cached
+        begin = time.perf_counter()
+        extra = [asyncio.create_task(during(http, deadline))] if during else []
+        await asyncio.gather(*(client(http) for _ in range(clients)), *extra)
+        elapsed = time.perf_counter() - begin
+    return summary(latencies, failures, elapsed)
+
+
+def swapper(versions: tuple[int, int], every_s: float):
+    async def swap(http: httpx.AsyncClient, deadline: float) -> None:
+        swaps = 0
+        while time.perf_counter() < deadline:
+            await asyncio.sleep(every_s)
+            response = await http.post(f"/v1/models/{versions[swaps % 2]}/activate")
+            response.raise_for_status()
+            swaps += 1
+        swap.count = swaps
+    swap.count = 0
+    return swap
+
+
+def in_process_ms(store, version: int, body: dict, repeats: int = 30) -> float:
+    """Median time of the same classification in this process (decode, preprocess, image tower, head)."""
+    import base64
+
+    from gnsp_core.zeroshot import TextHeadCache
+    from service.versions import load_served_model
+
+    served = load_served_model(store, version, Path(tempfile.mkdtemp()))
+    request = {"images": [base64.b64decode(i) for i in body["images"]], "labels": body["labels"]}
+    heads = TextHeadCache(8)
+    served.classify([request], heads)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        served.classify([request], heads)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def add_copy_of_version(store, version: int) -> int:
+    """Store `version`'s state again as a new version: a second model for the classifier to load."""
+    folder = store.fetch_version(version, Path(tempfile.mkdtemp()))
+    manifest = {**store.manifest(version), "parent": version, "task": None, "note": "serve_load copy"}
+    return store.publish_version(folder, manifest)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import base64
+
+    import ray
+    from ray import serve
+
+    from service.app import build_app
+    from service.settings import ServiceSettings
+    from service.store import ModelStore
+
+    body = {"images": [base64.b64encode(photo_png()).decode()], "labels": LABELS}
+    work = Path(tempfile.mkdtemp(prefix="gnsp-serve-load-"))
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    url = f"http://127.0.0.1:{args.port}"
+    rows: list[dict[str, Any]] = []
+    baseline = None
+    try:
+        for label, batch in BATCHING.items():
+            settings = ServiceSettings(store=str(work / "store"), model=args.model, heldout=None, reference=None,
+                                       work_dir=str(work), max_batch_size=batch, batch_wait_timeout_s=args.batch_wait)
+            serve.run(build_app(settings), name="gnsp", route_prefix="/")
+            store = ModelStore.open(settings.store)
+            if baseline is None:
+                baseline = in_process_ms(store, 1, body)
+                print(f"in-process forward: {baseline:.1f} ms", file=sys.stderr)
+            for clients in CLIENTS:
+                result = asyncio.run(load(url, clients, args.seconds, body))
+                rows.append({"setting": label, "clients": clients, **result})
+                print(f"  {label:18s} {clients:3d} clients: p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} "
+                      f"ms, {result['throughput_rps']:.1f} req/s, {result['failures']} failed", file=sys.stderr)
+            if batch == BATCHING["batching (max 16)"]:
+                second = add_copy_of_version(store, 1)
+                swap = swapper((second, 1), args.swap_every)
+                result = asyncio.run(load(url, 8, args.seconds, body, during=swap))
+                rows.append({"setting": f"{label}, swapping versions ({swap.count} swaps)", "clients": 8, **result})
+                print(f"  swapping: {swap.count} swaps, {result['failures']} failed", file=sys.stderr)
+            serve.delete("gnsp")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return {"model": args.model or "gnsp-mini", "in_process_ms": baseline, "rows": rows,
+            "seconds_per_point": args.seconds, **targets(rows, baseline)}
+
+
+def targets(rows: list[dict], baseline: float) -> dict[str, Any]:
+    """The service targets: p50 at 1 client <= 1.2 x in-process + 15 ms; batching >= 3x throughput at 32."""
+    def row(setting: str, clients: int) -> dict:
+        return next(r for r in rows if r["setting"] == setting and r["clients"] == clients)
+
+    p50 = row("batching (max 16)", 1)["p50_ms"]
+    speedup = row("batching (max 16)", 32)["throughput_rps"] / row("no batching", 32)["throughput_rps"]
+    swap_failures = sum(r["failures"] for r in rows if "swapping" in r["setting"])
+    return {"p50_1_client_ms": p50, "p50_budget_ms": 1.2 * baseline + 15, "p50_target_met": p50 <= 1.2 * baseline + 15,
+            "batching_speedup_32": speedup, "batching_target_met": speedup >= 3.0,
+            "swap_failures": swap_failures}
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [f"model {result['model']}; in-process forward {result['in_process_ms']:.1f} ms", "",
+             "| setting | clients | requests | failed | p50 ms | p99 ms | req/s |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['setting']} | {r['clients']} | {r['requests']} | {r['failures']} | {r['p50_ms']:.1f} | "
+                     f"{r['p99_ms']:.1f} | {r['throughput_rps']:.1f} |")
+    lines += ["", f"p50 at 1 client {result['p50_1_client_ms']:.1f} ms vs budget {result['p50_budget_ms']:.1f} ms "
+                  f"(1.2 x in-process + 15): {'met' if result['p50_target_met'] else 'NOT met'}",
+              f"batching speedup at 32 clients {result['batching_speedup_32']:.2f}x (target 3x): "
+              f"{'met' if result['batching_target_met'] else 'NOT met'}",
+              f"failed requests during version swaps: {result['swap_failures']}"]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for setting in BATCHING:
+        rows = [r for r in result["rows"] if r["setting"] == setting]
+        clients = [r["clients"] for r in rows]
+        left.plot(clients, [r["throughput_rps"] for r in rows], marker="o", label=setting)
+        right.plot(clients, [r["p99_ms"] for r in rows], marker="o", label=f"{setting} p99")
+        right.plot(clients, [r["p50_ms"] for r in rows], marker="x", linestyle="--", label=f"{setting} p50")
+    right.axhline(result["in_process_ms"], color="grey", linestyle=":", label="in-process forward")
+    for axis, title in ((left, "throughput (req/s)"), (right, "latency (ms)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrent clients")
+        axis.set_title(title)
+        axis.legend(fontsize=7)
+    fig.suptitle(f"POST /v1/classify, {result['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="open_clip name or 'tiny'; left out: gnsp-mini")
+    parser.add_argument("--seconds", type=float, default=10.0, help="load duration of each point")
+    parser.add_argument("--batch-wait", type=float, default=0.01, help="serve.batch wait timeout (s)")
+    parser.add_argument("--swap-every", type=float, default=1.0, help="seconds between version swaps")
+    parser.add_argument("--num-cpus", type=int, default=None)
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--out", type=Path, default=Path("out/serve_load"))
+    args = parser.parse_args()
+    result = run(args)
+    print(table(result))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serve_load.json").write_text(json.dumps(result, indent=2))
+    plot(result, args.out / "serve_load.png")
+    print(f"\nwrote {args.out / 'serve_load.json'} and {args.out / 'serve_load.png'}")
+
+
+if __name__ == "__main__":
+    main()

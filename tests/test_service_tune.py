@@ -1,0 +1,111 @@
+"""POST /v1/tune over real HTTP: a tiny search on an uploaded dataset, its table and best config,
+the best config becoming the default of later tasks, cancelling, and bad requests."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from service_support import colour_zip, service_settings, start_service, stop_service
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+SEARCH_CONFIG = {"steps": 2, "batch_size": 8, "warmup_steps": 1, "ref_batch_size": 8, "stats_augment": False,
+                 "lr": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tune-api")
+    url = start_service(service_settings(tmp), "gnsp-tune-api")
+    with httpx.Client(base_url=url, timeout=120) as client:
+        yield client, tmp
+    stop_service("gnsp-tune-api")
+
+
+def submit(client: httpx.Client, tmp, request: dict, colours: list[str] | None = None) -> httpx.Response:
+    if colours is None:
+        return client.post("/v1/tune", json=request)
+    return client.post("/v1/tune", data={"request": json.dumps(request)},
+                       files={"dataset": ("d.zip", colour_zip(tmp, colours), "application/zip")})
+
+
+def wait_search(client: httpx.Client, job_id: str, timeout: float = 400) -> list[dict]:
+    """Poll until the search ends; returns every view seen."""
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen.append(client.get(f"/v1/tune/{job_id}").json())
+        if seen[-1]["status"] in ("succeeded", "failed", "cancelled"):
+            return seen
+        time.sleep(0.5)
+    raise AssertionError(f"search {job_id} did not end: {seen[-1]}")
+
+
+def test_search_on_an_upload_then_its_best_config_is_the_default(service):
+    client, tmp = service
+    request = {"trials": 3, "config": SEARCH_CONFIG, "searcher": "random", "max_concurrent": 1, "apply_best": True,
+               "space": {"threshold": [0.01, 0.5], "lr": [1e-5, 3e-3]}}
+    response = submit(client, tmp, request, ["red", "green", "blue"])
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job_id"]
+    assert response.json()["status"] == "queued" and response.json()["request"]["trials"] == 3
+
+    seen = wait_search(client, job_id)
+    final = seen[-1]
+    assert final["status"] == "succeeded", final
+    progress = [v["progress"] for v in seen]
+    assert progress == sorted(progress) and final["progress"] == 1.0
+    assert len(final["trials"]) == 3 and {t["status"] for t in final["trials"]} == {"complete"}
+    objectives = [t["objective"] for t in final["trials"]]
+    assert final["best"]["objective"] == max(objectives)
+    assert final["applied"] and "base_state" not in final["request"]  # no server paths in the view
+
+    listing = client.get("/v1/tune").json()
+    assert [s["job_id"] for s in listing["searches"]] == [job_id]
+    defaults = listing["defaults"]
+    assert defaults["source"] == job_id and defaults["config"]["method"] == "gnsp"
+    assert defaults["config"]["projection"]["threshold"] == pytest.approx(final["best"]["config"]["threshold"])
+
+    task = client.post("/v1/tasks", data={"name": "rg", "method": "gnsp", "config": json.dumps({"steps": 2})},
+                       files={"dataset": ("rg.zip", colour_zip(tmp, ["red", "green"]), "application/zip")})
+    assert task.status_code == 202, task.text
+    record = client.get(f"/v1/tasks/{task.json()['task_id']}").json()
+    assert record["config"]["steps"] == 2  # the task's own setting wins over the default
+    assert record["config"]["projection"]["threshold"] == defaults["config"]["projection"]["threshold"]
+    assert record["config"]["lr"] == defaults["config"]["lr"]
+    client.delete(f"/v1/tasks/{task.json()['task_id']}")
+
+
+def test_cancel_a_search_and_bad_requests(service):
+    client, tmp = service
+    response = submit(client, tmp, {"tasks": ["digits"], "trials": 6, "max_train_per_class": 2,
+                                    "config": {**SEARCH_CONFIG, "steps": 50}})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job_id"]
+    cancelled = client.delete(f"/v1/tune/{job_id}")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
+    assert client.get(f"/v1/tune/{job_id}").json()["cancelled"] is True
+    again = client.delete(f"/v1/tune/{job_id}")
+    assert again.status_code == 409 and "already ended" in again.json()["error"]["message"]
+    assert client.post(f"/v1/tune/{job_id}/apply").status_code == 409
+
+    bad = [
+        ({"tasks": ["/etc"]}, 400, "never reads paths"),
+        ({"tasks": []}, 400, "needs tasks"),
+        ({"tasks": ["digits"], "out_dir": "/tmp/x"}, 400, "out_dir"),
+        ({"tasks": ["digits"], "trials": 0}, 400, "trials"),
+        ({"tasks": ["digits"], "config": {"method": "finetune"}}, 400, "method must be gnsp"),
+        ({"tasks": ["digits"], "config": {"stepz": 3}}, 400, "stepz"),
+        ({"tasks": ["digits"], "space": {"threshold": [0.5, 0.1]}}, 400, "threshold"),
+        ({"tasks": ["digits"], "base_version": 99}, 404, "99"),
+    ]
+    for body, status, words in bad:
+        response = client.post("/v1/tune", json=body)
+        assert response.status_code == status and words in response.json()["error"]["message"], (body, response.text)
+    garbage = client.post("/v1/tune", content=b"{not json", headers={"content-type": "application/json"})
+    assert garbage.status_code == 400 and "not valid JSON" in garbage.json()["error"]["message"]
+    assert client.get("/v1/tune/tune-nope").status_code == 404
+    assert client.delete("/v1/tune/../../etc").status_code == 404
+    assert [s["job_id"] for s in client.get("/v1/tune").json()["searches"]][-1] == job_id
