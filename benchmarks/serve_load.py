@@ -54,7 +54,7 @@ async def load(url: str, clients: int, seconds: float, body: dict, during=None) 
     """`clients` closed-loop clients for `seconds`; `during` (a coroutine function) runs alongside."""
     latencies: list[float] = []
     failures = 0
-    deadline = time.perf_counter() + seconds
+    deadline = 0.0
 
     async def client(http: httpx.AsyncClient) -> None:
         nonlocal failures
@@ -74,6 +74,7 @@ async def load(url: str, clients: int, seconds: float, body: dict, during=None) 
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
         await http.post("/v1/classify", json=body)  # warm: version loaded, text head cached
         begin = time.perf_counter()
+        deadline = begin + seconds
         extra = [asyncio.create_task(during(http, deadline))] if during else []
         await asyncio.gather(*(client(http) for _ in range(clients)), *extra)
         elapsed = time.perf_counter() - begin

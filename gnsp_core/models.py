@@ -16,6 +16,7 @@ from typing import Any, Callable
 import open_clip
 import torch
 
+from .allocator import keep_freed_memory
 from .errors import ModelSpecError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -93,6 +94,7 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
 def load_model(spec: ModelSpec | None = None, device: str | torch.device = "cpu") -> LoadedModel:
     """Build the model a spec describes, in float32 on `device`."""
     spec = spec or ModelSpec()
+    keep_freed_memory()  # every process that runs a model gets here first
     register_configs()
     if spec.name == DEFAULT_MODEL:
         from .default_model import load_default_model

@@ -47,6 +47,7 @@ app = FastAPI(title="gnsp", version="0.1.0",
               description="Continual learning for CLIP: add tasks, follow jobs, query versioned zero-shot classifiers.")
 app.add_middleware(MetricsMiddleware)
 bearer = HTTPBearer(auto_error=False, description="Needed on write endpoints when GNSP_API_TOKEN is set.")
+INGRESS_MAX_ONGOING = 256
 ERRORS = {status: {"model": api.ErrorResponse} for status in (400, 401, 404, 409, 413, 415, 422)}
 
 
@@ -285,7 +286,10 @@ def build_app(args: dict[str, Any] | ServiceSettings | None = None) -> serve.App
         **_replicas(settings),
     ).bind(settings)
     jobs = JobRunner.options(ray_actor_options={"num_cpus": 0}).bind(settings, classifier)
-    return Ingress.options(num_replicas=settings.ingress_replicas, ray_actor_options={"num_cpus": 0}).bind(
+    # The ingress only awaits the other deployments: let it hold many requests, or the proxy queues
+    # and retries them with back-off (Serve's default of 5 per replica).
+    return Ingress.options(num_replicas=settings.ingress_replicas, ray_actor_options={"num_cpus": 0},
+                           max_ongoing_requests=INGRESS_MAX_ONGOING).bind(
         settings, classifier, jobs)
 
 

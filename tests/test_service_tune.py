@@ -66,7 +66,8 @@ def test_search_on_an_upload_then_its_best_config_is_the_default(service):
     assert [s["job_id"] for s in listing["searches"]] == [job_id]
     defaults = listing["defaults"]
     assert defaults["source"] == job_id and defaults["config"]["method"] == "gnsp"
-    assert defaults["config"]["projection"]["threshold"] == pytest.approx(final["best"]["config"]["threshold"])
+    assert defaults["config"] == final["best"]["config"] and defaults["config"]["projection"]["threshold"] == pytest.approx(
+        final["best"]["metrics"]["threshold"])
 
     task = client.post("/v1/tasks", data={"name": "rg", "method": "gnsp", "config": json.dumps({"steps": 2})},
                        files={"dataset": ("rg.zip", colour_zip(tmp, ["red", "green"]), "application/zip")})
