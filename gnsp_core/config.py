@@ -10,6 +10,14 @@ from .errors import ConfigError
 from .projection import ProjectionConfig
 
 
+def check_keys(cls: type, data: dict[str, Any], what: str) -> None:
+    """Refuse keys that are not fields of the dataclass `cls`, so a typo never passes silently."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what} keys {unknown}; known keys: {sorted(known)}")
+
+
 @dataclass
 class TrainConfig:
     method: str = "gnsp"
@@ -66,17 +74,11 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         """Build from JSON-like data; unknown keys are an error so typos do not pass silently."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        check_keys(cls, data, "config")
         data = dict(data)
         proj = data.pop("projection", None)
         if isinstance(proj, dict):
-            proj_known = {f.name for f in dataclasses.fields(ProjectionConfig)}
-            bad = sorted(set(proj) - proj_known)
-            if bad:
-                raise ConfigError(f"unknown projection keys {bad}; known keys: {sorted(proj_known)}")
+            check_keys(ProjectionConfig, proj, "projection")
             proj = ProjectionConfig(**proj)
         cfg = cls(**data, **({"projection": proj} if proj is not None else {}))
         cfg.validate()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gnsp_core.config import TrainConfig
+from gnsp_core.config import TrainConfig, check_keys
 from gnsp_core.errors import ConfigError
 from gnsp_core.models import ModelSpec
 
@@ -102,10 +102,7 @@ class TuneRequest:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TuneRequest":
         """From JSON (a REST body or request.json); unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown tune request keys {unknown}; known keys: {sorted(known)}")
+        check_keys(cls, data, "tune request")
         data = dict(data)
         try:
             if isinstance(data.get("model"), dict):
