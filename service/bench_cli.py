@@ -108,17 +108,25 @@ def add_build_default_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
 
 
-def run_build_default(args: argparse.Namespace) -> int:
-    from gnsp_core.default_model import build_default_model
+def build_default_with_bar(force: bool = False) -> Path:
+    """Build (or find) the cached default model, with a progress bar while it builds."""
+    from gnsp_core.default_model import build_default_model, default_model_dir, is_built
 
-    bar = tqdm(total=100, unit="%", desc=f"building {DEFAULT_MODEL}")
+    if is_built() and not force:
+        return default_model_dir()
+    bar = tqdm(total=100, unit="%", desc=f"building {DEFAULT_MODEL} (once)")
 
     def progress(fraction: float, message: str) -> None:
         bar.n = round(100 * fraction)
         bar.set_postfix_str(message)
         bar.refresh()
 
-    path = build_default_model(progress=progress, force=args.force)
+    path = build_default_model(progress=progress, force=force)
     bar.close()
+    return path
+
+
+def run_build_default(args: argparse.Namespace) -> int:
+    path = build_default_with_bar(force=args.force)
     print(f"{DEFAULT_MODEL} is ready in {path}")
     return 0

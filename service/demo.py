@@ -78,7 +78,11 @@ def run_local_demo(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     device = resolve_device("auto")
-    print(f"loading {args.model or DEFAULT_MODEL} (built and cached on first use) ...")
+    if args.model is None:
+        from .bench_cli import build_default_with_bar
+
+        build_default_with_bar()
+    print(f"loading {args.model or DEFAULT_MODEL} ...")
     loaded = load_model(ModelSpec(name=args.model or DEFAULT_MODEL, pretrained=args.pretrained), device)
     caps = dict(max_train_per_class=args.max_train_per_class, max_test_per_class=args.max_test_per_class)
     tasks = [load_task(s.strip(), **caps) for s in args.tasks.split(",") if s.strip()]

@@ -248,6 +248,7 @@ def demo_settings(args: argparse.Namespace, store: str, work: Path) -> Any:
 
 def run_rest_demo(args: argparse.Namespace) -> int:
     """The demo through the REST service; exit code 0 when every job succeeded."""
+    from .bench_cli import build_default_with_bar
     from .demo import print_table
 
     start = time.perf_counter()
@@ -260,6 +261,8 @@ def run_rest_demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="gnsp-demo-") as tmp:
         work = Path(tmp)
         store = args.store or str(work / "store")
+        if args.model is None and args.store is None:  # build here, with a bar, not silently in a replica
+            build_default_with_bar()
         print(f"starting local Ray and the service ({args.model or DEFAULT_MODEL}, store {store}) ...", flush=True)
         with local_service(demo_settings(args, store, work)) as url, httpx.Client(base_url=url, timeout=600) as client:
             base = wait_ready(client)
