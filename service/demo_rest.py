@@ -66,7 +66,8 @@ def local_service(settings: Any) -> Iterator[str]:
 
     own_ray = not ray.is_initialized()
     if own_ray:
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+        # Worker logs stay in Ray's log folder: the demo reports progress and errors from the API.
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
         port = _get_global_client().http_config.port  # an already running Serve keeps its own port
