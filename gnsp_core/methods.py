@@ -91,19 +91,9 @@ class Method:
         images, captions, self._ref_index = self.ctx.reference.next()
         return images, captions, self.ctx.tokens(captions)
 
-    @torch.no_grad()
     def base_features(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pre-trained model's features of the last reference batch, each pair computed once."""
-        cache = self.__dict__.setdefault("_base_cache", {})
-        index = self._ref_index.tolist()
-        missing = [i for i, k in enumerate(index) if k not in cache]
-        if missing:
-            base = self.ctx.base_model()
-            img = nn.functional.normalize(base.encode_image(images[missing]).float(), dim=-1)
-            txt = nn.functional.normalize(base.encode_text(tokens[missing]).float(), dim=-1)
-            for j, i in enumerate(missing):
-                cache[index[i]] = (img[j], txt[j])
-        return torch.stack([cache[k][0] for k in index]), torch.stack([cache[k][1] for k in index])
+        """The pre-trained model's features of the last reference batch, each pair computed once per run."""
+        return self.ctx.pretrained.features(images, tokens, self._ref_index.tolist())
 
 
 class LwF(Method):

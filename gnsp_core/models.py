@@ -106,11 +106,12 @@ def load_model(spec: ModelSpec | None = None, device: str | torch.device = "cpu"
             f"'tiny', or '{DEFAULT_MODEL}'"
         )
     pretrained = _resolve_pretrained(spec.name, spec.pretrained)
-    torch.manual_seed(spec.seed)
     try:
-        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            spec.name, pretrained=pretrained, device=device, precision="fp32"
-        )
+        with torch.random.fork_rng(devices=[]):  # seed the init without moving the caller's RNG
+            torch.manual_seed(spec.seed)
+            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+                spec.name, pretrained=pretrained, device=device, precision="fp32"
+            )
     except (RuntimeError, OSError) as exc:
         raise ModelSpecError(f"could not load {spec.name} with pretrained={spec.pretrained!r}: {exc}") from exc
     tokenizer = open_clip.get_tokenizer(spec.name)

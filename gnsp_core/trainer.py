@@ -22,6 +22,7 @@ from .config import TrainConfig
 from .data import Task
 from .errors import DatasetError
 from .models import LoadedModel
+from .pretrained_cache import PretrainedFeatures, pretrained_features
 from .state import ContinualState, TaskRecord
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -73,17 +74,11 @@ class TaskContext:
     reference: "ReferenceStream | None"
     distributed: Distributed
     task_index: int
-    _base_model: nn.Module | None = None
+    pretrained: PretrainedFeatures
 
     def base_model(self) -> nn.Module:
-        """The frozen pre-trained model (rebuilt from the spec once, on first use)."""
-        if self._base_model is None:
-            from .models import load_model
-
-            base = load_model(self.state.spec, self.device).model
-            base.eval().requires_grad_(False)
-            self._base_model = base
-        return self._base_model
+        """The frozen pre-trained model (rebuilt from the spec once per run, on first use)."""
+        return self.pretrained.model()
 
     def encode(self, images: list[torch.Tensor], texts: list[torch.Tensor]) -> tuple[list, list]:
         """One forward (through the DDP wrapper) for several image and text groups; normalised features."""
@@ -212,7 +207,8 @@ def learn_task(
     if reference is not None:
         ref = ReferenceStream(reference.with_transform(loaded.preprocess_val), config.ref_batch_size,
                               config.seed + dist.rank, device)
-    ctx = TaskContext(model, model, loaded.tokenizer, task, config, state, device, loaded, ref, dist, len(state.history))
+    ctx = TaskContext(model, model, loaded.tokenizer, task, config, state, device, loaded, ref, dist,
+                      len(state.history), pretrained_features(state.spec, device, reference))
     method = build_method(ctx)
     method.begin_task()
     params = method.trainable_parameters()

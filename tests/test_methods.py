@@ -129,3 +129,29 @@ def test_learning_is_deterministic_under_a_seed(reference):
         runs.append(learn_task(ContinualState.initial(loaded.model, loaded.spec), loaded, task, config, reference=reference))
     assert all(torch.equal(runs[0].weights[k], runs[1].weights[k]) for k in runs[0].weights)
     assert all(torch.equal(runs[0].stats.covariances[k], runs[1].stats.covariances[k]) for k in runs[0].stats.covariances)
+
+
+def test_pretrained_features_are_computed_once_per_run(reference, monkeypatch):
+    """Two tasks against one reference pool load the pre-trained model once and reuse its features,
+    which stay exactly those of a freshly loaded pre-trained model."""
+    import gnsp_core.models as models
+    from gnsp_core.pretrained_cache import pretrained_features
+
+    loads = []
+    real_load = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    loaded = real_load(ModelSpec(name="tiny"))
+    state = ContinualState.initial(loaded.model, loaded.spec)
+    config = TrainConfig(method="gnsp", steps=3, **FAST)
+    for task in (colour_task("A", ["red", "blue"], n_train=8), colour_task("B", ["green", "yellow"], n_train=8)):
+        state = learn_task(state, loaded, task, config, reference=reference)
+    assert len(loads) == 1
+    cache = pretrained_features(loaded.spec, torch.device("cpu"), reference)
+    assert len(cache._pairs) == len(reference)
+    fresh = real_load(ModelSpec(name="tiny")).model.eval()
+    pairs = reference.with_transform(loaded.preprocess_val)
+    images = torch.stack([pairs[i][0] for i in range(len(pairs))])
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(fresh.encode_image(images), dim=-1)
+    got = torch.stack([cache._pairs[i][0] for i in range(len(pairs))])
+    assert torch.allclose(got, expected, atol=1e-5)
