@@ -92,8 +92,13 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
 
 
 def load_model(spec: ModelSpec | None = None, device: str | torch.device = "cpu") -> LoadedModel:
-    """Build the model a spec describes, in float32 on `device`."""
-    spec = spec or ModelSpec()
+    """Build the model a spec describes, in float32 on `device`. The caller's RNG is left where it
+    was (building a model draws random initial weights), so loading one mid-run changes nothing."""
+    with torch.random.fork_rng(devices=[]):
+        return _load_model(spec or ModelSpec(), device)
+
+
+def _load_model(spec: ModelSpec, device: str | torch.device) -> LoadedModel:
     keep_freed_memory()  # every process that runs a model gets here first
     register_configs()
     if spec.name == DEFAULT_MODEL:
@@ -106,12 +111,11 @@ def load_model(spec: ModelSpec | None = None, device: str | torch.device = "cpu"
             f"'tiny', or '{DEFAULT_MODEL}'"
         )
     pretrained = _resolve_pretrained(spec.name, spec.pretrained)
+    torch.manual_seed(spec.seed)
     try:
-        with torch.random.fork_rng(devices=[]):  # seed the init without moving the caller's RNG
-            torch.manual_seed(spec.seed)
-            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-                spec.name, pretrained=pretrained, device=device, precision="fp32"
-            )
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            spec.name, pretrained=pretrained, device=device, precision="fp32"
+        )
     except (RuntimeError, OSError) as exc:
         raise ModelSpecError(f"could not load {spec.name} with pretrained={spec.pretrained!r}: {exc}") from exc
     tokenizer = open_clip.get_tokenizer(spec.name)

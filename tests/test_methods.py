@@ -155,3 +155,11 @@ def test_pretrained_features_are_computed_once_per_run(reference, monkeypatch):
         expected = torch.nn.functional.normalize(fresh.encode_image(images), dim=-1)
     got = torch.stack([cache._pairs[i][0] for i in range(len(pairs))])
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_loading_a_model_leaves_the_callers_rng_alone():
+    """A run that loads the pre-trained model mid-task (once per run now) must draw the same data."""
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    load_model(ModelSpec(name="tiny", seed=7))
+    assert torch.equal(before, torch.get_rng_state())
