@@ -28,6 +28,7 @@ from gnsp_core.reference_data import load_heldout_task, load_reference_pairs
 TEXT_TOO = r"^(visual\.head\.mlp\.(fc1|fc2)|text\.proj)$"
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "finetune": ("plain fine-tuning of the heads (reference point)", dict(method="finetune")),
+    "finetune-lr3e-3": ("plain fine-tuning at learning rate 3e-3", dict(method="finetune", lr=3e-3)),
     "gnsp": ("paper recipe: ρ=0.15, vision MLP maps, CD 1.0, MAP 0.75", {}),
     "gnsp-no-projection": ("ρ=1.01: the null space is the whole space (projection off)",
                            dict(projection_threshold=1.01)),

@@ -2,14 +2,17 @@
 
 Starts a private local Ray with the gnsp app on 127.0.0.1 over a fresh store, then for each
 batching setting (max_batch_size 16, and 1 = no batching) sends POST /v1/classify (one 224-px
-PNG, 10 free-text labels) from 1, 8 and 32 concurrent clients, each sending its next request when
-the last one is answered. The in-process baseline is `ServedModel.classify` of the same version on
-one request in this process. The swap run keeps 8 clients going while the active version is moved
+image: a held-out photo as JPEG, or `--image noise`, a 150 KB PNG of random pixels; 10 free-text
+labels) from 1, 8 and 32 concurrent clients, each sending its next request when the last one is
+answered. The in-process baseline is `ServedModel.classify` of the same version on one request in
+this process; the same call on 16 requests at once gives the most that batching the forward can
+win on this hardware (`forward ceiling`), whatever the service around it does. The swap run keeps 8 clients going while the active version is moved
 between two stored versions (version 2 is version 1's state stored again, so each swap makes the
 classifier load a model it does not hold yet); every non-200 answer counts as a failure.
 
     python benchmarks/serve_load.py --model tiny --seconds 5          # quick
     python benchmarks/serve_load.py --seconds 15 --out out/serve_load  # gnsp-mini (the default)
+    python benchmarks/serve_load.py --gpus 1 --out out/serve_load_gpu  # the classifier on a GPU
 
 Prints a markdown table and writes serve_load.json and serve_load.png to --out.
 """
@@ -36,11 +39,24 @@ CLIENTS = (1, 8, 32)
 BATCHING = {"batching (max 16)": 16, "no batching": 1}
 
 
-def photo_png(seed: int = 0, size: int = 224) -> bytes:
+def noise_png(seed: int = 0, size: int = 224) -> bytes:
+    """Random pixels: incompressible, so the worst case for payload size (about 150 KB)."""
     rng = np.random.default_rng(seed)
     buffer = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def photo_jpeg(size: int = 224) -> bytes:
+    """A real photo (the first held-out one) at 224 px, as a client would send it (about 20 KB)."""
+    from gnsp_core.reference_data import heldout_eval_samples
+
+    buffer = io.BytesIO()
+    heldout_eval_samples()[0][0].convert("RGB").resize((size, size)).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+IMAGES = {"photo": photo_jpeg, "noise": noise_png}
 
 
 def summary(latencies: list[float], failures: int, seconds: float) -> dict[str, Any]:
@@ -94,21 +110,40 @@ def swapper(versions: tuple[int, int], every_s: float):
     return swap
 
 
-def in_process_ms(store, version: int, body: dict, repeats: int = 30) -> float:
-    """Median time of the same classification in this process (decode, preprocess, image tower, head)."""
+def in_process_ms(store, version: int, body: dict, batch: int = 1, repeats: int = 30) -> float:
+    """Median time per request of the same classification in this process (decode, preprocess,
+    image tower, head), answering `batch` requests in one call."""
     import base64
 
     from gnsp_core.zeroshot import TextHeadCache
     from service.versions import load_served_model
 
     served = load_served_model(store, version, Path(tempfile.mkdtemp()))
-    request = {"images": [base64.b64decode(i) for i in body["images"]], "labels": body["labels"]}
+    requests = [{"images": [base64.b64decode(i) for i in body["images"]], "labels": body["labels"]}] * batch
     heads = TextHeadCache(8)
-    served.classify([request], heads)
+    served.classify(requests, heads)
+    times = []
+    for _ in range(max(3, repeats // batch)):
+        start = time.perf_counter()
+        served.classify(requests, heads)
+        times.append((time.perf_counter() - start) / batch)
+    return 1000 * statistics.median(times)
+
+
+async def handle_ms(body: dict, repeats: int = 50) -> float:
+    """Median time of one request sent straight to the Classifier deployment (no HTTP, no Ingress):
+    with the in-process time and the HTTP p50, it splits a request's latency by hop."""
+    import base64
+
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Classifier", app_name="gnsp").options(multiplexed_model_id="1")
+    request = {"images": [base64.b64decode(i) for i in body["images"]], "labels": body["labels"]}
+    await handle.classify.remote(request)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        served.classify([request], heads)
+        await handle.classify.remote(request)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
@@ -130,22 +165,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from service.settings import ServiceSettings
     from service.store import ModelStore
 
-    body = {"images": [base64.b64encode(photo_png()).decode()], "labels": LABELS}
+    image = IMAGES[args.image]()
+    body = {"images": [base64.b64encode(image).decode()], "labels": LABELS}
     work = Path(tempfile.mkdtemp(prefix="gnsp-serve-load-"))
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     url = f"http://127.0.0.1:{args.port}"
     rows: list[dict[str, Any]] = []
-    baseline = None
+    baseline = batched = direct = None
     try:
         for label, batch in BATCHING.items():
             settings = ServiceSettings(store=str(work / "store"), model=args.model, heldout=None, reference=None,
-                                       work_dir=str(work), max_batch_size=batch, batch_wait_timeout_s=args.batch_wait)
+                                       work_dir=str(work), max_batch_size=batch, batch_wait_timeout_s=args.batch_wait,
+                                       classifier_gpus=args.gpus)
             serve.run(build_app(settings), name="gnsp", route_prefix="/")
+            # Ray is still starting helper processes for a while after start-up: let it settle.
+            asyncio.run(load(url, 8, args.warmup, body))
             store = ModelStore.open(settings.store)
             if baseline is None:
                 baseline = in_process_ms(store, 1, body)
-                print(f"in-process forward: {baseline:.1f} ms", file=sys.stderr)
+                batched = in_process_ms(store, 1, body, batch=BATCHING["batching (max 16)"])
+                print(f"in-process: {baseline:.1f} ms per request alone, {batched:.1f} ms in a batch of 16",
+                      file=sys.stderr)
+            if direct is None:
+                direct = asyncio.run(handle_ms(body))
+                print(f"Classifier handle, no HTTP: {direct:.1f} ms", file=sys.stderr)
             for clients in CLIENTS:
                 result = asyncio.run(load(url, clients, args.seconds, body))
                 rows.append({"setting": label, "clients": clients, **result})
@@ -161,8 +205,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         serve.shutdown()
         ray.shutdown()
-    return {"model": args.model or "gnsp-mini", "in_process_ms": baseline, "rows": rows,
-            "seconds_per_point": args.seconds, **targets(rows, baseline)}
+    return {"model": args.model or "gnsp-mini", "image": args.image, "image_bytes": len(image),
+            "in_process_ms": baseline, "in_process_batched_ms": batched, "classifier_handle_ms": direct, "forward_ceiling": baseline / batched,
+            "rows": rows, "seconds_per_point": args.seconds, **targets(rows, baseline)}
 
 
 def targets(rows: list[dict], baseline: float) -> dict[str, Any]:
@@ -179,7 +224,11 @@ def targets(rows: list[dict], baseline: float) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [f"model {result['model']}; in-process forward {result['in_process_ms']:.1f} ms", "",
+    lines = [f"model {result['model']}; image {result['image']} ({result['image_bytes'] / 1024:.0f} KB); "
+             f"in-process {result['in_process_ms']:.1f} ms per request alone, "
+             f"{result['in_process_batched_ms']:.1f} ms in a batch of 16 (forward ceiling for batching "
+             f"{result['forward_ceiling']:.2f}x); one request straight to the Classifier deployment "
+             f"(no HTTP, no Ingress) {result['classifier_handle_ms']:.1f} ms", "",
              "| setting | clients | requests | failed | p50 ms | p99 ms | req/s |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['setting']} | {r['clients']} | {r['requests']} | {r['failures']} | {r['p50_ms']:.1f} | "
@@ -221,9 +270,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="open_clip name or 'tiny'; left out: gnsp-mini")
     parser.add_argument("--seconds", type=float, default=10.0, help="load duration of each point")
-    parser.add_argument("--batch-wait", type=float, default=0.01, help="serve.batch wait timeout (s)")
+    parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured load before each setting (s)")
+    parser.add_argument("--batch-wait", type=float, default=0.0, help="serve.batch wait timeout (s)")
+    parser.add_argument("--image", choices=sorted(IMAGES), default="photo", help="what each request sends")
     parser.add_argument("--swap-every", type=float, default=1.0, help="seconds between version swaps")
     parser.add_argument("--num-cpus", type=int, default=None)
+    parser.add_argument("--gpus", type=float, default=0.0, help="GPUs for the classifier replica (e.g. 1)")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--out", type=Path, default=Path("out/serve_load"))
     args = parser.parse_args()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,12 +30,24 @@ from .store import ModelStore
 log = logging.getLogger(__name__)
 
 
+def classifier_thread_count(settings: ServiceSettings) -> int:
+    """The torch threads a classifier replica uses: Ray starts actors with one, leaving cores idle."""
+    if settings.classifier_threads:
+        return settings.classifier_threads
+    if settings.classifier_cpus >= 1:
+        return int(settings.classifier_cpus)
+    return os.cpu_count() or 1
+
+
 @serve.deployment(name="Classifier")
 class Classifier:
     def __init__(self, settings: ServiceSettings) -> None:
         from gnsp_core.zeroshot import TextHeadCache
 
         self.settings = settings
+        import torch
+
+        torch.set_num_threads(classifier_thread_count(settings))
         self.store = ModelStore.open(settings.store)
         self.cache_dir = Path(tempfile.mkdtemp(prefix="gnsp-versions-", dir=settings.work_dir))
         self.heads = TextHeadCache(settings.text_head_cache)
@@ -57,7 +70,7 @@ class Classifier:
         """One request: {"images": [bytes], "labels": [str]}; the version is the multiplexed model id."""
         return await self.classify_batch(request)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def classify_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         served = await self.get_version(serve.get_multiplexed_model_id())
         return await asyncio.to_thread(served.classify, requests, self.heads)

@@ -64,11 +64,16 @@ class ServiceSettings(BaseModel):
     classifier_max_replicas: int = Field(2, ge=1)
     classifier_cpus: float = Field(0.0, ge=0)
     classifier_gpus: float = Field(0.0, ge=0)
+    classifier_threads: int = Field(0, ge=0)
+    """torch threads per classifier replica; 0: the replica's CPUs, or every core when it reserves none.
+    (Ray starts actors with one thread, which halves a CPU forward on a 2-core machine.)"""
     ingress_replicas: int = Field(1, ge=1)
     max_versions_per_replica: int = Field(3, ge=1)
     """Bounded LRU of versions each classifier replica keeps loaded (the multiplexed model ids)."""
     max_batch_size: int = Field(16, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0)
+    """How long a batch waits to fill. 0: run what is queued at once; under load the next batch
+    fills while the current one runs, so batching adds no latency to a lone request."""
     text_head_cache: int = Field(256, ge=1)
     api_token: str | None = Field(None, repr=False)
     """Bearer token for write endpoints; None reads GNSP_API_TOKEN (unset: no auth)."""

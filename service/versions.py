@@ -23,6 +23,7 @@ from gnsp_core.errors import StateError
 from gnsp_core.evaluation import task_accuracy
 from gnsp_core.models import DEFAULT_MODEL, LoadedModel, ModelSpec, load_model
 from gnsp_core.state import ContinualState
+from gnsp_core.trainer import resolve_device
 from gnsp_core.zeroshot import TEMPLATES, TextHeadCache
 
 from .errors import InvalidImageError, VersionLoadError
@@ -118,7 +119,8 @@ class ServedModel:
         """Answer several requests with one image-tower pass; each request has its own labels."""
         images = [decode_image(raw) for request in requests for raw in request["images"]]
         pixels = torch.stack([self.loaded.preprocess_val(image) for image in images])
-        features = F.normalize(self.loaded.model.encode_image(pixels).float(), dim=-1)
+        device = next(self.loaded.model.parameters()).device
+        features = F.normalize(self.loaded.model.encode_image(pixels.to(device)).float(), dim=-1)
         answers, start = [], 0
         for request in requests:
             labels = request["labels"]
@@ -154,11 +156,12 @@ def decode_image(raw: bytes) -> Image.Image:
         raise InvalidImageError(f"an image could not be decoded ({type(exc).__name__})") from None
 
 
-def load_served_model(store: ModelStore, version: int, cache_dir: Path) -> ServedModel:
-    """Load a stored version for serving; any failure is a VersionLoadError (the old version keeps serving)."""
+def load_served_model(store: ModelStore, version: int, cache_dir: Path, device: str = "auto") -> ServedModel:
+    """Load a stored version for serving (on the replica's GPU when Ray gave it one); any failure is
+    a VersionLoadError (the old version keeps serving)."""
     folder = store.fetch_version(version, cache_dir)
     try:
         state = ContinualState.load(folder)
-        return ServedModel(version, load_state_model(state))
+        return ServedModel(version, load_state_model(state, resolve_device(device)))
     except Exception as exc:  # a corrupt file can fail in safetensors, torch or open_clip
         raise VersionLoadError(f"model version {version} failed to load: {type(exc).__name__}: {exc}") from exc

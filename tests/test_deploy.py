@@ -479,3 +479,13 @@ def test_serve_config_deploys_through_serves_config_path(ray_session, tmp_path):
         assert response.json()["status"] == "ok" and response.json()["active_version"] == 1
     finally:
         serve.delete(app["name"])
+
+
+def test_classifier_threads_follow_the_replica_not_rays_default_of_one():
+    from service.deployments import classifier_thread_count
+    from service.settings import ServiceSettings
+
+    assert classifier_thread_count(ServiceSettings(classifier_threads=3, classifier_cpus=1)) == 3
+    assert classifier_thread_count(ServiceSettings(classifier_cpus=2)) == 2
+    assert classifier_thread_count(ServiceSettings(classifier_cpus=0.5)) == (os.cpu_count() or 1)
+    assert classifier_thread_count(ServiceSettings()) == (os.cpu_count() or 1)
