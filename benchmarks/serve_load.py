@@ -6,9 +6,10 @@ image: a held-out photo as JPEG, or `--image noise`, a 150 KB PNG of random pixe
 labels) from 1, 8 and 32 concurrent clients, each sending its next request when the last one is
 answered. The in-process baseline is `ServedModel.classify` of the same version on one request in
 this process; the same call on 16 requests at once gives the most that batching the forward can
-win on this hardware (`forward ceiling`), whatever the service around it does. The swap run keeps 8 clients going while the active version is moved
-between two stored versions (version 2 is version 1's state stored again, so each swap makes the
-classifier load a model it does not hold yet); every non-200 answer counts as a failure.
+win on this hardware (`forward ceiling`), whatever the service around it does. The swap run keeps
+8 clients going while the active version is moved between two stored versions (version 2 is
+version 1's state stored again, so each swap makes the classifier load a model it does not hold
+yet); every non-200 answer counts as a failure.
 
     python benchmarks/serve_load.py --model tiny --seconds 5          # quick
     python benchmarks/serve_load.py --seconds 15 --out out/serve_load  # gnsp-mini (the default)
@@ -185,11 +186,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if baseline is None:
                 baseline = in_process_ms(store, 1, body)
                 batched = in_process_ms(store, 1, body, batch=BATCHING["batching (max 16)"])
-                print(f"in-process: {baseline:.1f} ms per request alone, {batched:.1f} ms in a batch of 16",
-                      file=sys.stderr)
-            if direct is None:
                 direct = asyncio.run(handle_ms(body))
-                print(f"Classifier handle, no HTTP: {direct:.1f} ms", file=sys.stderr)
+                print(f"in-process: {baseline:.1f} ms per request alone, {batched:.1f} ms in a batch of 16; "
+                      f"Classifier handle, no HTTP: {direct:.1f} ms", file=sys.stderr)
             for clients in CLIENTS:
                 result = asyncio.run(load(url, clients, args.seconds, body))
                 rows.append({"setting": label, "clients": clients, **result})
@@ -206,7 +205,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         serve.shutdown()
         ray.shutdown()
     return {"model": args.model or "gnsp-mini", "image": args.image, "image_bytes": len(image),
-            "in_process_ms": baseline, "in_process_batched_ms": batched, "classifier_handle_ms": direct, "forward_ceiling": baseline / batched,
+            "in_process_ms": baseline, "in_process_batched_ms": batched, "forward_ceiling": baseline / batched,
+            "classifier_handle_ms": direct,
             "rows": rows, "seconds_per_point": args.seconds, **targets(rows, baseline)}
 
 

@@ -42,12 +42,12 @@ def classifier_thread_count(settings: ServiceSettings) -> int:
 @serve.deployment(name="Classifier")
 class Classifier:
     def __init__(self, settings: ServiceSettings) -> None:
-        from gnsp_core.zeroshot import TextHeadCache
-
-        self.settings = settings
         import torch
 
+        from gnsp_core.zeroshot import TextHeadCache
+
         torch.set_num_threads(classifier_thread_count(settings))
+        self.settings = settings
         self.store = ModelStore.open(settings.store)
         self.cache_dir = Path(tempfile.mkdtemp(prefix="gnsp-versions-", dir=settings.work_dir))
         self.heads = TextHeadCache(settings.text_head_cache)

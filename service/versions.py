@@ -24,7 +24,7 @@ from gnsp_core.evaluation import task_accuracy
 from gnsp_core.models import DEFAULT_MODEL, LoadedModel, ModelSpec, load_model
 from gnsp_core.state import ContinualState
 from gnsp_core.trainer import resolve_device
-from gnsp_core.zeroshot import TEMPLATES, TextHeadCache
+from gnsp_core.zeroshot import TEMPLATES, TextHeadCache, model_device
 
 from .errors import InvalidImageError, VersionLoadError
 from .settings import ServiceSettings
@@ -119,8 +119,8 @@ class ServedModel:
         """Answer several requests with one image-tower pass; each request has its own labels."""
         images = [decode_image(raw) for request in requests for raw in request["images"]]
         pixels = torch.stack([self.loaded.preprocess_val(image) for image in images])
-        device = next(self.loaded.model.parameters()).device
-        features = F.normalize(self.loaded.model.encode_image(pixels.to(device)).float(), dim=-1)
+        pixels = pixels.to(model_device(self.loaded.model))
+        features = F.normalize(self.loaded.model.encode_image(pixels).float(), dim=-1)
         answers, start = [], 0
         for request in requests:
             labels = request["labels"]
