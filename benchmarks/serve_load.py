@@ -9,7 +9,9 @@ this process; the same call on 16 requests at once gives the most that batching 
 win on this hardware (`forward ceiling`), whatever the service around it does. The swap run keeps
 8 clients going while the active version is moved between two stored versions (version 2 is
 version 1's state stored again, so each swap makes the classifier load a model it does not hold
-yet); every non-200 answer counts as a failure.
+yet); every non-200 answer counts as a failure. Each answer's Server-Timing header (time in the
+ingress, in the classifier replica, in its batch's forward, and the batch's size) splits the
+latency by hop and shows how large the batches really were.
 
     python benchmarks/serve_load.py --model tiny --seconds 5          # quick
     python benchmarks/serve_load.py --seconds 15 --out out/serve_load  # gnsp-mini (the default)
@@ -60,16 +62,32 @@ def photo_jpeg(size: int = 224) -> bytes:
 IMAGES = {"photo": photo_jpeg, "noise": noise_png}
 
 
-def summary(latencies: list[float], failures: int, seconds: float) -> dict[str, Any]:
+HOPS = ("ingress", "classifier", "forward")
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """The service's Server-Timing header as {"ingress": ms, "classifier": ms, "forward": ms, "batch": n}."""
+    values = {}
+    for entry in header.split(","):
+        name, *params = (part.strip() for part in entry.split(";"))
+        for key, value in (param.split("=", 1) for param in params):
+            values[name] = float(value.strip('"'))
+    return values
+
+
+def summary(latencies: list[float], timings: list[dict[str, float]], failures: int, seconds: float) -> dict[str, Any]:
     ms = sorted(1000 * x for x in latencies)
     pick = (lambda q: ms[min(len(ms) - 1, int(q * len(ms)))]) if ms else (lambda q: float("nan"))
+    hops = {f"{hop}_ms": statistics.median(t[hop] for t in timings) if timings else float("nan") for hop in HOPS}
     return {"requests": len(ms), "failures": failures, "p50_ms": pick(0.50), "p99_ms": pick(0.99),
-            "throughput_rps": len(ms) / seconds}
+            "throughput_rps": len(ms) / seconds, **hops,
+            "mean_batch": statistics.fmean(t["batch"] for t in timings) if timings else float("nan")}
 
 
 async def load(url: str, clients: int, seconds: float, body: dict, during=None) -> dict[str, Any]:
     """`clients` closed-loop clients for `seconds`; `during` (a coroutine function) runs alongside."""
     latencies: list[float] = []
+    timings: list[dict[str, float]] = []
     failures = 0
     deadline = 0.0
 
@@ -84,6 +102,7 @@ async def load(url: str, clients: int, seconds: float, body: dict, during=None) 
                 ok = False
             if ok:
                 latencies.append(time.perf_counter() - start)
+                timings.append(server_timing(response.headers["server-timing"]))
             else:
                 failures += 1
 
@@ -95,7 +114,7 @@ async def load(url: str, clients: int, seconds: float, body: dict, during=None) 
         extra = [asyncio.create_task(during(http, deadline))] if during else []
         await asyncio.gather(*(client(http) for _ in range(clients)), *extra)
         elapsed = time.perf_counter() - begin
-    return summary(latencies, failures, elapsed)
+    return summary(latencies, timings, failures, elapsed)
 
 
 def swapper(versions: tuple[int, int], every_s: float):
@@ -131,24 +150,6 @@ def in_process_ms(store, version: int, body: dict, batch: int = 1, repeats: int 
     return 1000 * statistics.median(times)
 
 
-async def handle_ms(body: dict, repeats: int = 50) -> float:
-    """Median time of one request sent straight to the Classifier deployment (no HTTP, no Ingress):
-    with the in-process time and the HTTP p50, it splits a request's latency by hop."""
-    import base64
-
-    from ray import serve
-
-    handle = serve.get_deployment_handle("Classifier", app_name="gnsp").options(multiplexed_model_id="1")
-    request = {"images": [base64.b64decode(i) for i in body["images"]], "labels": body["labels"]}
-    await handle.classify.remote(request)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        await handle.classify.remote(request)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
 def add_copy_of_version(store, version: int) -> int:
     """Store `version`'s state again as a new version: a second model for the classifier to load."""
     folder = store.fetch_version(version, Path(tempfile.mkdtemp()))
@@ -173,12 +174,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     url = f"http://127.0.0.1:{args.port}"
     rows: list[dict[str, Any]] = []
-    baseline = batched = direct = None
+    baseline = batched = None
     try:
         for label, batch in BATCHING.items():
             settings = ServiceSettings(store=str(work / "store"), model=args.model, heldout=None, reference=None,
                                        work_dir=str(work), max_batch_size=batch, batch_wait_timeout_s=args.batch_wait,
-                                       classifier_gpus=args.gpus)
+                                       busy_batch_wait_max_s=args.busy_batch_wait_max,
+                                       classifier_threads=args.classifier_threads, classifier_gpus=args.gpus)
             serve.run(build_app(settings), name="gnsp", route_prefix="/")
             # Ray is still starting helper processes for a while after start-up: let it settle.
             asyncio.run(load(url, 8, args.warmup, body))
@@ -186,9 +188,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if baseline is None:
                 baseline = in_process_ms(store, 1, body)
                 batched = in_process_ms(store, 1, body, batch=BATCHING["batching (max 16)"])
-                direct = asyncio.run(handle_ms(body))
-                print(f"in-process: {baseline:.1f} ms per request alone, {batched:.1f} ms in a batch of 16; "
-                      f"Classifier handle, no HTTP: {direct:.1f} ms", file=sys.stderr)
+                print(f"in-process: {baseline:.1f} ms per request alone, {batched:.1f} ms in a batch of 16",
+                      file=sys.stderr)
             for clients in CLIENTS:
                 result = asyncio.run(load(url, clients, args.seconds, body))
                 rows.append({"setting": label, "clients": clients, **result})
@@ -206,7 +207,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ray.shutdown()
     return {"model": args.model or "gnsp-mini", "image": args.image, "image_bytes": len(image),
             "in_process_ms": baseline, "in_process_batched_ms": batched, "forward_ceiling": baseline / batched,
-            "classifier_handle_ms": direct,
             "rows": rows, "seconds_per_point": args.seconds, **targets(rows, baseline)}
 
 
@@ -227,12 +227,21 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"model {result['model']}; image {result['image']} ({result['image_bytes'] / 1024:.0f} KB); "
              f"in-process {result['in_process_ms']:.1f} ms per request alone, "
              f"{result['in_process_batched_ms']:.1f} ms in a batch of 16 (forward ceiling for batching "
-             f"{result['forward_ceiling']:.2f}x); one request straight to the Classifier deployment "
-             f"(no HTTP, no Ingress) {result['classifier_handle_ms']:.1f} ms", "",
-             "| setting | clients | requests | failed | p50 ms | p99 ms | req/s |", "|---|---|---|---|---|---|---|"]
+             f"{result['forward_ceiling']:.2f}x)", "",
+             "| setting | clients | requests | failed | p50 ms | p99 ms | req/s | mean batch |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['setting']} | {r['clients']} | {r['requests']} | {r['failures']} | {r['p50_ms']:.1f} | "
-                     f"{r['p99_ms']:.1f} | {r['throughput_rps']:.1f} |")
+                     f"{r['p99_ms']:.1f} | {r['throughput_rps']:.1f} | {r['mean_batch']:.1f} |")
+    lines += ["", "Where the time goes (medians, ms, from the service's Server-Timing header): proxy + HTTP = "
+                  "client p50 - ingress; ingress = the FastAPI handler less its call to the classifier; "
+                  "queue + Serve = time in the classifier replica outside the batch's forward.", "",
+              "| setting | clients | client p50 | proxy + HTTP | ingress | queue + Serve | forward |",
+              "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['setting']} | {r['clients']} | {r['p50_ms']:.1f} | {r['p50_ms'] - r['ingress_ms']:.1f} | "
+                     f"{r['ingress_ms'] - r['classifier_ms']:.1f} | {r['classifier_ms'] - r['forward_ms']:.1f} | "
+                     f"{r['forward_ms']:.1f} |")
     lines += ["", f"p50 at 1 client {result['p50_1_client_ms']:.1f} ms vs budget {result['p50_budget_ms']:.1f} ms "
                   f"(1.2 x in-process + 15): {'met' if result['p50_target_met'] else 'NOT met'}",
               f"batching speedup at 32 clients {result['batching_speedup_32']:.2f}x (target 3x): "
@@ -271,10 +280,13 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="open_clip name or 'tiny'; left out: gnsp-mini")
     parser.add_argument("--seconds", type=float, default=10.0, help="load duration of each point")
     parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured load before each setting (s)")
-    parser.add_argument("--batch-wait", type=float, default=0.0, help="serve.batch wait timeout (s)")
+    parser.add_argument("--batch-wait", type=float, default=0.0, help="batch wait when the classifier is idle (s)")
+    parser.add_argument("--busy-batch-wait-max", type=float, default=0.25,
+                        help="most a batch waits to fill while others are in the classifier (s); 0: off")
     parser.add_argument("--image", choices=sorted(IMAGES), default="photo", help="what each request sends")
     parser.add_argument("--swap-every", type=float, default=1.0, help="seconds between version swaps")
     parser.add_argument("--num-cpus", type=int, default=None)
+    parser.add_argument("--classifier-threads", type=int, default=0, help="torch threads of the classifier; 0: all cores")
     parser.add_argument("--gpus", type=float, default=0.0, help="GPUs for the classifier replica (e.g. 1)")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--out", type=Path, default=Path("out/serve_load"))

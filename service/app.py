@@ -16,6 +16,7 @@ through Serve's class-based view.
 import hmac
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Awaitable
 
@@ -80,6 +81,14 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         return await _gnsp_error(request, cause)
     return JSONResponse(error_body("internal_error", f"internal error ({type(cause).__name__}); see the service log"),
                         status_code=500)
+
+
+def server_timing(classifier: dict[str, float], ingress_ms: float) -> str:
+    """A W3C Server-Timing value: the time a classify request spent in the ingress, in the
+    classifier replica (batch queue included) and in its batch's forward, which browsers' dev tools
+    and benchmarks/serve_load.py read to split latency by hop."""
+    return (f"ingress;dur={ingress_ms:.2f}, classifier;dur={classifier['classifier']:.2f}, "
+            f"forward;dur={classifier['forward']:.2f}, batch;desc={classifier['batch']}")
 
 
 async def call(response: Awaitable[Any]) -> Any:
@@ -238,12 +247,15 @@ class Ingress:
 
     @app.post("/v1/classify", response_model=api.ClassifyResponse, responses=ERRORS,
               openapi_extra={"requestBody": api.CLASSIFY_BODY})
-    async def classify(self, request: Request) -> api.ClassifyResponse:
+    async def classify(self, request: Request, response: Response) -> api.ClassifyResponse:
         """Zero-shot scores of each image over the given labels, from the active or a pinned version."""
+        start = time.perf_counter()
         images, labels, pinned = await read_classify_request(request, self.settings)
         version = await run_in_threadpool(self._resolve_version, pinned)
         handle = self.classifier.options(multiplexed_model_id=str(version))
-        return api.ClassifyResponse(**await call(handle.classify.remote({"images": images, "labels": labels})))
+        answer = await call(handle.classify.remote({"images": images, "labels": labels}))
+        response.headers["Server-Timing"] = server_timing(answer.pop("timing"), 1000 * (time.perf_counter() - start))
+        return api.ClassifyResponse(**answer)
 
     # --- versions --------------------------------------------------------------------------------
 

@@ -4,8 +4,9 @@ Classifier: the model version is the `@serve.multiplexed` model id, so each repl
 bounded LRU of loaded versions, Serve routes a request to a replica that already holds its
 version, and a pinned version is just another id. `@serve.batch` sits on the classifier's own
 method (batches are split per model id by Serve), so concurrent requests share one image-tower
-pass. Swapping the active version never touches a loaded model: new requests simply carry the
-new id, and requests in flight finish on the version they were routed with.
+pass; how long a batch waits to fill adapts to load (batch_window.py). Swapping the active
+version never touches a loaded model: new requests simply carry the new id, and requests in
+flight finish on the version they were routed with.
 
 JobRunner: exactly one replica; it owns every write to the store except uploads (versions, the
 active pointer, job records) and runs the JobQueue.
@@ -18,12 +19,14 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from .batch_window import BatchWindow
 from .settings import ServiceSettings
 from .store import ModelStore
 
@@ -59,7 +62,8 @@ class Classifier:
         self.get_version = serve.multiplexed(max_num_models_per_replica=settings.max_versions_per_replica)(
             load_version)
         self.classify_batch.set_max_batch_size(settings.max_batch_size)
-        self.classify_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.window = BatchWindow(settings.max_batch_size, settings.batch_wait_timeout_s,
+                                  settings.busy_batch_wait_max_s)
 
     async def _load_version(self, model_id: str):
         from .versions import load_served_model
@@ -67,13 +71,29 @@ class Classifier:
         return await asyncio.to_thread(load_served_model, self.store, int(model_id), self.cache_dir)
 
     async def classify(self, request: dict[str, Any]) -> dict[str, Any]:
-        """One request: {"images": [bytes], "labels": [str]}; the version is the multiplexed model id."""
-        return await self.classify_batch(request)
+        """One request: {"images": [bytes], "labels": [str]}; the version is the multiplexed model id.
+
+        The answer's `timing` (ms: time in this replica, the batch's forward, the batch's size) lets
+        the ingress say in a Server-Timing header where a request's latency went."""
+        start = time.perf_counter()
+        self.classify_batch.set_batch_wait_timeout_s(self.window.enter())
+        try:
+            answer = await self.classify_batch(request)
+        finally:
+            self.window.leave()
+        answer["timing"]["classifier"] = 1000 * (time.perf_counter() - start)
+        return answer
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def classify_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         served = await self.get_version(serve.get_multiplexed_model_id())
-        return await asyncio.to_thread(served.classify, requests, self.heads)
+        start = time.perf_counter()
+        answers = await asyncio.to_thread(served.classify, requests, self.heads)
+        forward = time.perf_counter() - start
+        self.window.forward_took(forward)
+        for answer in answers:
+            answer["timing"] = {"forward": 1000 * forward, "batch": len(requests)}
+        return answers
 
     async def check_version(self, version: int) -> dict[str, Any]:
         """Load a version and run a smoke test on it, before it may become active."""

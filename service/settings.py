@@ -72,8 +72,10 @@ class ServiceSettings(BaseModel):
     """Bounded LRU of versions each classifier replica keeps loaded (the multiplexed model ids)."""
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.0, ge=0)
-    """How long a batch waits to fill. 0: run what is queued at once; under load the next batch
-    fills while the current one runs, so batching adds no latency to a lone request."""
+    """How long a batch waits to fill when the classifier replica is idle (0: a lone request goes at once)."""
+    busy_batch_wait_max_s: float = Field(0.25, ge=0)
+    """While other requests are in the replica, a batch waits about one forward's time to fill, at
+    most this long; 0 keeps the idle wait always (then, under load, most batches hold one request)."""
     text_head_cache: int = Field(256, ge=1)
     api_token: str | None = Field(None, repr=False)
     """Bearer token for write endpoints; None reads GNSP_API_TOKEN (unset: no auth)."""

@@ -46,6 +46,17 @@ def classify(client: httpx.Client, labels: list[str], version: int | None = None
     return response.json()
 
 
+def server_timing(response: httpx.Response) -> dict[str, dict[str, float | str]]:
+    """The Server-Timing header as {metric: {"dur": ms, "desc": text}}."""
+    assert response.status_code == 200, response.text
+    metrics = {}
+    for entry in response.headers["server-timing"].split(","):
+        name, *params = (part.strip() for part in entry.split(";"))
+        metrics[name] = {key: float(value) if key == "dur" else value
+                         for key, value in (param.split("=", 1) for param in params)}
+    return metrics
+
+
 class ClassifyLoad:
     """Classify requests from a second thread, until the block ends (at least three of them)."""
 
@@ -95,6 +106,10 @@ def test_learn_a_task_then_classify_and_roll_back(service):
     assert answer["model_version"] == 2 and len(answer["results"]) == 2
     assert set(answer["results"][0]["scores"]) == {"red", "green", "blue"}
     assert abs(sum(answer["results"][0]["scores"].values()) - 1) < 1e-3
+    assert "timing" not in answer
+    hops = server_timing(client.post("/v1/classify", json={"images": [png_b64("red")], "labels": ["red", "blue"]}))
+    assert hops["ingress"]["dur"] >= hops["classifier"]["dur"] >= hops["forward"]["dur"] > 0
+    assert int(hops["batch"]["desc"]) >= 1
     multipart = client.post("/v1/classify", files=[("images", ("a.png", png_bytes("red"), "image/png"))],
                             data={"labels": ["red", "blue"]})
     assert multipart.status_code == 200 and multipart.json()["model_version"] == 2
