@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,9 @@ class Classifier:
 
         from gnsp_core.zeroshot import TextHeadCache
 
-        torch.set_num_threads(classifier_thread_count(settings))
+        threads = classifier_thread_count(settings)
+        torch.set_num_threads(threads)
+        self.decoders = ThreadPoolExecutor(threads, thread_name_prefix="decode")
         self.settings = settings
         self.store = ModelStore.open(settings.store)
         self.cache_dir = Path(tempfile.mkdtemp(prefix="gnsp-versions-", dir=settings.work_dir))
@@ -88,7 +91,7 @@ class Classifier:
     async def classify_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         served = await self.get_version(serve.get_multiplexed_model_id())
         start = time.perf_counter()
-        answers = await asyncio.to_thread(served.classify, requests, self.heads)
+        answers = await asyncio.to_thread(served.classify, requests, self.heads, self.decoders)
         forward = time.perf_counter() - start
         self.window.forward_took(forward)
         for answer in answers:
@@ -101,6 +104,8 @@ class Classifier:
         return await asyncio.to_thread(served.check, self.heads)
 
     def __del__(self) -> None:
+        if hasattr(self, "decoders"):
+            self.decoders.shutdown(wait=False)
         shutil.rmtree(getattr(self, "cache_dir", ""), ignore_errors=True)
 
 
