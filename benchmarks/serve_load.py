@@ -65,16 +65,6 @@ IMAGES = {"photo": photo_jpeg, "noise": noise_png}
 HOPS = ("ingress", "classifier", "forward")
 
 
-def server_timing(header: str) -> dict[str, float]:
-    """The service's Server-Timing header as {"ingress": ms, "classifier": ms, "forward": ms, "batch": n}."""
-    values = {}
-    for entry in header.split(","):
-        name, *params = (part.strip() for part in entry.split(";"))
-        for key, value in (param.split("=", 1) for param in params):
-            values[name] = float(value.strip('"'))
-    return values
-
-
 def summary(latencies: list[float], timings: list[dict[str, float]], failures: int, seconds: float) -> dict[str, Any]:
     ms = sorted(1000 * x for x in latencies)
     pick = (lambda q: ms[min(len(ms) - 1, int(q * len(ms)))]) if ms else (lambda q: float("nan"))
@@ -86,6 +76,8 @@ def summary(latencies: list[float], timings: list[dict[str, float]], failures: i
 
 async def load(url: str, clients: int, seconds: float, body: dict, during=None) -> dict[str, Any]:
     """`clients` closed-loop clients for `seconds`; `during` (a coroutine function) runs alongside."""
+    from service.app import parse_server_timing
+
     latencies: list[float] = []
     timings: list[dict[str, float]] = []
     failures = 0
@@ -102,7 +94,7 @@ async def load(url: str, clients: int, seconds: float, body: dict, during=None) 
                 ok = False
             if ok:
                 latencies.append(time.perf_counter() - start)
-                timings.append(server_timing(response.headers["server-timing"]))
+                timings.append(parse_server_timing(response.headers["server-timing"]))
             else:
                 failures += 1
 
@@ -130,11 +122,11 @@ def swapper(versions: tuple[int, int], every_s: float):
     return swap
 
 
-def in_process_ms(store, version: int, body: dict, batch: int = 1, repeats: int = 30) -> float:
+def in_process_ms(store, version: int, body: dict, threads: int, batch: int = 1, repeats: int = 30) -> float:
     """Median time per request of the same classification in this process (decode, preprocess,
-    image tower, head), answering `batch` requests in one call, with the classifier's decode pool."""
+    image tower, head), answering `batch` requests in one call, with a decode pool of `threads` as
+    in the classifier."""
     import base64
-    import os
     from concurrent.futures import ThreadPoolExecutor
 
     from gnsp_core.zeroshot import TextHeadCache
@@ -144,7 +136,7 @@ def in_process_ms(store, version: int, body: dict, batch: int = 1, repeats: int 
     requests = [{"images": [base64.b64decode(i) for i in body["images"]], "labels": body["labels"]}] * batch
     heads = TextHeadCache(8)
     times = []
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(threads) as pool:
         served.classify(requests, heads, pool)
         for _ in range(max(3, repeats // batch)):
             start = time.perf_counter()
@@ -167,6 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ray import serve
 
     from service.app import build_app
+    from service.deployments import classifier_thread_count
     from service.settings import ServiceSettings
     from service.store import ModelStore
 
@@ -189,8 +182,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             asyncio.run(load(url, 8, args.warmup, body))
             store = ModelStore.open(settings.store)
             if baseline is None:
-                baseline = in_process_ms(store, 1, body)
-                batched = in_process_ms(store, 1, body, batch=BATCHING["batching (max 16)"])
+                threads = classifier_thread_count(settings)
+                baseline = in_process_ms(store, 1, body, threads)
+                batched = in_process_ms(store, 1, body, threads, batch=BATCHING["batching (max 16)"])
                 print(f"in-process: {baseline:.1f} ms per request alone, {batched:.1f} ms in a batch of 16",
                       file=sys.stderr)
             for clients in CLIENTS:

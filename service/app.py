@@ -91,6 +91,16 @@ def server_timing(classifier: dict[str, float], ingress_ms: float) -> str:
             f"forward;dur={classifier['forward']:.2f}, batch;desc={classifier['batch']}")
 
 
+def parse_server_timing(header: str) -> dict[str, float]:
+    """The values `server_timing` wrote, as {"ingress": ms, "classifier": ms, "forward": ms, "batch": n}."""
+    values = {}
+    for entry in header.split(","):
+        name, *params = (part.strip() for part in entry.split(";"))
+        for param in params:
+            values[name] = float(param.split("=", 1)[1].strip('"'))
+    return values
+
+
 async def call(response: Awaitable[Any]) -> Any:
     """Await a deployment call, re-raising a user error from the other replica as itself."""
     try:

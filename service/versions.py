@@ -123,9 +123,8 @@ class ServedModel:
         With a `pool`, a batch's images are decoded and preprocessed in parallel (Pillow releases
         the GIL while it decodes and resizes): on a GPU this, not the forward, bounds a batch."""
         raws = [raw for request in requests for raw in request["images"]]
-        prepare = self._pixels
-        tensors = list(pool.map(prepare, raws)) if pool is not None and len(raws) > 1 else [prepare(r) for r in raws]
-        pixels = torch.stack(tensors).to(model_device(self.loaded.model))
+        tensors = pool.map(self._pixels, raws) if pool is not None and len(raws) > 1 else map(self._pixels, raws)
+        pixels = torch.stack(list(tensors)).to(model_device(self.loaded.model))
         features = F.normalize(self.loaded.model.encode_image(pixels).float(), dim=-1)
         answers, start = [], 0
         for request in requests:
