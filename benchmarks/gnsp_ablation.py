@@ -21,9 +21,9 @@ from tqdm import tqdm
 from gnsp_core.bench import run_bench
 from gnsp_core.config import TrainConfig
 from gnsp_core.data import load_task
-from gnsp_core.default_model import build_default_model
+from gnsp_core.models.default import build_default_model
 from gnsp_core.models import DEFAULT_MODEL, ModelSpec, load_model
-from gnsp_core.reference_data import load_heldout_task, load_reference_pairs
+from gnsp_core.data.reference import load_heldout_task, load_reference_pairs
 
 TEXT_TOO = r"^(visual\.head\.mlp\.(fc1|fc2)|text\.proj)$"
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -30,7 +30,7 @@ from gnsp_core.data import ImageSamples, Task
 from gnsp_core.linear_maps import LinearMapSet
 from gnsp_core.models import ModelSpec, load_model
 from gnsp_core.projection import NullSpaceProjector
-from gnsp_core.reference_data import CaptionPairs
+from gnsp_core.data.reference import CaptionPairs
 from gnsp_core.state import ContinualState
 from gnsp_core.trainer import learn_task
 
@@ -54,7 +54,6 @@ def synthetic_reference(n: int, size: int) -> CaptionPairs:
 def timed_steps(loaded, state, task, config, reference) -> tuple[float, float]:
     """(median ms per step after the first, seconds of the rest of learn_task: statistics + update)."""
     stamps: list[float] = []
-    start = time.perf_counter()
     learn_task(state, loaded, task, config, reference=reference, progress=lambda p: stamps.append(time.perf_counter()))
     end = time.perf_counter()
     steps = [b - a for a, b in zip(stamps[:-1], stamps[1:])]

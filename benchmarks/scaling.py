@@ -25,9 +25,9 @@ from pathlib import Path
 
 from gnsp_core.config import TrainConfig
 from gnsp_core.models import DEFAULT_MODEL, ModelSpec
-from service.progress import JobProgress, open_board, watch_board
-from service.sequence import ray_cluster
-from service.train import TrainJob, WorkerResources, train_task
+from service.training.progress import JobProgress, open_board, watch_board
+from service.training.cluster import ray_cluster
+from service.training.ray_train import TrainJob, WorkerResources, train_task
 
 
 def steady_rate(snapshots: list[JobProgress], warmup: int, samples_per_step: int) -> tuple[float, float]:

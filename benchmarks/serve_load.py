@@ -52,7 +52,7 @@ def noise_png(seed: int = 0, size: int = 224) -> bytes:
 
 def photo_jpeg(size: int = 224) -> bytes:
     """A real photo (the first held-out one) at 224 px, as a client would send it (about 20 KB)."""
-    from gnsp_core.reference_data import heldout_eval_samples
+    from gnsp_core.data.reference import heldout_eval_samples
 
     buffer = io.BytesIO()
     heldout_eval_samples()[0][0].convert("RGB").resize((size, size)).save(buffer, format="JPEG", quality=90)
@@ -76,7 +76,7 @@ def summary(latencies: list[float], timings: list[dict[str, float]], failures: i
 
 async def load(url: str, clients: int, seconds: float, body: dict, during=None) -> dict[str, Any]:
     """`clients` closed-loop clients for `seconds`; `during` (a coroutine function) runs alongside."""
-    from service.app import parse_server_timing
+    from service.api.app import parse_server_timing
 
     latencies: list[float] = []
     timings: list[dict[str, float]] = []
@@ -158,8 +158,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    from service.app import build_app
-    from service.deployments import classifier_thread_count
+    from service.api.app import build_app
+    from service.serving.deployments import classifier_thread_count
     from service.settings import ServiceSettings
     from service.store import ModelStore
 

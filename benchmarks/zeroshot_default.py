@@ -14,11 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from gnsp_core.builtin_tasks import builtin_available
+from gnsp_core.data.builtin import builtin_available
 from gnsp_core.data import Task, load_task
-from gnsp_core.default_model import REPORT_FILE, build_default_model
+from gnsp_core.models.default import REPORT_FILE, build_default_model
 from gnsp_core.models import ModelSpec, load_model
-from gnsp_core.reference_data import load_heldout_task
+from gnsp_core.data.reference import load_heldout_task
 from gnsp_core.zeroshot import TEMPLATES, build_text_head, evaluate_accuracy
 
 DEFAULT_TASKS = "digits,mnist,animals,textiles,fashion"

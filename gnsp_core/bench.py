@@ -11,14 +11,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import TrainConfig
-from .data import Task
-from .evaluation import accuracy_row, class_prompt_gap
-from .metrics import mtil_metrics
-from .models import LoadedModel
-from .report import plot_heatmap, write_markdown
-from .state import ContinualState
-from .trainer import Progress, learn_task, resolve_device
+from gnsp_core.config import TrainConfig
+from gnsp_core.data.samples import Task
+from gnsp_core.evaluation import accuracy_row, class_prompt_gap
+from gnsp_core.metrics import mtil_metrics
+from gnsp_core.models.spec import LoadedModel
+from gnsp_core.report import plot_heatmap, write_markdown
+from gnsp_core.state import ContinualState
+from gnsp_core.models.loading import resolve_device
+from gnsp_core.task_context import Progress
+from gnsp_core.trainer import learn_task
 
 BenchProgress = Callable[[str, Progress], None]
 

@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
-from .projection import ProjectionConfig
+from gnsp_core.errors import ConfigError
+from gnsp_core.projection import ProjectionConfig
 
 
 def check_keys(cls: type, data: dict[str, Any], what: str) -> None:
@@ -94,10 +94,6 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
-        from .methods import METHODS
-
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; choose one of {sorted(METHODS)}")
         checks = {
             "steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
             "ref_batch_size": self.ref_batch_size >= 1, "wise_alpha": 0 <= self.wise_alpha <= 1,

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .data import Task
-from .metrics import modality_gap, retrieval_recall
-from .mgclip import compensation_head
-from .models import LoadedModel
-from .zeroshot import TEMPLATES, build_text_head, evaluate_accuracy
+from gnsp_core.data.samples import Task
+from gnsp_core.metrics import modality_gap, retrieval_recall
+from gnsp_core.methods.mgclip_head import compensation_head
+from gnsp_core.models.spec import LoadedModel
+from gnsp_core.zeroshot import TEMPLATES, build_text_head, evaluate_accuracy
 
 
 @dataclass
@@ -68,7 +68,7 @@ def class_prompt_gap(loaded: LoadedModel, task: Task, device: torch.device | str
 @torch.no_grad()
 def pair_retrieval(loaded: LoadedModel, pairs, device: torch.device | str = "cpu") -> dict[str, float]:
     """Image->text and text->image R@1/R@5 on (image, caption) pairs."""
-    from .metrics import embed_pairs
+    from gnsp_core.metrics import embed_pairs
 
     img, txt, captions = embed_pairs(loaded.model.to(device), loaded.tokenizer,
                                      pairs.with_transform(loaded.preprocess_val), device=device)

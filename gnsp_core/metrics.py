@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import DatasetError
+from gnsp_core.errors import DatasetError
 
 # Datasets are 1-based as in METHODS.md: A[i][j] = accuracy on dataset j after task i, row 0 =
 # zero-shot. Columns 1..T are the tasks, T+1..T+E the held-out eval sets (never trained on).

@@ -14,7 +14,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .models import ModelSpec
+from gnsp_core.models.loading import load_model
+from gnsp_core.models.spec import ModelSpec
 
 _BY_POOL: "weakref.WeakKeyDictionary[object, dict[tuple, PretrainedFeatures]]" = weakref.WeakKeyDictionary()
 
@@ -29,8 +30,6 @@ class PretrainedFeatures:
 
     def model(self) -> nn.Module:
         if self._model is None:
-            from .models import load_model
-
             self._model = load_model(self.spec, self.device).model.eval().requires_grad_(False)
         return self._model
 

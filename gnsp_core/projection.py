@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Literal
 
 import torch
 
-from .linear_maps import LinearMap, LinearMapSet
+from gnsp_core.linear_maps import LinearMap, LinearMapSet
 
 Rule = Literal["energy", "cutoff"]
 AllReduce = Callable[[torch.Tensor], torch.Tensor]

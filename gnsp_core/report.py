@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .metrics import METRIC_FORMULAS
+from gnsp_core.metrics import METRIC_FORMULAS
 
 
 def _fmt(value: Any) -> str:

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import StateError
-from .models import ModelSpec
-from .projection import ProjectorStatistics
+from gnsp_core.atomic_files import fsync_dir, fsync_file
+from gnsp_core.errors import StateError
+from gnsp_core.models.spec import ModelSpec
+from gnsp_core.projection import ProjectorStatistics
 
 FORMAT_VERSION = 1
 
@@ -73,7 +74,8 @@ class ContinualState:
                 "config": self.config,
             }
             (tmp / "state.json").write_text(json.dumps(meta, indent=2))
-            _fsync_dir(tmp)
+            for path in tmp.iterdir():
+                fsync_file(path)
             if directory.exists():
                 old = directory.with_name(f".{directory.name}.old")
                 shutil.rmtree(old, ignore_errors=True)
@@ -82,6 +84,7 @@ class ContinualState:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, directory)
+            fsync_dir(directory.parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return directory
@@ -114,9 +117,3 @@ def _cpu_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-
-
-def _fsync_dir(directory: Path) -> None:
-    for path in directory.iterdir():
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import DatasetError
-from .losses import combine_mgclip
+from gnsp_core.errors import DatasetError
+from gnsp_core.methods.mgclip_head import combine_mgclip
 
 # "a photo of a {}." first (the training template), then the 7 templates the CLIP authors
 # selected as a small ensemble for ImageNet (openai/CLIP, Prompt_Engineering_for_ImageNet.ipynb).

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gnsp_core.archives import ArchiveLimits
+from gnsp_core.data.archives import ArchiveLimits
 
 TOKEN_ENV = "GNSP_API_TOKEN"
 
@@ -31,12 +31,12 @@ class ServiceSettings(BaseModel):
     activation: Literal["auto", "manual"] = "auto"
     """auto: a version that passes the quality gate becomes active; manual: only POST .../activate does."""
     heldout: str | None = "builtin"
-    """Held-out zero-shot set for the quality gate: 'builtin' (gnsp_core.reference_data's photos),
+    """Held-out zero-shot set for the quality gate: 'builtin' (gnsp_core.data.reference's photos),
     'module:function' returning a Task, a task source (folder/archive/built-in name), or None (no gate)."""
     max_heldout_drop: float = 2.0
     """Gate: the largest allowed drop of held-out accuracy (percentage points) from the base version."""
     reference: str | None = "builtin"
-    """Reference image-caption pairs for methods with distillation terms (see service.sources)."""
+    """Reference image-caption pairs for methods with distillation terms (see service.training.sources)."""
     default_method: str = "gnsp"
     workers: int = Field(1, ge=1)
     """Ray Train workers per job."""

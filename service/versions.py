@@ -24,13 +24,13 @@ from gnsp_core.errors import StateError
 from gnsp_core.evaluation import task_accuracy
 from gnsp_core.models import DEFAULT_MODEL, LoadedModel, ModelSpec, load_model
 from gnsp_core.state import ContinualState
-from gnsp_core.trainer import resolve_device
+from gnsp_core.models.loading import resolve_device
 from gnsp_core.zeroshot import TEMPLATES, TextHeadCache, model_device
 
-from .errors import InvalidImageError, VersionLoadError
-from .settings import ServiceSettings
-from .sources import resolve_callable
-from .store import ModelStore
+from service.errors import InvalidImageError, VersionLoadError
+from service.settings import ServiceSettings
+from service.training.sources import resolve_callable
+from service.store import ModelStore
 
 log = logging.getLogger(__name__)
 LOGIT_SCALE = 100.0
@@ -56,7 +56,7 @@ def load_heldout(spec: str | None) -> Task | None:
     if spec is None or spec == "none":
         return None
     if spec == "builtin":
-        from gnsp_core.reference_data import load_heldout_task
+        from gnsp_core.data.reference import load_heldout_task
 
         return load_heldout_task()
     if ":" in spec and not Path(spec).exists() and not spec.startswith("mtil:"):

@@ -15,9 +15,9 @@ import httpx
 from PIL import Image
 
 from conftest import COLOURS, colour_task
+from service.jobs.states import ENDED
 from service.settings import ServiceSettings
 
-ENDED = ("succeeded", "failed", "cancelled")
 FAST_CONFIG = {"steps": 3, "batch_size": 8, "warmup_steps": 1, "lr": 1e-3}
 _serve_port: int | None = None
 
@@ -78,7 +78,7 @@ def start_service(settings: ServiceSettings, name: str) -> str:
     """Deploy the app on the session's Ray (one HTTP proxy for the session); returns its base URL."""
     from ray import serve
 
-    from service.app import build_app
+    from service.api.app import build_app
 
     serve.run(build_app(settings), name=name, route_prefix="/")
     return f"http://127.0.0.1:{session_serve_port()}"

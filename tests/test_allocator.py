@@ -1,4 +1,4 @@
-"""The heap keeps freed tensor memory (gnsp_core.allocator), so CPU forwards stop page-faulting it back."""
+"""The heap keeps freed tensor memory (gnsp_core.models.allocator), so CPU forwards stop page-faulting it back."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from gnsp_core.allocator import keep_freed_memory
+from gnsp_core.models.allocator import keep_freed_memory
 
 
 def resident_bytes() -> int:

@@ -6,7 +6,7 @@ import time
 import pytest
 from ray import serve
 
-from service.batch_window import BatchWindow
+from service.serving.batch_window import BatchWindow
 
 
 def test_a_lone_request_opens_a_batch_that_does_not_wait():

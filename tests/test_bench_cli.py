@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from service.cli import main
+from service.cli.main import main
 
 
 def test_bench_writes_results_table_and_heatmaps(tmp_path, capsys):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gnsp_core import builtin_tasks
-from gnsp_core.builtin_tasks import (
+from gnsp_core.data import builtin as builtin_tasks
+from gnsp_core.data.builtin import (
     BUILTIN_TASKS, DEFAULT_TASK_ORDER, builtin_available, default_task_order, load_builtin,
 )
 from gnsp_core.data import load_task

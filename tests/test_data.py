@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gnsp_core.archives import _Budget, _copy_counted
+from gnsp_core.data.archives import _Budget, _copy_counted
 from gnsp_core.data import (
     ArchiveLimits, ImageSamples, Task, load_task, safe_extract, split_per_class, validate_image_folder,
 )

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gnsp_core import default_model as dm
-from gnsp_core import reference_data as rd
+from gnsp_core.models import default as dm
+from gnsp_core.data import reference as rd
 
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 COFFEE_CLASSES = {504, 967, 968}  # coffee mug, espresso, cup
@@ -124,7 +124,7 @@ class _ToyClip(torch.nn.Module):
 
 
 def _toy_alignment(steps: int) -> tuple[dict, dict]:
-    from gnsp_core.default_recipe import Features, Recipe, init_from_teacher, train_projections
+    from gnsp_core.models.default_recipe import Features, Recipe, init_from_teacher, train_projections
 
     gen = torch.Generator().manual_seed(1)
     feats = Features(*(torch.randn(n, d, generator=gen) for n, d in ((40, 16), (40, 16), (40, 6), (10, 6))))

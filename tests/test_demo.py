@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.cli import main
+from service.cli.main import main
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 

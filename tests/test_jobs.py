@@ -13,7 +13,7 @@ import pytest
 
 from gnsp_core.errors import DatasetError
 from service.errors import ConflictError, UnknownTaskError, UnknownVersionError, VersionLoadError
-from service.jobs import AttemptOutcome, JobCancelled, JobInterrupted, JobQueue
+from service.jobs.tasks import AttemptOutcome, JobCancelled, JobInterrupted, JobQueue
 from service.settings import ServiceSettings
 from service.store import ModelStore
 from test_store import fake_state

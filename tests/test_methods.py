@@ -9,7 +9,7 @@ from conftest import colour_task
 from gnsp_core.config import TrainConfig, preset
 from gnsp_core.evaluation import accuracy_row
 from gnsp_core.linear_maps import LinearMapSet
-from gnsp_core.methods import METHODS
+from gnsp_core.methods.registry import METHODS
 from gnsp_core.models import ModelSpec, load_model
 from gnsp_core.state import ContinualState
 from gnsp_core.trainer import learn_task

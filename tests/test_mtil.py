@@ -15,7 +15,7 @@ from scipy.io import savemat
 
 from gnsp_core.data import load_task
 from gnsp_core.errors import DatasetError
-from gnsp_core.mtil import (
+from gnsp_core.data.mtil import (
     MTIL_DATASETS, MTIL_FIRST_TEMPLATES, MTIL_ORDER_I, MTIL_ORDER_II, load_mtil_task, mtil_sources,
 )
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.app import parse_server_timing
+from service.api.app import parse_server_timing
 from service_support import (ENDED, FAST_CONFIG, colour_zip, free_port, png_b64, png_bytes, service_settings,
                              start_service, stop_service, wait_for)
 
@@ -150,7 +150,7 @@ def test_second_upload_waits_and_cancel_stops_the_trainer(service):
 def start_gnsp_serve(store: Path, tmp: Path, port: int) -> subprocess.Popen:
     """`gnsp serve` in its own process group (its private Ray lives and dies with it)."""
     settings = service_settings(tmp)
-    command = [sys.executable, "-m", "service.serve_cli", "--store", str(store), "--model", "tiny",
+    command = [sys.executable, "-m", "service.cli.serve", "--store", str(store), "--model", "tiny",
                "--port", str(port), "--num-cpus", "2", "--set", f"heldout={settings.heldout}",
                "--set", "reference=tests.conftest:reference_pairs", "--set", "default_method=finetune",
                "--set", "checkpoint_every=3", "--set", "max_heldout_drop=100", "--set", f"work_dir={tmp}"]
@@ -224,11 +224,11 @@ def test_serve_config_yaml_builds_the_app():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from service.app import build_app
+    from service.api.app import build_app
 
     raw = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
     config = ServeDeploySchema.model_validate(raw)
     app = config.applications[0]
-    assert app.import_path == "service.app:build_app"
+    assert app.import_path == "service.api.app:build_app"
     assert {d["name"] for d in raw["applications"][0]["deployments"]} == {"Ingress", "Classifier", "JobRunner"}
     assert build_app(app.args) is not None

@@ -19,10 +19,10 @@ from gnsp_core.evaluation import task_accuracy
 from gnsp_core.models import ModelSpec, load_model
 from gnsp_core.state import ContinualState
 from gnsp_core.trainer import learn_task
-from service.learn_cli import build_config, reference_for
-from service.sequence import learn_sequence, state_folder_name
-from service.sources import load_reference, task_source
-from service.train import CrashDrill, TrainJob, WorkerResources, train_task
+from service.cli.learn import build_config, reference_for
+from service.training.sequence import learn_sequence, state_folder_name
+from service.training.sources import load_reference, task_source
+from service.training.ray_train import CrashDrill, TrainJob, WorkerResources, train_task
 
 TINY = ModelSpec(name="tiny", seed=0)
 

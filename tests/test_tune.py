@@ -12,10 +12,10 @@ from service_support import write_colour_folder
 from gnsp_core.config import TrainConfig
 from gnsp_core.data import load_task
 from gnsp_core.models import ModelSpec
-from service.tune import SearchSpace, TuneRequest, read_results, run_tune_job
-from service.tune_data import prepare_validation_tasks
-from service.tune_objective import harmonic_mean, score
-from service.tune_trial import trial_config
+from service.tuning.run import SearchSpace, TuneRequest, read_results, run_tune_job
+from service.tuning.data import prepare_validation_tasks
+from service.tuning.objective import harmonic_mean, score
+from service.tuning.trial import trial_config
 
 TINY = ModelSpec(name="tiny", seed=0)
 CONFIG = TrainConfig(method="gnsp", steps=4, batch_size=8, warmup_steps=1, ref_batch_size=8, stats_augment=False)

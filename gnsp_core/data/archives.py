@@ -1,0 +1,199 @@
+"""Safe extraction of uploaded dataset archives (.zip, .tar, .tar.gz/.tgz).
+
+Uploads come from users over HTTP, so an archive is untrusted: every entry name is checked for
+path escapes, links and device files are refused, and sizes are bounded twice, once from what
+the archive declares (before anything is written) and once by counting the bytes actually
+decompressed (a lying header cannot get past the second check). The type is detected from the
+content, not the file name.
+"""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO
+
+from gnsp_core.errors import DatasetError
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """Bounds on what an uploaded dataset may contain."""
+
+    max_files: int = 20_000
+    max_total_bytes: int = 2 * 1024**3
+    max_file_bytes: int = 50 * 1024**2
+    max_image_pixels: int = 40_000_000
+
+
+def _safe_relpath(name: str) -> PurePosixPath:
+    """The entry's path relative to the destination, or DatasetError if it could escape it."""
+    norm = name.replace("\\", "/")
+    if norm.startswith("/") or (len(norm) > 1 and norm[1] == ":"):
+        raise DatasetError(f"archive entry {name!r} has an absolute path; archive the folder with relative paths")
+    parts = [p for p in norm.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise DatasetError(f"archive entry {name!r} contains '..'; archive the folder with plain relative paths")
+    return PurePosixPath(*parts) if parts else PurePosixPath(".")
+
+
+class _Budget:
+    """Running file count and byte total, checked against the limits."""
+
+    def __init__(self, limits: ArchiveLimits) -> None:
+        self.limits = limits
+        self.files = 0
+        self.total = 0
+
+    def entry(self, name: str, size: int) -> None:
+        """Count one file with its size (declared in pass 1, 0 in pass 2 where bytes are counted)."""
+        self.files += 1
+        if self.files > self.limits.max_files:
+            raise DatasetError(f"archive has more than {self.limits.max_files} files; split the dataset or drop images")
+        self.data(name, size, size)
+
+    def data(self, name: str, n: int, file_bytes: int) -> None:
+        """Count `n` more bytes, `file_bytes` so far in entry `name`."""
+        self.total += n
+        if file_bytes > self.limits.max_file_bytes:
+            raise DatasetError(
+                f"archive entry {name!r} is larger than {self.limits.max_file_bytes} bytes; shrink or remove it"
+            )
+        if self.total > self.limits.max_total_bytes:
+            raise DatasetError(
+                f"archive unpacks to more than {self.limits.max_total_bytes} bytes; upload a smaller dataset"
+            )
+
+
+def _copy_counted(src: IO[bytes], dest: Path, name: str, budget: _Budget) -> None:
+    """Copy one entry, counting real bytes so a lying size header cannot exhaust the disk."""
+    budget.entry(name, 0)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out = open(dest, "xb")
+    except FileExistsError:
+        raise DatasetError(f"archive entry {name!r} appears twice; remove the duplicate") from None
+    written = 0
+    with out:
+        while chunk := src.read(_CHUNK):
+            written += len(chunk)
+            budget.data(name, len(chunk), written)
+            out.write(chunk)
+
+
+def _check_zip(zf: zipfile.ZipFile, limits: ArchiveLimits) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
+    budget = _Budget(limits)
+    entries = []
+    for info in zf.infolist():
+        rel = _safe_relpath(info.filename)
+        ftype = stat.S_IFMT(info.external_attr >> 16)  # unix file type; 0 when the tool wrote none
+        if info.create_system == 3 and ftype not in (0, stat.S_IFREG, stat.S_IFDIR):
+            kind = "a symlink" if ftype == stat.S_IFLNK else "a special file"
+            raise DatasetError(f"archive entry {info.filename!r} is {kind}; only regular files are allowed")
+        if info.flag_bits & 0x1:
+            raise DatasetError(f"archive entry {info.filename!r} is encrypted; upload an archive without a password")
+        if not info.is_dir():
+            budget.entry(info.filename, info.file_size)
+        entries.append((info, rel))
+    return entries
+
+
+def _extract_zip(archive: Path, dest: Path, limits: ArchiveLimits) -> int:
+    with zipfile.ZipFile(archive) as zf:
+        entries = _check_zip(zf, limits)
+        budget = _Budget(limits)
+        for info, rel in entries:
+            if info.is_dir():
+                (dest / rel).mkdir(parents=True, exist_ok=True)
+                continue
+            with zf.open(info) as src:
+                _copy_counted(src, dest / rel, info.filename, budget)
+        return budget.files
+
+
+def _tar_members(tf: tarfile.TarFile, limits: ArchiveLimits) -> Iterator[tuple[tarfile.TarInfo, PurePosixPath]]:
+    """Members with their safe relative paths; raises on links, devices and limit overruns."""
+    budget = _Budget(limits)
+    for m in tf:
+        rel = _safe_relpath(m.name)
+        if m.issym() or m.islnk():
+            raise DatasetError(f"archive entry {m.name!r} is a link; only regular files are allowed")
+        if not (m.isfile() or m.isdir()):
+            raise DatasetError(f"archive entry {m.name!r} is a special file; only regular files are allowed")
+        if m.isfile():
+            budget.entry(m.name, m.size)
+        yield m, rel
+
+
+def _extract_tar(archive: Path, dest: Path, limits: ArchiveLimits) -> int:
+    with tarfile.open(archive, "r:*") as tf:  # pass 1: headers only, nothing written
+        for _ in _tar_members(tf, limits):
+            pass
+    budget = _Budget(limits)
+    with tarfile.open(archive, "r:*") as tf:
+        for m, rel in _tar_members(tf, limits):
+            if m.isdir():
+                (dest / rel).mkdir(parents=True, exist_ok=True)
+                continue
+            src = tf.extractfile(m)
+            assert src is not None  # a regular file always has a stream
+            with src:
+                _copy_counted(src, dest / rel, m.name, budget)
+    return budget.files
+
+
+def safe_extract(archive: str | Path, dest: str | Path, limits: ArchiveLimits = ArchiveLimits()) -> Path:
+    """Extract a zip or tar(.gz) archive into `dest` (created; must be empty) and return `dest`.
+
+    Raises DatasetError for unsafe entries, limit overruns, unknown types and corrupt archives;
+    on any error `dest` is left empty.
+    """
+    archive, dest = Path(archive), Path(dest)
+    if not archive.is_file():
+        raise DatasetError(f"archive {archive} does not exist or is not a file")
+    dest.mkdir(parents=True, exist_ok=True)
+    if any(dest.iterdir()):
+        raise DatasetError(f"extraction folder {dest} is not empty; pass an empty or new folder")
+    try:
+        if _extract_any(archive, dest, limits) == 0:
+            raise DatasetError(f"{archive.name} contains no files; archive a folder of class folders with images")
+    except BaseException:
+        _empty(dest)
+        raise
+    return dest
+
+
+def _extract_any(archive: Path, dest: Path, limits: ArchiveLimits) -> int:
+    try:
+        if zipfile.is_zipfile(archive):
+            return _extract_zip(archive, dest, limits)
+        if _is_tar(archive):
+            return _extract_tar(archive, dest, limits)
+    except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, OSError, NotImplementedError) as e:
+        raise DatasetError(f"{archive.name} is corrupt or unreadable ({e}); re-create the archive") from e
+    raise DatasetError(f"{archive.name} is not a zip or tar archive (or is corrupt); upload a .zip, .tar or .tar.gz")
+
+
+def _is_tar(path: Path) -> bool:
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            tf.next()
+        return True
+    except (tarfile.TarError, zlib.error, EOFError, OSError):
+        return False
+
+
+def _empty(folder: Path) -> None:
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()

@@ -1,0 +1,87 @@
+"""GNSP: gradient null space projection with contrastive distillation and modality alignment preservation."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from gnsp_core import losses
+from gnsp_core.linear_maps import LinearMapSet
+from gnsp_core.methods.base import Method, freeze_batchnorm_statistics
+from gnsp_core.projection import NullSpaceProjector, ProjectorStatistics, collect_statistics
+
+
+class GNSP(Method):
+    """Gradient null space projection with contrastive distillation and modality alignment preservation.
+
+    First task (with no statistics yet): full fine-tune of both towers, logit scale fixed. Later tasks:
+    only the protected linear maps train, their updates restricted to the null space of every earlier
+    task's inputs. LayerNorms, biases and embeddings are frozen then, since no projection can protect them.
+    """
+
+    name = "gnsp"
+    uses_reference = True
+
+    def begin_task(self) -> None:
+        proj = self.cfg.projection
+        self.maps = LinearMapSet(self.model, proj.scope)
+        self.stats = ProjectorStatistics(dict(self.ctx.state.stats.covariances), self.ctx.state.stats.num_tasks)
+        if self.stats.is_empty() and proj.seed_with_reference and self.ctx.reference is not None:
+            self.stats.add_task(self._reference_statistics())
+        self.projector = None
+        if self.stats.is_empty() and self.cfg.first_task_full_finetune:
+            super().begin_task()
+            return
+        self.model.requires_grad_(False)
+        for weight in self.maps.parameters():
+            weight.requires_grad_(True)
+        freeze_batchnorm_statistics(self.model)
+        if not self.stats.is_empty():
+            self.projector = NullSpaceProjector(self.maps, self.stats, proj)
+
+    def loss(self, images, labels):
+        ref_images, captions, ref_tokens = self.reference_batch()
+        (img, ref_img), (txt, ref_txt) = self.ctx.encode([images, ref_images], [self.class_tokens, ref_tokens])
+        base_img, base_txt = self.base_features(ref_images, ref_tokens)
+        cd = losses.ContrastiveDistillation(self.cfg.cd_temperature)(ref_img, ref_txt, base_img, base_txt)
+        keep = losses.ModalityAlignmentPreservation(self.cfg.label_smoothing, self.cfg.logit_scale)
+        return {"ce": self.task_ce(img, txt, labels), "cd": self.cfg.cd_weight * cd,
+                "map": self.cfg.map_weight * keep(ref_img, ref_txt, captions)}
+
+    def after_backward(self) -> None:
+        if self.projector is not None and self.cfg.projection.target == "gradient":
+            self.projector.project_gradients()
+
+    def before_step(self) -> None:
+        if self.projector is not None and self.cfg.projection.target == "update":
+            self.projector.snapshot()
+
+    def after_step(self, step: int) -> None:
+        if self.projector is not None and self.cfg.projection.target == "update":
+            self.projector.project_updates()
+
+    def end_task(self, progress=None) -> None:
+        self.stats.add_task(self._task_statistics())
+
+    def statistics(self) -> ProjectorStatistics:
+        return self.stats
+
+    def _collect(self, batches, forward) -> dict[str, torch.Tensor]:
+        dist = self.ctx.distributed
+        return collect_statistics(self.maps, batches, forward, self.cfg.projection.stat_norm, dist.all_reduce)
+
+    def _task_statistics(self) -> dict[str, torch.Tensor]:
+        """One pass over this worker's share of the task (train augmentation, as in the paper)."""
+        ctx, cfg = self.ctx, self.cfg
+        transform = ctx.loaded.preprocess_train if cfg.stats_augment else ctx.loaded.preprocess_val
+        dataset = ctx.task.train.with_transform(transform)
+        shard = Subset(dataset, range(ctx.distributed.rank, len(dataset), ctx.distributed.world_size))
+        loader = DataLoader(shard, batch_size=cfg.stats_batch_size, num_workers=cfg.num_workers)
+        image_stats = self._collect(loader, lambda b: self.model.encode_image(b[0].to(ctx.device)))
+        text_stats = self._collect([self.class_tokens], self.model.encode_text)
+        return {k: image_stats[k] + text_stats[k] for k in image_stats}
+
+    def _reference_statistics(self) -> dict[str, torch.Tensor]:
+        batches = [self.ctx.reference.next() for _ in range(max(1, len(self.ctx.reference.loader)))]
+        forward = lambda b: self.model(b[0], self.ctx.tokens(b[1]))  # noqa: E731  (b = images, captions, index)
+        return self._collect(batches, forward)

@@ -1,0 +1,322 @@
+"""The REST API: a FastAPI app served by a Ray Serve ingress deployment, and the app builder.
+
+    Ingress (this module)  ── handles ──▶  Classifier (multiplexed by version, batched)
+                           ── handles ──▶  JobRunner  (one replica: job queue, store writes)
+
+The ingress resolves "active" to a concrete version for every classify request (so a request in
+flight finishes on the version it started with while the pointer moves) and streams uploads to
+local disk, validates them and puts them in the store before the job runner sees a path.
+`build_app(args)` is the application builder for `serve run deploy/serve_config.yaml` and
+`gnsp serve`; `args` are ServiceSettings fields.
+
+No `from __future__ import annotations` here: FastAPI must see the route signatures' real types
+through Serve's class-based view.
+"""
+
+import hmac
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Awaitable
+
+from fastapi import FastAPI, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gnsp_core.errors import GnspError
+
+from service.api import metrics as prometheus
+from service.api import schemas as api
+from service.serving.deployments import Classifier, JobRunner
+from service.errors import (BadRequestError, NotReadyError, UnauthorizedError, UnknownVersionError, error_body,
+                     error_message, http_status, unwrap)
+from service.jobs.tasks import new_task_id
+from service.tuning.searches import new_search_id
+from service.api.metrics import MetricsMiddleware
+from service.settings import ServiceSettings
+from service.store import ModelStore
+from service.api.uploads import (archive_filename, check_task_name, parse_config, parse_tune_body, read_body,
+                      read_classify_request, receive_form, validate_dataset)
+
+app = FastAPI(title="gnsp", version="0.1.0",
+              description="Continual learning for CLIP: add tasks, follow jobs, query versioned zero-shot classifiers.")
+app.add_middleware(MetricsMiddleware)
+bearer = HTTPBearer(auto_error=False, description="Needed on write endpoints when GNSP_API_TOKEN is set.")
+INGRESS_MAX_ONGOING = 256
+ERRORS = {status: {"model": api.ErrorResponse} for status in (400, 401, 404, 409, 413, 415, 422)}
+
+
+@app.exception_handler(GnspError)
+async def _gnsp_error(request: Request, exc: GnspError) -> JSONResponse:
+    exc = unwrap(exc)
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, UnauthorizedError) else None
+    return JSONResponse(error_body(exc.code, error_message(exc)), status_code=http_status(exc), headers=headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+    return JSONResponse(error_body("invalid_request", problems or "invalid request"), status_code=422)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    message = str(exc.detail)
+    if exc.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed"):
+        message = f"{message}: {request.method} {request.url.path}; the API is described at /docs"
+    return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    cause = unwrap(exc)
+    if isinstance(cause, GnspError):
+        return await _gnsp_error(request, cause)
+    return JSONResponse(error_body("internal_error", f"internal error ({type(cause).__name__}); see the service log"),
+                        status_code=500)
+
+
+def server_timing(classifier: dict[str, float], ingress_ms: float) -> str:
+    """A W3C Server-Timing value: the time a classify request spent in the ingress, in the
+    classifier replica (batch queue included) and in its batch's forward, which browsers' dev tools
+    and benchmarks/serve_load.py read to split latency by hop."""
+    return (f"ingress;dur={ingress_ms:.2f}, classifier;dur={classifier['classifier']:.2f}, "
+            f"forward;dur={classifier['forward']:.2f}, batch;desc={classifier['batch']}")
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """The values `server_timing` wrote, as {"ingress": ms, "classifier": ms, "forward": ms, "batch": n}."""
+    values = {}
+    for entry in header.split(","):
+        name, *params = (part.strip() for part in entry.split(";"))
+        for param in params:
+            values[name] = float(param.split("=", 1)[1].strip('"'))
+    return values
+
+
+async def call(response: Awaitable[Any]) -> Any:
+    """Await a deployment call, re-raising a user error from the other replica as itself."""
+    try:
+        return await response
+    except Exception as exc:
+        cause = unwrap(exc)
+        if isinstance(cause, GnspError):
+            raise cause from None
+        raise
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, settings: ServiceSettings, classifier: DeploymentHandle, jobs: DeploymentHandle) -> None:
+        self.settings, self.classifier, self.jobs = settings, classifier, jobs
+        self.store = ModelStore.open(settings.store)
+        self._known_versions: set[int] = set()
+
+    def _authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
+        token = self.settings.token()
+        if token is None:
+            return
+        given = credentials.credentials if credentials is not None else ""
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise UnauthorizedError("this endpoint needs 'Authorization: Bearer <token>' with the service's API token")
+
+    def _resolve_version(self, pinned: int | None) -> int:
+        """A concrete version for this request: the pinned one (checked) or the active one now."""
+        if pinned is None:
+            active = self.store.active()
+            if active is None:
+                raise NotReadyError("the service has no active model version yet; retry shortly")
+            return active
+        if pinned not in self._known_versions:
+            if not self.store.has_version(pinned):
+                raise UnknownVersionError(f"model version {pinned} does not exist; GET /v1/models lists the versions")
+            self._known_versions.add(pinned)  # versions are immutable: once seen, always there
+        return pinned
+
+    # --- service ---------------------------------------------------------------------------------
+
+    @app.get("/healthz", response_model=api.Health)
+    async def healthz(self) -> api.Health:
+        return api.Health(active_version=await run_in_threadpool(self.store.active))
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics(self) -> Response:
+        counts = await call(self.jobs.counts.remote())
+        # Through the module: the deployment class is pickled by value, so a global instance would be copied.
+        body, content_type = prometheus.METRICS.render(counts, await run_in_threadpool(self.store.active))
+        return Response(body, media_type=content_type)
+
+    # --- tasks -----------------------------------------------------------------------------------
+
+    @app.post("/v1/tasks", status_code=202, response_model=api.TaskAccepted, responses=ERRORS,
+              openapi_extra={"requestBody": api.TASK_UPLOAD_BODY})
+    async def add_task(self, request: Request,
+                       credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> api.TaskAccepted:
+        """Upload a dataset (streamed, size-limited, validated) and queue a job that learns it."""
+        self._authorize(credentials)
+        scratch = Path(tempfile.mkdtemp(prefix="gnsp-upload-", dir=self.settings.work_dir))
+        try:
+            form = await receive_form(request.headers.get("content-type"), request.headers.get("content-length"),
+                                      request.stream(), "dataset", scratch / "upload", self.settings.max_upload_bytes)
+            name = check_task_name(form.fields.get("name"))
+            if form.file is None:
+                raise BadRequestError("the form has no 'dataset' file; attach a .zip or .tar.gz of class folders")
+            config = parse_config(form.fields.get("config"))
+            method = (form.fields.get("method") or config.pop("method", None) or self.settings.default_method).strip()
+            config.pop("method", None)
+            await call(self.jobs.check_config.remote(method, config))
+            summary = await run_in_threadpool(validate_dataset, form.file, self.settings.archive_limits(),
+                                              self.settings.work_dir)
+            return await self._queue(name, method, config, form.file, summary)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    async def _queue(self, name: str, method: str, config: dict, archive: Path, summary: dict) -> api.TaskAccepted:
+        task_id = new_task_id()
+        upload = await run_in_threadpool(self.store.put_upload, task_id, archive, archive_filename(archive))
+        try:
+            record = await call(self.jobs.submit.remote(task_id, name, method, config, upload, summary))
+        except BaseException:
+            await run_in_threadpool(self.store.delete_job_files, task_id)
+            raise
+        return api.TaskAccepted(task_id=record["task_id"], status=record["status"])
+
+    @app.get("/v1/tasks", response_model=api.TaskList)
+    async def list_tasks(self) -> api.TaskList:
+        return api.TaskList(tasks=[api.TaskView(**r) for r in await call(self.jobs.list.remote())])
+
+    @app.get("/v1/tasks/{task_id}", response_model=api.TaskView, responses=ERRORS)
+    async def get_task(self, task_id: str) -> api.TaskView:
+        return api.TaskView(**await call(self.jobs.get.remote(task_id)))
+
+    @app.delete("/v1/tasks/{task_id}", response_model=api.TaskView, responses=ERRORS)
+    async def cancel_task(self, task_id: str,
+                          credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> api.TaskView:
+        """Cancel: a queued job never runs; a running job's trainer is stopped."""
+        self._authorize(credentials)
+        return api.TaskView(**await call(self.jobs.cancel.remote(task_id)))
+
+    # --- searches (Ray Tune) ---------------------------------------------------------------------
+
+    @app.post("/v1/tune", status_code=202, response_model=api.TuneView, responses=ERRORS,
+              openapi_extra={"requestBody": api.TUNE_BODY})
+    async def start_search(self, request: Request,
+                           credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> api.TuneView:
+        """Queue a Ray Tune search of GNSP's threshold, CD/MAP weights and learning rate (JSON, or
+        multipart with a `request` JSON field and a `dataset` archive to tune for)."""
+        self._authorize(credentials)
+        kind = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        if kind != "multipart/form-data":
+            body = parse_tune_body(await read_body(request, 1 << 20))
+            return api.TuneView(**await call(self.jobs.submit_search.remote(body, None)))
+        scratch = Path(tempfile.mkdtemp(prefix="gnsp-upload-", dir=self.settings.work_dir))
+        try:
+            form = await receive_form(request.headers.get("content-type"), request.headers.get("content-length"), request.stream(), "dataset",
+                                      scratch / "upload", self.settings.max_upload_bytes)
+            body = parse_tune_body(form.fields.get("request"))
+            upload = None
+            if form.file is not None:
+                await run_in_threadpool(validate_dataset, form.file, self.settings.archive_limits(),
+                                        self.settings.work_dir)
+                upload = await run_in_threadpool(self.store.put_upload, new_search_id(), form.file,
+                                                 archive_filename(form.file))
+            return api.TuneView(**await call(self.jobs.submit_search.remote(body, upload)))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    @app.get("/v1/tune", response_model=api.TuneList)
+    async def list_searches(self) -> api.TuneList:
+        return api.TuneList(**await call(self.jobs.searches_list.remote()))
+
+    @app.get("/v1/tune/{job_id}", response_model=api.TuneView, responses=ERRORS)
+    async def get_search(self, job_id: str) -> api.TuneView:
+        return api.TuneView(**await call(self.jobs.search.remote(job_id)))
+
+    @app.delete("/v1/tune/{job_id}", response_model=api.TuneView, responses=ERRORS)
+    async def cancel_search(self, job_id: str,
+                            credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> api.TuneView:
+        self._authorize(credentials)
+        return api.TuneView(**await call(self.jobs.cancel_search.remote(job_id)))
+
+    @app.post("/v1/tune/{job_id}/apply", response_model=api.TuneDefaults, responses=ERRORS)
+    async def apply_search(self, job_id: str,
+                           credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> api.TuneDefaults:
+        """Make the search's best config the default training config of tasks submitted later."""
+        self._authorize(credentials)
+        return api.TuneDefaults(**await call(self.jobs.apply_search.remote(job_id)))
+
+    # --- classification --------------------------------------------------------------------------
+
+    @app.post("/v1/classify", response_model=api.ClassifyResponse, responses=ERRORS,
+              openapi_extra={"requestBody": api.CLASSIFY_BODY})
+    async def classify(self, request: Request, response: Response) -> api.ClassifyResponse:
+        """Zero-shot scores of each image over the given labels, from the active or a pinned version."""
+        start = time.perf_counter()
+        images, labels, pinned = await read_classify_request(request, self.settings)
+        version = await run_in_threadpool(self._resolve_version, pinned)
+        handle = self.classifier.options(multiplexed_model_id=str(version))
+        answer = await call(handle.classify.remote({"images": images, "labels": labels}))
+        response.headers["Server-Timing"] = server_timing(answer.pop("timing"), 1000 * (time.perf_counter() - start))
+        return api.ClassifyResponse(**answer)
+
+    # --- versions --------------------------------------------------------------------------------
+
+    @app.get("/v1/models", response_model=api.ModelList)
+    async def list_models(self) -> api.ModelList:
+        return await run_in_threadpool(self._model_list)
+
+    def _model_list(self) -> api.ModelList:
+        pointer = self.store.pointer()
+        models = [self._model_view(v, pointer.get("version")) for v in self.store.versions()]
+        return api.ModelList(active_version=pointer.get("version"), models=models, history=pointer.get("history", []))
+
+    def _model_view(self, version: int, active: int | None) -> api.ModelView:
+        manifest = self.store.manifest(version)
+        fields = {k: manifest.get(k) for k in ("created", "parent", "task", "task_id", "method", "spec")}
+        return api.ModelView(version=version, active=version == active, tasks=manifest.get("tasks") or [],
+                             metrics=manifest.get("metrics") or {}, gate=manifest.get("gate") or {}, **fields)
+
+    @app.get("/v1/models/{version}", response_model=api.ModelView, responses=ERRORS)
+    async def get_model(self, version: int) -> api.ModelView:
+        return await run_in_threadpool(lambda: self._model_view(version, self.store.active()))
+
+    @app.post("/v1/models/{version}/activate", response_model=api.ActivationResponse, responses=ERRORS)
+    async def activate(self, version: int,
+                       credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> api.ActivationResponse:
+        """Make a stored version active (rollback or pin) after the classifier loaded and checked it."""
+        self._authorize(credentials)
+        previous = await run_in_threadpool(self.store.active)
+        pointer = await call(self.jobs.activate.remote(version, "activated through the API"))
+        return api.ActivationResponse(active_version=pointer["version"], previous_version=previous)
+
+
+def build_app(args: dict[str, Any] | ServiceSettings | None = None) -> serve.Application:
+    """The Serve application: Ingress -> (Classifier, JobRunner). `args` are ServiceSettings fields."""
+    settings = args if isinstance(args, ServiceSettings) else ServiceSettings(**(args or {}))
+    settings = settings.with_token_from_env()
+    classifier = Classifier.options(
+        ray_actor_options={"num_cpus": settings.classifier_cpus, "num_gpus": settings.classifier_gpus},
+        max_ongoing_requests=max(32, 2 * settings.max_batch_size),
+        **_replicas(settings),
+    ).bind(settings)
+    jobs = JobRunner.options(ray_actor_options={"num_cpus": 0}).bind(settings, classifier)
+    # The ingress only awaits the other deployments: let it hold many requests, or the proxy queues
+    # and retries them with back-off (Serve's default of 5 per replica).
+    return Ingress.options(num_replicas=settings.ingress_replicas, ray_actor_options={"num_cpus": 0},
+                           max_ongoing_requests=INGRESS_MAX_ONGOING).bind(
+        settings, classifier, jobs)
+
+
+def _replicas(settings: ServiceSettings) -> dict[str, Any]:
+    if settings.classifier_replicas == "auto":
+        return {"num_replicas": "auto", "autoscaling_config": {
+            "min_replicas": settings.classifier_min_replicas, "max_replicas": settings.classifier_max_replicas}}
+    return {"num_replicas": settings.classifier_replicas}

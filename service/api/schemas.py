@@ -1,0 +1,201 @@
+"""Pydantic models of the REST API (the HTTP edge only; inside, the service passes dicts and dataclasses)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.jobs.states import JobStatus
+
+MAX_LABEL_CHARS = 200
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable error name, e.g. bad_dataset, unknown_version.")
+    message: str = Field(description="What went wrong and how to fix it.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class TaskAccepted(BaseModel):
+    task_id: str
+    status: JobStatus = "queued"
+
+
+class TaskView(BaseModel):
+    task_id: str
+    name: str
+    status: JobStatus
+    progress: float = Field(ge=0, le=1, description="0..1; live while running (from the Ray Train progress board).")
+    phase: str | None = Field(
+        None, description="queued | starting | train | <method phase> | evaluating | publishing | <final status>")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    model_version: int | None = Field(
+        None, description="The version this job produced (stored even when not activated).")
+    activated: bool = False
+    error: str | None = None
+    note: str | None = None
+    method: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict, description="The TrainConfig fields given with the task.")
+    base_version: int | None = Field(
+        None, description="The version this job trains from (the active one when it started).")
+    attempts: int = Field(0, description="Starts of this job: 2 or more means it resumed after an interruption.")
+    created: float | None = None
+    started: float | None = None
+    finished: float | None = None
+    cancel_requested: bool = False
+    dataset: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskView]
+
+
+class ClassifyRequest(BaseModel):
+    images: list[str] = Field(min_length=1, description="Base64 PNG or JPEG images (a data: URL prefix is accepted).")
+    labels: list[str] = Field(min_length=1, description="Candidate class names; scores are over these labels.")
+    model_version: int | None = Field(None, description="Pin a version; null uses the active version.")
+
+
+class ClassifyResult(BaseModel):
+    label: str
+    scores: dict[str, float]
+
+
+class ClassifyResponse(BaseModel):
+    model_version: int
+    results: list[ClassifyResult]
+
+
+class ModelView(BaseModel):
+    version: int
+    active: bool
+    created: float | None = None
+    parent: int | None = None
+    task: str | None = Field(None, description="The task that produced this version (null for version 1).")
+    task_id: str | None = None
+    method: str | None = None
+    tasks: list[str] = Field(default_factory=list, description="Every task learned so far, in order.")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    gate: dict[str, Any] = Field(default_factory=dict)
+    spec: dict[str, Any] | None = None
+
+
+class ModelList(BaseModel):
+    active_version: int | None
+    models: list[ModelView]
+    history: list[dict[str, Any]] = Field(default_factory=list, description="Activations, oldest first.")
+
+
+class ActivationResponse(BaseModel):
+    active_version: int
+    previous_version: int | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    active_version: int | None = None
+
+
+class SearchRanges(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    threshold: tuple[float, float] | None = Field(None, description="Energy-tail ρ range (log scale).")
+    cd_weight: tuple[float, float] | None = None
+    map_weight: tuple[float, float] | None = None
+    lr: tuple[float, float] | None = Field(None, description="Learning-rate range (log scale).")
+
+
+class TuneBody(BaseModel):
+    """`POST /v1/tune`: what to search. The service picks the model, the hardware and where results go."""
+
+    model_config = ConfigDict(extra="forbid")
+    tasks: list[str] = Field(default_factory=list, description=(
+        "Built-in task names, learned in order; an uploaded dataset (multipart) is learned after them."))
+    trials: int = Field(12, ge=1, le=500)
+    config: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields not searched (steps, ...).")
+    space: SearchRanges | None = None
+    searcher: Literal["optuna", "random"] = "optuna"
+    max_concurrent: int | None = Field(None, ge=1)
+    max_train_per_class: int | None = Field(None, ge=1)
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each task's train split used to validate.")
+    seed: int = 0
+    base_version: int | Literal["active"] | None = Field(
+        "active", description="Trials start from this stored version; null: from the bare model.")
+    apply_best: bool = Field(False, description="When it succeeds, its best config becomes the default for new tasks.")
+
+
+class TuneView(BaseModel):
+    job_id: str
+    status: JobStatus
+    progress: float = Field(ge=0, le=1, description="Share of the trial budget done (trials count by tasks learned).")
+    error: str | None = None
+    trials: list[dict[str, Any]] = Field(default_factory=list, description="One row per trial, best first.")
+    best: dict[str, Any] | None = Field(None, description="The best trial that learned every task, with its config.")
+    request: dict[str, Any] = Field(default_factory=dict)
+    created: float | None = None
+    apply_best: bool = False
+    applied: bool = Field(False, description="Its best config is the current default for new tasks.")
+    cancelled: bool = False
+
+
+class TuneDefaults(BaseModel):
+    config: dict[str, Any] = Field(description="Training config that tasks of its method start from.")
+    source: str = Field(description="The search it came from.")
+    updated: float | None = None
+
+
+class TuneList(BaseModel):
+    searches: list[TuneView]
+    defaults: TuneDefaults | None = None
+
+
+# OpenAPI request bodies of the routes that parse their own body (streamed uploads, two content types).
+TASK_UPLOAD_BODY = {
+    "required": True,
+    "content": {"multipart/form-data": {"schema": {
+        "type": "object",
+        "required": ["name", "dataset"],
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 100, "description": "Task name."},
+            "dataset": {"type": "string", "format": "binary",
+                        "description": "zip or tar(.gz) of an ImageFolder tree (class folders of images)."},
+            "method": {"type": "string", "description": "finetune | lwf | zscl | wise-ft | mgclip | gnsp"},
+            "config": {"type": "string", "description": "JSON object of TrainConfig fields, e.g. {\"steps\": 100}."},
+        },
+    }}},
+}
+
+CLASSIFY_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": ClassifyRequest.model_json_schema()},
+        "multipart/form-data": {"schema": {
+            "type": "object",
+            "required": ["images", "labels"],
+            "properties": {
+                "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                "labels": {"type": "array", "items": {"type": "string"},
+                           "description": "Repeat the field once per label (or send one JSON list)."},
+                "model_version": {"type": "integer"},
+            },
+        }},
+    },
+}
+
+TUNE_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": TuneBody.model_json_schema()},
+        "multipart/form-data": {"schema": {
+            "type": "object",
+            "properties": {
+                "request": {"type": "string", "description": "The JSON request (as for application/json)."},
+                "dataset": {"type": "string", "format": "binary",
+                            "description": "zip or tar(.gz) of an ImageFolder tree: the task to tune for."},
+            },
+        }},
+    },
+}

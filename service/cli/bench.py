@@ -1,0 +1,99 @@
+"""`gnsp bench`: several methods over one task sequence through the library, with a progress bar."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from gnsp_core.bench import run_bench
+from gnsp_core.config import TrainConfig
+from gnsp_core.data import Task, load_task
+from gnsp_core.methods.registry import METHODS
+from gnsp_core.models import DEFAULT_MODEL, ModelSpec, load_model
+from gnsp_core.report import summary_table
+from gnsp_core.models.loading import resolve_device
+from gnsp_core.task_context import Progress
+
+from service.cli.arguments import add_model_arguments, load_config_file
+
+HELDOUT = "heldout"
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every training command shares; `--config` takes a JSON file of TrainConfig fields."""
+    parser.add_argument("--config", type=Path, help="JSON file of training settings (e.g. best.json from `gnsp tune`)")
+    parser.add_argument("--steps", type=int, help="optimiser steps per task")
+    parser.add_argument("--lr", type=float, help="learning rate")
+    parser.add_argument("--batch-size", type=int, help="images per step")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (default)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--reference", default="builtin",
+                        help="reference image-caption pairs for CD/MAP/ZSCL: builtin[:emoji|flags|emoji+flags] "
+                             "or module:function")
+
+
+def training_config(args: argparse.Namespace, method: str) -> TrainConfig:
+    data = load_config_file(args.config) if getattr(args, "config", None) else {}
+    data["method"] = method
+    for field, value in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
+                         ("device", args.device), ("seed", args.seed)):
+        if value is not None:
+            data[field] = value
+    return TrainConfig.from_dict(data)
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="compare methods over a task sequence; writes results.json, a table, heatmaps")
+    p.add_argument("--tasks", required=True, help="comma-separated task sources (built-in names, folders, archives)")
+    p.add_argument("--eval", default=HELDOUT, help="comma-separated held-out eval sets ('heldout' = natural photos)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--max-train-per-class", type=int, default=None)
+    p.add_argument("--max-test-per-class", type=int, default=None)
+    add_model_arguments(p)
+    add_training_arguments(p)
+
+
+def load_eval(source: str, **caps) -> Task:
+    if source == HELDOUT:
+        from gnsp_core.data.reference import load_heldout_task
+
+        return load_heldout_task()
+    return load_task(source, **caps)
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    from service.training.sources import load_reference
+
+    methods = _split(args.methods)
+    configs = {m: training_config(args, m) for m in methods}
+    caps = dict(max_train_per_class=args.max_train_per_class, max_test_per_class=args.max_test_per_class)
+    tasks = [load_task(s, **caps) for s in _split(args.tasks)]
+    evals = [load_eval(s, max_test_per_class=args.max_test_per_class) for s in _split(args.eval)]
+    reference = load_reference(args.reference) if args.reference else None
+    spec = ModelSpec(name=args.model or DEFAULT_MODEL, pretrained=args.pretrained)
+    loaded = load_model(spec, resolve_device(args.device or "auto"))
+    total = sum(configs[m].steps for m in methods) * len(tasks)
+    bar = tqdm(total=total, unit="step", desc="bench", dynamic_ncols=True)
+    seen: dict[tuple[str, str], int] = {}
+
+    def on_progress(method: str, p: Progress) -> None:
+        done = seen.get((method, p.task), 0)
+        bar.update(p.step - done)
+        seen[(method, p.task)] = p.step
+        bar.set_description(f"{method} · {p.task}")
+        bar.set_postfix(loss=f"{p.loss:.3f}" if p.loss is not None else "-", img_s=f"{p.samples_per_s:.0f}")
+
+    start = time.perf_counter()
+    results = run_bench(loaded, tasks, evals, configs, args.out, reference=reference, progress=on_progress)
+    bar.close()
+    print(summary_table(results))
+    print(f"\nwrote {args.out}/results.json, results.md and heatmap_<method>.png in {time.perf_counter() - start:.0f} s")
+    return 0

@@ -1,0 +1,111 @@
+"""`gnsp serve`: run the REST service (Ray Serve + FastAPI) until Ctrl-C or SIGTERM.
+
+    gnsp serve --store ./gnsp-store                       # local Ray, 127.0.0.1:8000, gnsp-mini
+    gnsp serve --store s3://bucket/gnsp --address auto --host 0.0.0.0 --workers 4
+    gnsp serve --model tiny --set heldout=none --set max_upload_bytes=10000000
+
+The first start on an empty store creates version 1 from --model/--pretrained; later starts use
+the store's versions (the flags then no longer matter). Stopping the service leaves a running job
+`running` in the store; the next start resumes it from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from pydantic import ValidationError
+
+from gnsp_core.errors import ConfigError
+
+from service.cli.arguments import add_model_arguments
+from service.settings import ServiceSettings
+
+APP_NAME = "gnsp"
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `serve` on the `gnsp` command's subparsers."""
+    p = subparsers.add_parser("serve", help="run the REST service on Ray Serve", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--store", default="gnsp-store", help="store folder or pyarrow.fs URI (file://, s3://, gs://)")
+    add_model_arguments(p)
+    p.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a private local one")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the private local Ray (default: all)")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers per job")
+    p.add_argument("--activation", choices=("auto", "manual"), default="auto",
+                   help="auto: activate a new version that passes the quality gate; manual: only on request")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other ServiceSettings field (see deploy/serve_config.yaml), JSON values allowed")
+    p.set_defaults(func=run_serve)
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
+    fields: dict[str, Any] = {"store": args.store, "model": args.model, "pretrained": args.pretrained,
+                              "workers": args.workers, "activation": args.activation}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        fields[key.strip().replace("-", "_")] = _parse_value(value)
+    try:
+        return ServiceSettings(**fields)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid service settings: {exc}") from None
+
+
+def _parse_value(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Start Ray (or join it), deploy the app, serve until a signal, then shut down cleanly."""
+    settings = settings_from_args(args)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    import ray
+    from ray import serve
+
+    from service.api.app import build_app
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if args.address:
+        ray.init(address=args.address)
+    else:
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+        print(f"gnsp serving on http://{args.host}:{args.port} (store {settings.store}); Ctrl-C stops it", flush=True)
+        stop.wait()
+        print("gnsp: stopping", file=sys.stderr, flush=True)
+        serve.delete(APP_NAME)
+    finally:
+        if not args.address:
+            serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m service.cli.serve ...`, the same as `gnsp serve ...`."""
+    parser = argparse.ArgumentParser(prog="gnsp")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    return run_serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""One attempt of a job on Ray: train on a TorchTrainer, evaluate, apply the gate, publish a version.
+
+The attempt runs in its own Ray task, not in the job runner's process, for one reason: a running
+TorchTrainer cannot be stopped from the outside, but its driver can. Cancelling the task raises a
+KeyboardInterrupt in it, on which Ray Train aborts the run itself (workers stopped, placement group
+removed); only if that hangs is the process killed. Progress flows from rank 0 to a `ProgressBoard` actor
+(service/progress.py), which the runner polls while it waits.
+
+`train_on_ray` is the single integration point with service/train.py.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+from ray.actor import ActorHandle
+
+from gnsp_core.data.archives import safe_extract
+from gnsp_core.config import TrainConfig
+from gnsp_core.data.folders import validate_image_folder
+from gnsp_core.methods.registry import uses_reference
+
+from service.errors import ServiceFault, unwrap
+from service.jobs.tasks import AttemptOutcome, JobCancelled, JobInterrupted
+from service.training.progress import JobProgress, open_board
+from service.settings import ServiceSettings
+from service.store import ModelStore
+
+POLL_S = 0.5
+STOP_GRACE_S = 30.0
+# Where each phase of an attempt sits on the job's 0..1 progress bar.
+_PHASES = {"queued": (0.0, 0.0), "resuming": (0.0, 0.02), "starting": (0.02, 0.05), "train": (0.05, 0.85),
+           "saving": (0.90, 0.92), "done": (0.92, 0.93), "evaluating": (0.93, 0.97), "publishing": (0.97, 0.99)}
+_OTHER_PHASE = (0.85, 0.90)  # method phases after training, e.g. the GNSP statistics pass
+
+
+@dataclass(frozen=True)
+class AttemptPlan:
+    """Everything the attempt task needs, as plain data (paths in the store, never bytes)."""
+
+    task_id: str
+    name: str
+    config: dict[str, Any]
+    upload: str
+    base_version: int
+    settings: ServiceSettings
+
+
+def job_fraction(progress: JobProgress) -> float:
+    low, high = _PHASES.get(progress.phase, _OTHER_PHASE)
+    return low + (high - low) * progress.fraction
+
+
+def quality_gate(new: float | None, base: float | None, base_version: int, max_drop: float) -> dict[str, Any]:
+    """Passed unless held-out accuracy fell by more than `max_drop` points (no held-out set: passed)."""
+    passed = new is None or base is None or new >= base - max_drop
+    return {"passed": passed, "heldout_accuracy": new, "base_heldout_accuracy": base,
+            "base_version": base_version, "max_drop": max_drop}
+
+
+def train_on_ray(plan: AttemptPlan, store: ModelStore, task_dir: Path, base_dir: Path, out_dir: Path,
+                 board: ActorHandle | None) -> dict[str, Any]:
+    """Learn the task from the base state with service.training.ray_train; returns Ray Train's final metrics.
+
+    The run is named by the task id inside the store, so an attempt after a crash resumes it."""
+    from service.training.ray_train import TrainJob, WorkerResources, train_task
+
+    settings = plan.settings
+    config = TrainConfig.from_dict(plan.config)
+    reference = settings.reference if uses_reference(config.method) else None
+    job = TrainJob(task=str(task_dir), config=config, base_state=str(base_dir), reference=reference,
+                   checkpoint_every=settings.checkpoint_every)
+    resources = WorkerResources(settings.workers, settings.gpus_per_worker, settings.cpus_per_worker)
+    result = train_task(job, storage_path=store.run_storage(), name=plan.task_id, out_dir=out_dir,
+                        resources=resources, max_failures=1, board=board)
+    return result.metrics
+
+
+def execute_attempt(plan: AttemptPlan, board: ActorHandle | None) -> AttemptOutcome:
+    """Train, evaluate, gate and publish; a version this job already published is returned as is."""
+    from service.versions import base_heldout_accuracy, evaluate_version
+
+    settings = plan.settings
+    store = ModelStore.open(settings.store)
+    published = _published_by(store, plan.task_id)
+    if published is not None:
+        return published
+    with tempfile.TemporaryDirectory(prefix=f"gnsp-{plan.task_id}-", dir=settings.work_dir) as scratch_name:
+        scratch = Path(scratch_name)
+        archive = store.fetch_upload(plan.upload, scratch)
+        limits = settings.archive_limits()
+        task_dir = validate_image_folder(safe_extract(archive, scratch / "data", limits), limits).root
+        base_dir = store.fetch_version(plan.base_version, scratch / "base")
+        train_metrics = train_on_ray(plan, store, task_dir, base_dir, scratch / "state", board)
+        _phase(board, "evaluating")
+        metrics = evaluate_version(scratch / "state", task_dir, settings.heldout)
+        base_acc = base_heldout_accuracy(store, plan.base_version, settings.heldout, scratch / "cache")
+        gate = quality_gate(metrics["heldout_accuracy"], base_acc, plan.base_version, settings.max_heldout_drop)
+        metrics.update(base_heldout_accuracy=base_acc, **_train_summary(train_metrics))
+        _phase(board, "publishing")
+        parent = store.manifest(plan.base_version)
+        manifest = {"parent": plan.base_version, "task_id": plan.task_id, "task": plan.name,
+                    "method": plan.config.get("method"), "tasks": [*parent.get("tasks", []), plan.name],
+                    "spec": parent.get("spec"), "metrics": metrics, "gate": gate}
+        version = store.publish_version(scratch / "state", manifest)
+    return AttemptOutcome(version, metrics, gate)
+
+
+def _published_by(store: ModelStore, task_id: str) -> AttemptOutcome | None:
+    """A version this job published before a crash cut it short (so a resumed job never publishes twice)."""
+    for version in reversed(store.versions()):
+        manifest = store.manifest(version)
+        if manifest.get("task_id") == task_id:
+            return AttemptOutcome(version, manifest.get("metrics", {}), manifest.get("gate", {}))
+    return None
+
+
+def _train_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = ("step", "loss", "samples_per_s", "train_s", "resumed_from")
+    return {k: metrics[k] for k in keys if metrics.get(k) is not None}
+
+
+def _phase(board: ActorHandle | None, phase: str) -> None:
+    if board is not None:
+        board.update.remote({"phase": phase, "step": 0, "total": 0, "updated": time.time()})
+
+
+class RayTrainRunner:
+    """The JobQueue's runner: each attempt in its own Ray task, stopped by killing that task."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self._remote = ray.remote(num_cpus=0, max_retries=0)(execute_attempt)
+
+    def __call__(self, record: dict[str, Any], should_stop: Callable[[], str | None],
+                 report: Callable[[float, str], None]) -> AttemptOutcome:
+        plan = AttemptPlan(record["task_id"], record["name"], {**record["config"], "method": record["method"]},
+                           record["upload"], record["base_version"], self.settings)
+        board = open_board(plan.task_id)
+        ray.get(board.reset.remote(0, 1))
+        ref = self._remote.options(name=f"gnsp-attempt:{plan.task_id}").remote(plan, board)
+        try:
+            return self._wait(ref, board, should_stop, report)
+        finally:
+            ray.kill(board)
+
+    def _wait(self, ref: ray.ObjectRef, board: ActorHandle, should_stop: Callable[[], str | None],
+              report: Callable[[float, str], None]) -> AttemptOutcome:
+        while True:
+            ready, _ = ray.wait([ref], timeout=POLL_S)
+            try:
+                snapshot: JobProgress = ray.get(board.latest.remote(), timeout=5)
+                report(job_fraction(snapshot), "starting" if snapshot.phase == "queued" else snapshot.phase)
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+                pass
+            if ready:
+                return _result(ref)
+            reason = should_stop()
+            if reason is not None:
+                _stop(ref)
+                raise JobCancelled() if reason == "cancel" else JobInterrupted()
+
+
+def _stop(ref: ray.ObjectRef) -> None:
+    """Abort the attempt's TorchTrainer: a KeyboardInterrupt in its driver makes Ray Train abort the
+    run gracefully (workers stopped, placement group freed); kill the process if that hangs."""
+    ray.cancel(ref, force=False)
+    ready, _ = ray.wait([ref], timeout=STOP_GRACE_S)
+    if not ready:
+        ray.cancel(ref, force=True)
+
+
+def _result(ref: ray.ObjectRef) -> AttemptOutcome:
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        raise unwrap(exc) from None
+    except ray.exceptions.RayError as exc:  # the attempt's process died (killed, out of memory)
+        raise ServiceFault(f"the training process died: {type(exc).__name__}") from exc

@@ -1,0 +1,306 @@
+"""The job queue: one task job at a time, in submission order, each on a Ray Train trainer.
+
+Version N+1 trains from version N's weights *and* projector statistics, so two jobs must never
+train on the same base at once: a single `JobQueue` (inside the single JobRunner replica) owns a
+FIFO and one worker thread. Every state change is written to the store's job record first, so a
+restarted service knows exactly what was queued and what was running:
+
+- queued jobs are queued again, in the same order;
+- a job that was running is resumed from its last Ray Train checkpoint (the run is named by the
+  task id inside the store, so re-running it continues it), or marked failed with reason
+  "interrupted" when `on_restart="fail"` or it was already interrupted `max_attempts` times.
+
+A finished attempt has published a new version (service.jobs.attempt). Then the quality gate and the
+activation policy decide: a version whose held-out accuracy dropped more than allowed is kept but
+not activated and the job fails with both numbers; otherwise, with activation `auto` and the base
+still active, the classifier loads and checks the version and only then is the pointer moved.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from gnsp_core.errors import GnspError
+
+from service.errors import ConflictError, UnknownTaskError, error_message
+from service.jobs.states import ENDED, STATUSES
+from service.settings import ServiceSettings
+from service.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+RUNNER_FILE = "runner.json"
+
+
+class JobCancelled(Exception):
+    """The user cancelled the job while it ran."""
+
+
+class JobInterrupted(Exception):
+    """The service is stopping: the job stays `running` in the store and resumes on restart."""
+
+
+@dataclass
+class AttemptOutcome:
+    version: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)
+
+
+class Runner(Protocol):
+    """Runs one attempt of a job (train, evaluate, publish) and returns the published version.
+
+    `should_stop()` returns "cancel" or "stop" when the attempt must end early; `report(fraction,
+    phase)` publishes live progress."""
+
+    def __call__(self, record: dict[str, Any], should_stop: Callable[[], str | None],
+                 report: Callable[[float, str], None]) -> AttemptOutcome: ...
+
+
+def new_task_id() -> str:
+    """Readable and sortable: task-20250101-120000-1a2b3c."""
+    return f"task-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def gate_message(gate: dict[str, Any], version: int) -> str:
+    return (f"quality gate: held-out zero-shot accuracy of version {version} is {gate['heldout_accuracy']:.2f}%, "
+            f"more than {gate['max_drop']:g} points below the {gate['base_heldout_accuracy']:.2f}% of version "
+            f"{gate['base_version']}; version {version} is stored but not activated")
+
+
+class JobQueue:
+    """Submission-ordered jobs, one worker thread, records persisted in the store."""
+
+    def __init__(self, store: ModelStore, settings: ServiceSettings, runner: Runner,
+                 check_version: Callable[[int], Any]) -> None:
+        self.store, self.settings, self.runner, self.check_version = store, settings, runner, check_version
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._activation = threading.Lock()
+        self._records: dict[str, dict[str, Any]] = {}
+        self._queue: deque[str] = deque()
+        self._cancel: dict[str, threading.Event] = {}
+        self._ended: dict[str, threading.Event] = {}
+        self._live: dict[str, tuple[float, str]] = {}
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._owner = uuid.uuid4().hex
+        self._seq = 0
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def recover(self) -> list[str]:
+        """Load every job record; requeue or fail what a previous process left unfinished."""
+        self.store.discard_incomplete()
+        notes = []
+        for record in self.store.jobs():
+            self._seq = max(self._seq, record.get("seq", 0))
+            self._records[record["task_id"]] = record
+            if record["status"] == "running":
+                notes.append(self._recover_running(record))
+            if record["status"] == "queued":
+                self._enqueue(record["task_id"])
+        live = {tid for tid, r in self._records.items() if r["status"] not in ENDED}
+        for task_id in set(self.store.upload_ids()) - live:
+            self.store.delete_job_files(task_id)  # uploads of ended (or never recorded) jobs
+        return notes
+
+    def _recover_running(self, record: dict[str, Any]) -> str:
+        attempts = record.get("attempts", 1)
+        if self.settings.on_restart == "resume" and attempts < self.settings.max_attempts:
+            self._save(record, status="queued", phase="resuming", resumed=True)
+            return f"{record['task_id']}: interrupted, queued to resume"
+        reason = (f"interrupted: the service stopped while this job was running (attempt {attempts}); "
+                  "submit the task again")
+        self._save(record, status="failed", error=reason, finished=time.time())
+        self.store.delete_job_files(record["task_id"])
+        return f"{record['task_id']}: {reason}"
+
+    def start(self) -> None:
+        self.store.write_json(RUNNER_FILE, {"owner": self._owner, "since": time.time()})
+        self._thread = threading.Thread(target=self._loop, name="gnsp-jobs", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking jobs; a running attempt is interrupted (it resumes on the next start)."""
+        self._stopping.set()
+        with self._wake:
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # --- requests --------------------------------------------------------------------------------
+
+    def submit(self, task_id: str, name: str, method: str, config: dict[str, Any], upload: str,
+               dataset: dict[str, Any] | None = None) -> dict[str, Any]:
+        with self._lock:
+            self._seq += 1
+            record = {"task_id": task_id, "seq": self._seq, "name": name, "status": "queued", "method": method,
+                      "config": config, "upload": upload, "dataset": dataset or {}, "created": time.time(),
+                      "started": None, "finished": None, "base_version": None, "model_version": None,
+                      "activated": False, "metrics": {}, "error": None, "attempts": 0, "progress": 0.0,
+                      "phase": "queued"}
+            self._save(record)
+            self._enqueue(task_id)
+        return self.view(task_id)
+
+    def view(self, task_id: str) -> dict[str, Any]:
+        """The record as the API shows it, with live progress for a running job."""
+        with self._lock:
+            record = self._records.get(task_id)
+            if record is None:
+                raise UnknownTaskError(f"task {task_id!r} does not exist; GET /v1/tasks lists the tasks")
+            view = dict(record)
+            if record["status"] == "running" and task_id in self._live:
+                view["progress"], view["phase"] = self._live[task_id]
+            view["cancel_requested"] = task_id in self._cancel and self._cancel[task_id].is_set()
+            return view
+
+    def list(self) -> list[dict[str, Any]]:
+        with self._lock:
+            ids = sorted(self._records, key=lambda t: self._records[t]["seq"])
+        return [self.view(task_id) for task_id in ids]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            counts = dict.fromkeys(STATUSES, 0)
+            for record in self._records.values():
+                counts[record["status"]] += 1
+            return counts
+
+    def cancel(self, task_id: str, wait_s: float = 15.0) -> dict[str, Any]:
+        """Queued: it never runs. Running: its trainer is stopped (waits up to `wait_s` for that)."""
+        with self._lock:
+            status = self.view(task_id)["status"]
+            if status in ENDED:
+                raise ConflictError(f"task {task_id!r} already ended ({status}); nothing to cancel")
+            self._cancel.setdefault(task_id, threading.Event()).set()
+            if status == "queued" and task_id in self._queue:  # not yet taken by the worker
+                self._queue.remove(task_id)
+                self._end(task_id, "cancelled", error="cancelled before it started")
+                return self.view(task_id)
+            ended = self._ended.setdefault(task_id, threading.Event())
+        ended.wait(wait_s)
+        return self.view(task_id)
+
+    def activate(self, version: int, reason: str) -> dict[str, Any]:
+        """Load-check `version` in the classifier, then move the pointer (rollback or pin)."""
+        with self._activation:
+            self.store.manifest(version)  # UnknownVersionError for a version that does not exist
+            pointer = self.store.pointer()
+            if pointer.get("version") == version:
+                return pointer
+            self.check_version(version)
+            return self.store.set_active(version, reason)
+
+    # --- the worker ------------------------------------------------------------------------------
+
+    def _enqueue(self, task_id: str) -> None:
+        with self._wake:
+            self._queue.append(task_id)
+            self._wake.notify()
+
+    def _next(self) -> str | None:
+        with self._wake:
+            while not self._queue and not self._stopping.is_set():
+                self._wake.wait(1.0)
+            return None if self._stopping.is_set() else self._queue.popleft()
+
+    def _loop(self) -> None:
+        while (task_id := self._next()) is not None:
+            if (self.store.read_json(RUNNER_FILE) or {}).get("owner") != self._owner:
+                log.warning("another job runner took over the store; this one stops taking jobs")
+                with self._wake:
+                    self._queue.appendleft(task_id)
+                return
+            try:
+                self._run(task_id)
+            except Exception:  # the loop must survive anything a job does
+                log.exception("job %s: unexpected error in the job runner", task_id)
+
+    def _run(self, task_id: str) -> None:
+        with self._lock:
+            record = self._records[task_id]
+            cancel = self._cancel.setdefault(task_id, threading.Event())
+            if cancel.is_set():  # cancelled between leaving the queue and starting
+                self._end(task_id, "cancelled", error="cancelled before it started")
+                return
+            base = record.get("base_version") or self.store.active()
+            self._save(record, status="running", started=time.time(), attempts=record.get("attempts", 0) + 1,
+                       base_version=base, phase="starting")
+            self._live[task_id] = (record.get("progress") or 0.0, "starting")
+
+        def should_stop() -> str | None:
+            return "cancel" if cancel.is_set() else "stop" if self._stopping.is_set() else None
+
+        try:
+            outcome = self.runner(dict(record), should_stop, lambda f, p: self._report(task_id, f, p))
+            if cancel.is_set():
+                raise JobCancelled()
+            self._finish(task_id, outcome)
+        except JobCancelled:
+            self._end(task_id, "cancelled", error="cancelled while running")
+        except JobInterrupted:
+            log.info("job %s interrupted by shutdown; it resumes on the next start", task_id)
+        except GnspError as exc:
+            self._end(task_id, "failed", error=error_message(exc))
+        except Exception as exc:
+            log.exception("job %s failed", task_id)
+            self._end(task_id, "failed", error=f"internal error: {type(exc).__name__}: {error_message(exc)}")
+
+    def _report(self, task_id: str, fraction: float, phase: str) -> None:
+        with self._lock:
+            previous = self._live.get(task_id, (0.0, ""))[0]
+            self._live[task_id] = (round(max(previous, min(fraction, 0.99)), 4), phase)
+
+    def _finish(self, task_id: str, outcome: AttemptOutcome) -> None:
+        record = self._records[task_id]
+        version, gate = outcome.version, outcome.gate
+        with self._lock:
+            self._save(record, model_version=version, metrics=outcome.metrics)
+        if gate and not gate.get("passed", True):
+            self._end(task_id, "failed", error=gate_message(gate, version))
+            return
+        if self.settings.activation == "manual":
+            self._end(task_id, "succeeded",
+                      note=f"version {version} stored; activate it with POST /v1/models/{version}/activate")
+            return
+        with self._activation:
+            if self.store.active() == version:  # activated just before a crash cut the job short
+                self._end(task_id, "succeeded", activated=True)
+                return
+            if self.store.active() != record["base_version"]:
+                self._end(task_id, "succeeded",
+                          note=f"the active version changed while the job ran; version {version} stored, not activated")
+                return
+            try:
+                self.check_version(version)
+            except Exception as exc:
+                self._end(task_id, "failed",
+                          error=f"version {version} failed its load check and was not activated: {error_message(exc)}")
+                return
+            self.store.set_active(version, f"task {task_id} ({record['name']})")
+        self._end(task_id, "succeeded", activated=True)
+
+    def _end(self, task_id: str, status: str, **changes: Any) -> None:
+        with self._lock:
+            record = self._records[task_id]
+            progress = 1.0 if status == "succeeded" else self._live.get(task_id, (record.get("progress", 0.0), ""))[0]
+            self._save(record, status=status, finished=time.time(), progress=progress, phase=status, **changes)
+            self._live.pop(task_id, None)
+            self._ended.setdefault(task_id, threading.Event()).set()
+        self.store.delete_job_files(task_id)
+
+    def _save(self, record: dict[str, Any], **changes: Any) -> None:
+        """Persist first, then publish in memory: what the API shows is always on disk."""
+        updated = {**record, **changes}
+        self.store.save_job(updated)
+        record.clear()
+        record.update(updated)
+        self._records[updated["task_id"]] = record

@@ -1,0 +1,262 @@
+"""The versioned model store: a local directory, or any filesystem pyarrow.fs knows (file://, s3://, gs://).
+
+Layout under the root:
+
+    models/v000001/          an immutable version: weights.safetensors, extras.safetensors
+                             (projector statistics), state.json (spec, history), manifest.json
+    active.json              the pointer to the active version, with its history
+    jobs/<task_id>.json      one record per job
+    uploads/<task_id>/       the uploaded dataset, kept until its job ends
+    runs/<task_id>/          Ray Train run storage (checkpoints) while the job runs
+
+Crash safety without locks or renames of folders (object stores have neither): a version exists
+only once its `manifest.json` is written, and that file is written last; every JSON file is
+replaced atomically (temp file + rename, fsync'd on a local disk). So a crash at any moment leaves
+complete versions, an intact pointer, and at worst a version folder without a manifest, which
+readers ignore and `discard_incomplete` removes. One process (the job runner) writes versions,
+the pointer and job records; any number may read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from gnsp_core.atomic_files import fsync_file, write_bytes_atomic
+from service.errors import ServiceFault, UnknownVersionError
+
+MANIFEST = "manifest.json"
+ACTIVE = "active.json"
+STATE_FILES = ("weights.safetensors", "extras.safetensors", "state.json")
+_VERSION_DIR = re.compile(r"^v(\d{6})$")
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_POINTER_HISTORY = 1000
+
+
+def version_dir(version: int) -> str:
+    return f"models/v{version:06d}"
+
+
+class ModelStore:
+    """Versions, the active pointer, job records and uploads under one root of one filesystem."""
+
+    def __init__(self, filesystem: pafs.FileSystem, root: str, uri: str | None = None) -> None:
+        self.fs = filesystem
+        self.root = root.rstrip("/")
+        self.uri = uri or root
+        self._local = _local_base(filesystem, self.root)
+
+    @classmethod
+    def open(cls, location: str) -> "ModelStore":
+        """A store from a local path (made absolute) or a pyarrow.fs URI; the root is created if missing."""
+        if "://" not in location:
+            location = str(Path(location).expanduser().resolve())
+        try:
+            filesystem, root = pafs.FileSystem.from_uri(location)
+            store = cls(filesystem, root, location)
+            filesystem.create_dir(root, recursive=True)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ServiceFault(f"cannot open the model store {location!r}: {exc}") from exc
+        return store
+
+    # --- paths -----------------------------------------------------------------------------------
+
+    def path(self, rel: str) -> str:
+        if not rel:
+            return self.root
+        return f"{self.root}/{rel}" if self.root else rel
+
+    def local_path(self, rel: str = "") -> Path | None:
+        """The path on this machine's disk, when the store is on local disk (None for remote stores)."""
+        return None if self._local is None else self._local / rel
+
+    def run_storage(self) -> str:
+        """Where Ray Train keeps checkpoints, inside the store so a restarted service resumes from them."""
+        local = self.local_path("runs")
+        return str(local) if local is not None else f"{self.uri.rstrip('/')}/runs"
+
+    # --- low-level I/O ---------------------------------------------------------------------------
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def read_json(self, rel: str) -> dict[str, Any] | None:
+        """The JSON object at `rel`, or None if it does not exist."""
+        try:
+            with self.fs.open_input_stream(self.path(rel)) as stream:
+                return json.loads(stream.read())
+        except FileNotFoundError:
+            return None
+
+    def write_json(self, rel: str, data: dict[str, Any]) -> None:
+        """Replace `rel` atomically: readers see the old file or the new one, never a torn one."""
+        payload = json.dumps(data, indent=2, sort_keys=True).encode()
+        local = self.local_path(rel)
+        if local is not None:
+            write_bytes_atomic(local, payload)
+            return
+        tmp = self.path(f"{rel}.tmp-{uuid.uuid4().hex[:8]}")
+        self.fs.create_dir(self.path(rel).rsplit("/", 1)[0], recursive=True)
+        with self.fs.open_output_stream(tmp) as stream:
+            stream.write(payload)
+        self.fs.move(tmp, self.path(rel))
+
+    def put_file(self, local: Path, rel: str) -> None:
+        target = self.local_path(rel)
+        if target is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local, target)
+            fsync_file(target)
+            return
+        self.fs.create_dir(self.path(rel).rsplit("/", 1)[0], recursive=True)
+        with open(local, "rb") as src, self.fs.open_output_stream(self.path(rel)) as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+
+    def get_file(self, rel: str, local: Path) -> Path:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with self.fs.open_input_stream(self.path(rel)) as src, open(local, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        return local
+
+    def delete_dir(self, rel: str) -> None:
+        if self.exists(rel):
+            self.fs.delete_dir(self.path(rel))
+
+    def listdir(self, rel: str) -> list[pafs.FileInfo]:
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), allow_not_found=True))
+        return sorted(infos, key=lambda info: info.base_name)
+
+    # --- versions --------------------------------------------------------------------------------
+
+    def versions(self) -> list[int]:
+        """Committed versions (those with a manifest), ascending."""
+        return [v for v in self._version_folders() if self.exists(f"{version_dir(v)}/{MANIFEST}")]
+
+    def has_version(self, version: int) -> bool:
+        return isinstance(version, int) and version >= 1 and self.exists(f"{version_dir(version)}/{MANIFEST}")
+
+    def manifest(self, version: int) -> dict[str, Any]:
+        data = self.read_json(f"{version_dir(version)}/{MANIFEST}") if version >= 1 else None
+        if data is None:
+            raise UnknownVersionError(f"model version {version} does not exist; GET /v1/models lists the versions")
+        return data
+
+    def publish_version(self, state_dir: Path, manifest: dict[str, Any]) -> int:
+        """Store a ContinualState folder as the next version; the manifest is written last (the commit)."""
+        version = max(self._version_folders(), default=0) + 1
+        folder = version_dir(version)
+        for name in STATE_FILES:
+            self.put_file(Path(state_dir) / name, f"{folder}/{name}")
+        self.write_json(f"{folder}/{MANIFEST}", {**manifest, "version": version, "created": time.time()})
+        return version
+
+    def fetch_version(self, version: int, cache_dir: Path) -> Path:
+        """A local folder with the version's state files (the store's own folder when it is local)."""
+        self.manifest(version)  # raises UnknownVersionError for incomplete or missing versions
+        local = self.local_path(version_dir(version))
+        if local is not None:
+            return local
+        target = Path(cache_dir) / f"v{version:06d}"
+        if not (target / MANIFEST).is_file():
+            tmp = Path(cache_dir) / f".v{version:06d}-{uuid.uuid4().hex[:8]}"
+            for name in (*STATE_FILES, MANIFEST):
+                self.get_file(f"{version_dir(version)}/{name}", tmp / name)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+        return target
+
+    def discard_incomplete(self) -> list[str]:
+        """Remove version folders a crash left without a manifest, and stray temp files. Writer only."""
+        removed = []
+        for version in self._version_folders():
+            if not self.exists(f"{version_dir(version)}/{MANIFEST}"):
+                self.delete_dir(version_dir(version))
+                removed.append(version_dir(version))
+        for rel in ("", "jobs"):
+            for info in self.listdir(rel):
+                if ".tmp-" in info.base_name and info.type == pafs.FileType.File:
+                    self.fs.delete_file(info.path)
+                    removed.append(info.path)
+        return removed
+
+    def _version_folders(self) -> list[int]:
+        found = [_VERSION_DIR.match(info.base_name) for info in self.listdir("models")
+                 if info.type == pafs.FileType.Directory]
+        return sorted(int(m.group(1)) for m in found if m)
+
+    # --- the active pointer ----------------------------------------------------------------------
+
+    def pointer(self) -> dict[str, Any]:
+        return self.read_json(ACTIVE) or {"version": None, "history": []}
+
+    def active(self) -> int | None:
+        return self.pointer().get("version")
+
+    def set_active(self, version: int, reason: str) -> dict[str, Any]:
+        """Move the pointer to a committed version, recording why in its history."""
+        self.manifest(version)
+        pointer = self.pointer()
+        entry = {"version": version, "previous": pointer.get("version"), "at": time.time(), "reason": reason}
+        history = [*pointer.get("history", []), entry][-MAX_POINTER_HISTORY:]
+        updated = {"version": version, "updated": entry["at"], "history": history}
+        self.write_json(ACTIVE, updated)
+        return updated
+
+    # --- jobs and uploads ------------------------------------------------------------------------
+
+    def save_job(self, record: dict[str, Any]) -> None:
+        self.write_json(f"jobs/{_check_job_id(record['task_id'])}.json", record)
+
+    def load_job(self, task_id: str) -> dict[str, Any] | None:
+        return self.read_json(f"jobs/{task_id}.json") if _JOB_ID.match(task_id) else None
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Every job record, in submission order."""
+        records = []
+        for info in self.listdir("jobs"):
+            if info.base_name.endswith(".json") and ".tmp-" not in info.base_name:
+                record = self.read_json(f"jobs/{info.base_name}")
+                if record is not None:
+                    records.append(record)
+        return sorted(records, key=lambda r: (r.get("seq", 0), r.get("created", 0)))
+
+    def put_upload(self, task_id: str, archive: Path, filename: str) -> str:
+        rel = f"uploads/{_check_job_id(task_id)}/{filename}"
+        self.put_file(archive, rel)
+        return rel
+
+    def fetch_upload(self, rel: str, scratch: Path) -> Path:
+        local = self.local_path(rel)
+        return local if local is not None else self.get_file(rel, Path(scratch) / Path(rel).name)
+
+    def upload_ids(self) -> list[str]:
+        return [info.base_name for info in self.listdir("uploads") if info.type == pafs.FileType.Directory]
+
+    def delete_job_files(self, task_id: str) -> None:
+        """Drop what a job no longer needs once it has ended: its upload and its run checkpoints."""
+        for rel in (f"uploads/{_check_job_id(task_id)}", f"runs/{task_id}"):
+            self.delete_dir(rel)
+
+
+def _check_job_id(task_id: str) -> str:
+    if not _JOB_ID.match(task_id):
+        raise ValueError(f"invalid task id {task_id!r}")
+    return task_id
+
+
+def _local_base(filesystem: pafs.FileSystem, root: str) -> Path | None:
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return Path(root)
+    if isinstance(filesystem, pafs.SubTreeFileSystem) and isinstance(filesystem.base_fs, pafs.LocalFileSystem):
+        return Path(filesystem.base_path) / root.lstrip("/")
+    return None

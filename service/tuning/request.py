@@ -1,0 +1,135 @@
+"""What a search is: tasks, model, base training config, search space and budget, as plain data.
+
+The same `TuneRequest` comes from `gnsp tune` flags and from the JSON body of `POST /v1/tune`,
+and is saved as `request.json` in the output folder so an interrupted search resumes with exactly
+the same settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gnsp_core.atomic_files import write_json_atomic
+from gnsp_core.config import TrainConfig, check_keys
+from gnsp_core.errors import ConfigError
+from gnsp_core.models import ModelSpec
+from service.training.naming import run_name
+
+REQUEST_FILE = "request.json"
+SEARCHERS = ("optuna", "random")
+PAPER_POINT = {"threshold": 0.15, "cd_weight": 1.0, "map_weight": 0.75}
+"""The published GNSP recipe (ρ = 0.15, L = CE + 1.0 CD + 0.75 MAP): always the first trial, as the baseline."""
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Ranges (low, high) of the searched values; threshold and lr are sampled log-uniformly."""
+
+    threshold: tuple[float, float] = (0.01, 0.5)
+    """Energy-tail ρ: the null space holds less than ρ of the old inputs' energy. Log scale: the
+    protection changes most at small ρ."""
+    cd_weight: tuple[float, float] = (0.0, 2.0)
+    map_weight: tuple[float, float] = (0.0, 1.5)
+    lr: tuple[float, float] = (3e-6, 1e-4)
+    """Around the paper's per-task 1e-5..5e-5."""
+
+    def check(self) -> None:
+        for name in ("threshold", "cd_weight", "map_weight", "lr"):
+            low, high = getattr(self, name)
+            if not 0 <= low < high or (name in ("threshold", "lr") and low <= 0):
+                raise ConfigError(f"search range {name} must be 0 <= low < high (low > 0 for log scales), got {low}, {high}")
+
+    def first_point(self, lr: float) -> dict[str, float]:
+        """The paper's point, clipped into the ranges; `lr` is the base config's."""
+        point = {**PAPER_POINT, "lr": lr}
+        return {k: min(max(v, getattr(self, k)[0]), getattr(self, k)[1]) for k, v in point.items()}
+
+
+@dataclass
+class TuneRequest:
+    """One search: trials learn `tasks` in order, from `model` (or from the state in `base_state`)."""
+
+    tasks: list[str]
+    out_dir: str
+    model: ModelSpec = field(default_factory=ModelSpec)
+    base_state: str | None = None
+    """Tune the next task(s) of a continual state folder instead of a sequence from the model."""
+    trials: int = 12
+    config: TrainConfig = field(default_factory=TrainConfig)
+    """Everything not searched (method gnsp, steps, batch size, ...); best.json is this plus the winner."""
+    space: SearchSpace = field(default_factory=SearchSpace)
+    searcher: str = "optuna"
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    max_concurrent: int | None = None
+    """Trials at once; None: as many as the cluster's CPUs (or GPUs) fit."""
+    max_train_per_class: int | None = None
+    val_fraction: float = 0.2
+    """Share of each task's TRAIN split held out for validation."""
+    seed: int = 0
+    job_id: str | None = None
+    """Names the Ray Tune run; None: derived from out_dir, so a re-run finds its experiment."""
+
+    def __post_init__(self) -> None:
+        self.out_dir = str(Path(self.out_dir).resolve())
+        if self.job_id is None:
+            self.job_id = run_name(self.out_dir)
+        self.check()
+
+    def check(self) -> None:
+        """Reject a search that cannot run, before Ray starts."""
+        if not self.tasks:
+            raise ConfigError("a search needs at least one task")
+        if self.config.method != "gnsp":
+            raise ConfigError(f"tune searches GNSP's threshold and loss weights; method must be gnsp, not {self.config.method!r}")
+        if self.config.projection.rule == "energy" and self.space.threshold[1] >= 1:
+            raise ConfigError("with the energy rule the threshold is a fraction of energy: keep its range below 1")
+        if self.searcher not in SEARCHERS:
+            raise ConfigError(f"unknown searcher {self.searcher!r}; choose one of {SEARCHERS}")
+        if self.trials < 1 or self.workers < 1 or not 0 < self.val_fraction < 1:
+            raise ConfigError("trials and workers must be >= 1 and val_fraction between 0 and 1")
+        self.space.check()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["config"] = self.config.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TuneRequest":
+        """From JSON (a REST body or request.json); unknown keys are an error."""
+        check_keys(cls, data, "tune request")
+        data = dict(data)
+        try:
+            if isinstance(data.get("model"), dict):
+                data["model"] = ModelSpec.from_dict(data["model"])
+            if isinstance(data.get("config"), dict):
+                data["config"] = TrainConfig.from_dict(data["config"])
+            if isinstance(data.get("space"), dict):
+                data["space"] = SearchSpace(**{k: tuple(v) for k, v in data["space"].items()})
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"bad tune request: {exc}") from exc
+
+    def save(self) -> Path:
+        """File the request once, atomically. It is never rewritten (readers such as the API may be
+        reading it at any moment): saving the same request again is a no-op, a different one an error."""
+        path = Path(self.out_dir) / REQUEST_FILE
+        if path.is_file():
+            if json.loads(path.read_text()) != json.loads(json.dumps(self.to_dict())):
+                raise ConfigError(f"{self.out_dir} already holds a different search request; "
+                                  "resume it with `gnsp tune --resume` or choose a new output folder")
+            return path
+        write_json_atomic(path, self.to_dict())
+        return path
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> "TuneRequest":
+        path = Path(out_dir) / REQUEST_FILE
+        if not path.is_file():
+            raise ConfigError(f"{out_dir} holds no search to resume (no {REQUEST_FILE})")
+        return cls.from_dict(json.loads(path.read_text()))

@@ -1,0 +1,225 @@
+"""Ray Tune: search GNSP's null-space threshold and loss weights for the best stability-plasticity trade-off.
+
+    outcome = run_tune_job(TuneRequest(tasks=["digits", "animals"], out_dir="out/tune", trials=12))
+    outcome.best_config  # a TrainConfig; also written to out/tune/best.json
+
+Each trial (service.tuning.trial) learns the task sequence with Ray Train and reports the
+validation objective (service.tuning.objective) after every task. Optuna's TPE proposes the values
+(`searcher="random"` is the documented alternative), starting from the paper's recipe so the
+table always shows whether the search beat it. ASHA stops trials that trail the others at the
+same task; Optuna is told such trials were pruned, so TPE never compares an objective over one
+task with one over the whole sequence. The Tune run is named by the job id and stored in
+out_dir/ray; `run_tune_job(TuneRequest.load(out_dir), resume=True)` (`gnsp tune --resume`)
+restores it with `Tuner.restore`: unfinished trials continue, failed ones retry from their last
+finished task. Output files: service.tuning.report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
+
+from gnsp_core.config import TrainConfig
+from gnsp_core.errors import ConfigError
+from gnsp_core.models import load_model
+from gnsp_core.state import ContinualState
+
+from service.training.cluster import quiet_ray_warnings, ray_cluster
+from service.training.ray_train import WorkerResources
+from service.tuning.data import prepare_validation_tasks, validation_reference
+from service.tuning.objective import OBJECTIVE, retrieval_r1
+from service.tuning.report import (best_row, plot_trials, read_results, sort_rows, trial_row, write_best, write_status,
+                          write_table)
+from service.tuning.request import SearchSpace, TuneRequest
+from service.tuning.trial import TrialSetup, run_trial
+
+TRIAL_CPU = 0.01
+"""A trial only drives its TorchTrainer; the trainer's workers hold the cores."""
+
+log = logging.getLogger("gnsp.tune")
+
+__all__ = ["TuneOutcome", "TuneRequest", "SearchSpace", "read_results", "run_tune_job", "search_space"]
+
+
+@dataclass
+class TuneOutcome:
+    out_dir: Path
+    rows: list[dict[str, Any]]
+    """The trials table, best first."""
+    best: dict[str, Any] | None
+    """The best complete trial's row (None when no trial learned every task)."""
+    best_config: TrainConfig | None
+
+
+def search_space(space: SearchSpace) -> dict[str, Any]:
+    return {"threshold": tune.loguniform(*space.threshold), "cd_weight": tune.uniform(*space.cd_weight),
+            "map_weight": tune.uniform(*space.map_weight), "lr": tune.loguniform(*space.lr)}
+
+
+class SequenceOptunaSearch(OptunaSearch):
+    """OptunaSearch that reports a trial stopped before the last task as pruned, not complete.
+
+    Its last objective covers fewer tasks (less to forget), so as a complete value it would
+    mislead TPE; as pruned, Optuna ranks it below every trial that finished, by its intermediate values.
+    """
+
+    def __init__(self, num_tasks: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_tasks = num_tasks
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # A failed trial that `resume` retries was already told to Optuna (as failed): skip it.
+        if trial_id not in self._completed_trials:
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials:
+            return
+        if result and not error and result.get("tasks_done", self.num_tasks) < self.num_tasks:
+            result = {k: v for k, v in result.items() if k != self.metric}
+        super().on_trial_complete(trial_id, result, error)
+
+
+class LiveTable(tune.Callback):
+    """Rewrites the trials table on every result, so a running search can be watched (and polled),
+    and logs each result to the `gnsp.tune` logger. Tune pickles callbacks with the run, so what
+    is shown is left to the logging setup of the process that runs (or resumes) the search."""
+
+    def __init__(self, out_dir: str, num_tasks: int) -> None:
+        self.out_dir, self.num_tasks = out_dir, num_tasks
+
+    def rows(self, trials: list, latest: tuple | None = None) -> list[dict[str, Any]]:
+        """Rows from each trial's last result; `latest` (trial, result): one Tune has not stored yet."""
+        def metrics(t) -> dict:
+            return latest[1] if latest and t is latest[0] else t.last_result or {}
+
+        return [trial_row(t.trial_id, t.config, metrics(t), t.status.lower(), self.num_tasks) for t in trials]
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
+        write_table(self.rows(trials, (trial, result)), Path(self.out_dir))
+        p = trial.config
+        log.info(f"trial {trial.trial_id} task {result['tasks_done']}/{self.num_tasks} ({result['task']}): "
+                 f"ρ={p['threshold']:.3f} CD={p['cd_weight']:.2f} MAP={p['map_weight']:.2f} lr={p['lr']:.1e} -> "
+                 f"seen acc {result['seen_acc']:.1f}%, forgetting {result['forgetting']:.1f}, "
+                 f"retention {result['retention']:.3f}, objective {result[OBJECTIVE]:.3f}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        write_table(self.rows(trials), Path(self.out_dir))
+        log.warning(f"trial {trial.trial_id} failed; `gnsp tune --resume` retries it")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        write_table(self.rows(trials), Path(self.out_dir))
+
+
+def run_tune_job(request: TuneRequest, *, resume: bool = False, address: str | None = None) -> TuneOutcome:
+    """Run (or with `resume`, continue) a search; blocks until it ends. Starts a private local Ray
+    unless one is running or `address` names a cluster. Status goes to out_dir/status.json."""
+    out = Path(request.out_dir)
+    if not resume and (out / "ray").exists():
+        raise ConfigError(f"{out} already holds a search: resume it with `gnsp tune --resume --out {out}` "
+                          "or choose a new --out folder")
+    quiet_ray_warnings()
+    # Each trial reports a checkpoint only once per task, so Tune's snapshot-per-checkpoint is cheap here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    out.mkdir(parents=True, exist_ok=True)
+    request.save()
+    # One logical CPU more than the cores holds the trials' 0.01-CPU drivers, so N cores run N trials.
+    with ray_cluster(address, num_cpus=(os.cpu_count() or 1) + 1):
+        write_status(out, "running")
+        try:
+            outcome = _search(request, resume)
+        except KeyboardInterrupt:
+            write_status(out, "cancelled", "interrupted; `gnsp tune --resume` continues the search")
+            raise
+        except Exception as exc:
+            write_status(out, "failed", str(exc))
+            raise
+    write_status(out, *_final_status(outcome, request.trials))
+    return outcome
+
+
+def _final_status(outcome: TuneOutcome, trials: int) -> tuple[str, str | None]:
+    """cancelled (interrupted), failed (trials failed and none finished), else succeeded."""
+    failed = sum(r["status"] == "error" for r in outcome.rows)
+    if sum(r["status"] in ("complete", "stopped") for r in outcome.rows) + failed < trials:
+        return "cancelled", "interrupted; `gnsp tune --resume` continues the search"
+    note = f"{failed} of {trials} trials failed; `gnsp tune --resume` retries them" if failed else None
+    return ("failed" if outcome.best is None and failed else "succeeded"), note
+
+
+def _search(request: TuneRequest, resume: bool) -> TuneOutcome:
+    out = Path(request.out_dir)
+    folders = prepare_validation_tasks(request.tasks, out / "data", request.val_fraction, request.max_train_per_class)
+    setup = TrialSetup([str(f) for f in folders], request.config, None if request.base_state else request.model,
+                       request.base_state, _baseline_r1(request), str(out / "work"),
+                       WorkerResources(request.workers, request.gpus_per_worker))
+    _tuner(request, setup, len(folders), resume).fit()
+    rows = sort_rows(json.loads((out / "trials.json").read_text()))
+    best = best_row(rows)
+    write_table(rows, out)
+    plot_trials(rows, out / "objective_vs_threshold.png")
+    config = write_best(best, request.config, out) if best is not None else None
+    if not any(r["status"] == "error" for r in rows):
+        shutil.rmtree(out / "work", ignore_errors=True)  # trial states: only a failed trial's resume needs them
+    return TuneOutcome(out, rows, best, config)
+
+
+def _tuner(request: TuneRequest, setup: TrialSetup, num_tasks: int, resume: bool) -> tune.Tuner:
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": TRIAL_CPU})
+    path = Path(request.out_dir) / "ray" / f"tune-{request.job_id}"
+    if resume and tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+    scheduler = ASHAScheduler(time_attr="tasks_done", max_t=num_tasks, grace_period=1, reduction_factor=2)
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(request.space),
+        tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="max", num_samples=request.trials,
+                                    search_alg=_searcher(request, num_tasks), scheduler=scheduler,
+                                    max_concurrent_trials=_max_concurrent(request)),
+        run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=0,
+                                  callbacks=[LiveTable(request.out_dir, num_tasks)],
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+    )
+
+
+def _searcher(request: TuneRequest, num_tasks: int):
+    first = [request.space.first_point(request.config.lr)]
+    if request.searcher == "random":
+        return BasicVariantGenerator(points_to_evaluate=first, random_state=request.seed)
+    import optuna
+
+    # TPE models the results once a few trials are in; Optuna's default of 10 random ones is most of a small budget.
+    sampler = optuna.samplers.TPESampler(seed=request.seed, n_startup_trials=max(2, min(10, request.trials // 3)))
+    return SequenceOptunaSearch(num_tasks, sampler=sampler, points_to_evaluate=first)
+
+
+def _max_concurrent(request: TuneRequest) -> int:
+    if request.max_concurrent:
+        return request.max_concurrent
+    resources = ray.cluster_resources()
+    fits = int(resources.get("CPU", 1) // (request.workers + TRIAL_CPU))
+    if request.gpus_per_worker:
+        fits = min(fits, int(resources.get("GPU", 0) // (request.workers * request.gpus_per_worker)))
+    return max(1, fits)
+
+
+def _baseline_r1(request: TuneRequest) -> float:
+    """Reference R@1 of the pre-trained model (the state's own model for base_state); cached."""
+    spec = ContinualState.load(request.base_state).spec if request.base_state else request.model
+    cache = Path(request.out_dir) / "baseline.json"
+    if cache.is_file() and json.loads(cache.read_text())["spec"] == spec.to_dict():
+        return json.loads(cache.read_text())["r1"]
+    r1 = retrieval_r1(load_model(spec), validation_reference())
+    cache.write_text(json.dumps({"spec": spec.to_dict(), "r1": r1}))
+    return r1

@@ -1,0 +1,272 @@
+"""Searches started through the API (`POST /v1/tune`): queued, run one at a time, resumed after a restart.
+
+Each search lives in its own folder, `<store>/tune/<job_id>/` (under `work_dir` when the store is
+remote), holding exactly what `gnsp tune --out` writes (request.json, status.json, the trials table,
+the plot, best.json) plus `job.json`: when it was asked for, whether its winner becomes the default
+training config for later tasks, and whether a user cancelled it. The search runs in a Ray task so
+`DELETE` can stop it; a search the service was running when it stopped is continued with
+`Tuner.restore` on the next start, a search a user cancelled is not.
+
+Over REST the tasks are built-in names or one uploaded dataset (never a path on the server), and
+trials start from a stored model version (the active one unless `base_version` says otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from gnsp_core.data.builtin import BUILTIN_TASKS
+from gnsp_core.atomic_files import write_json_atomic
+from gnsp_core.config import TrainConfig
+from gnsp_core.errors import ConfigError
+
+from service.errors import BadRequestError, ConflictError, NotFoundError, error_message
+from service.jobs.states import ENDED
+from service.settings import ServiceSettings
+from service.store import ModelStore
+from service.tuning.report import read_results, write_status
+from service.tuning.request import REQUEST_FILE, TuneRequest
+
+log = logging.getLogger(__name__)
+
+TUNE_DIR = "tune"
+JOB_FILE = "job.json"
+DEFAULTS_FILE = "defaults.json"
+"""Store file with the training config that tasks submitted without one start from."""
+SERVICE_KEYS = ("out_dir", "job_id", "model", "base_state", "workers", "gpus_per_worker")
+"""TuneRequest fields the service sets itself (where results go, what model, what hardware)."""
+CANCEL_WAIT_S = 60.0
+
+
+class UnknownSearchError(NotFoundError):
+    code = "unknown_search"
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _run_search(request: dict[str, Any], resume: bool) -> dict[str, Any] | None:
+    from service.tuning.run import run_tune_job
+
+    outcome = run_tune_job(TuneRequest.from_dict(request), resume=resume)
+    return outcome.best_config.to_dict() if outcome.best_config is not None else None
+
+
+def new_search_id() -> str:
+    return f"tune-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+class TuneJobs:
+    """The searches of one store: one worker thread, records on disk, defaults in the store."""
+
+    def __init__(self, store: ModelStore, settings: ServiceSettings) -> None:
+        self.store, self.settings = store, settings
+        local = store.local_path(TUNE_DIR)
+        self.root = local if local is not None else Path(settings.work_dir or tempfile.gettempdir()) / "gnsp-tune"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._wake = threading.Condition()
+        self._queue: deque[str] = deque()
+        self._running: dict[str, ray.ObjectRef] = {}
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def recover(self) -> list[str]:
+        """Queue again every search a previous process left unfinished (not those a user cancelled)."""
+        notes = []
+        for job_id in sorted(self._job_ids(), key=lambda j: self._record(j).get("created", 0)):
+            record, status = self._record(job_id), read_results(self.root / job_id)["status"]
+            if status in ("succeeded", "failed") or record.get("cancelled"):
+                continue
+            self._enqueue(job_id)
+            notes.append(f"{job_id}: {status}, queued to {'resume' if self._started(job_id) else 'start'}")
+        return notes
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="gnsp-tune", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._wake:
+            self._wake.notify_all()
+
+    # --- requests --------------------------------------------------------------------------------
+
+    def submit(self, body: dict[str, Any], dataset: Path | None = None) -> dict[str, Any]:
+        """Check the request, file it and queue it; `dataset` is an uploaded, validated archive."""
+        job_id = new_search_id()
+        out = self.root / job_id
+        out.mkdir(parents=True)
+        try:
+            options = {k: body.pop(k) for k in ("apply_best", "base_version") if k in body}
+            if dataset is not None:
+                dataset = Path(shutil.move(str(dataset), out / dataset.name))
+            request = self._request(body, out, job_id, dataset, options.get("base_version", "active"))
+            request.save()
+            self._write_record(job_id, {"job_id": job_id, "created": time.time(),
+                                        "apply_best": bool(options.get("apply_best", False)),
+                                        "base_version": options.get("base_version", "active"), "cancelled": False})
+            write_status(out, "queued")
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
+        self._enqueue(job_id)
+        return self.view(job_id)
+
+    def _request(self, body: dict[str, Any], out: Path, job_id: str, dataset: Path | None,
+                 base_version: Any) -> TuneRequest:
+        from service.versions import model_spec
+
+        set_by_service = sorted(set(body) & set(SERVICE_KEYS))
+        if set_by_service:
+            raise BadRequestError(f"{set_by_service} are set by the service; leave them out of the request")
+        tasks = body.pop("tasks", [])
+        if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+            raise BadRequestError('tasks must be a list of built-in task names, e.g. ["digits", "animals"]')
+        strangers = [t for t in tasks if t not in BUILTIN_TASKS]
+        if strangers:
+            raise BadRequestError(f"unknown tasks {strangers}: the API tunes on built-in tasks "
+                                  f"({', '.join(sorted(BUILTIN_TASKS))}) and on an uploaded dataset "
+                                  "(multipart field 'dataset'); it never reads paths on the server")
+        tasks = [*tasks, *([str(dataset)] if dataset is not None else [])]
+        if not tasks:
+            raise BadRequestError("a search needs tasks: name built-in tasks or upload a dataset")
+        config = body.pop("config", {})
+        if not isinstance(config, dict):
+            raise BadRequestError("config must be a JSON object of training settings")
+        body["config"] = {**config, "method": config.get("method", "gnsp")}
+        service = {"out_dir": str(out), "job_id": job_id, "tasks": tasks, "workers": self.settings.workers,
+                   "gpus_per_worker": self.settings.gpus_per_worker}
+        if base_version is None:
+            service["model"] = model_spec(self.settings).to_dict()
+        else:
+            service["base_state"] = str(self._base_state(base_version))
+        try:
+            return TuneRequest.from_dict({**body, **service})
+        except ConfigError as exc:
+            raise BadRequestError(str(exc)) from None
+
+    def _base_state(self, base_version: Any) -> Path:
+        version = self.store.active() if base_version == "active" else base_version
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise BadRequestError('base_version must be a version number, "active" or null (the bare model)')
+        return self.store.fetch_version(version, self.root / "versions")
+
+    def view(self, job_id: str) -> dict[str, Any]:
+        """The search as the API shows it: status, progress over its trials, table, best trial."""
+        out = self._folder(job_id)
+        record, results = self._record(job_id), read_results(out)
+        request = json.loads((out / REQUEST_FILE).read_text())
+        tasks, trials = len(request["tasks"]), request["trials"]
+        done = sum(1.0 if r["status"] in ("complete", "stopped", "error") else min(r["tasks_done"] / tasks, 1.0)
+                   for r in results["trials"])
+        progress = 1.0 if results["status"] == "succeeded" else round(min(done / trials, 0.99), 4)
+        visible = {k: v for k, v in request.items() if k not in ("out_dir", "base_state")}
+        return {**record, **results, "progress": progress, "request": visible,
+                "applied": (self.defaults() or {}).get("source") == job_id}
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self.view(j) for j in sorted(self._job_ids(), key=lambda j: self._record(j).get("created", 0))]
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        status = self.view(job_id)["status"]
+        if status in ENDED:
+            raise ConflictError(f"search {job_id!r} already ended ({status}); nothing to cancel")
+        self._write_record(job_id, {**self._record(job_id), "cancelled": True})
+        with self._wake:
+            if job_id in self._queue:
+                self._queue.remove(job_id)
+                write_status(self.root / job_id, "cancelled", "cancelled before it started")
+            ref = self._running.get(job_id)
+        if ref is not None:
+            ray.cancel(ref)  # KeyboardInterrupt in the search: Tune stops its trials
+            try:
+                ray.wait([ref], timeout=CANCEL_WAIT_S)
+            finally:
+                write_status(self.root / job_id, "cancelled", "cancelled by the user")
+        return self.view(job_id)
+
+    def apply(self, job_id: str) -> dict[str, Any]:
+        """Make the search's best config the default training config of later tasks."""
+        best = self._folder(job_id) / "best.json"
+        if not best.is_file():
+            raise ConflictError(f"search {job_id!r} has no best config (yet); GET /v1/tune/{job_id} shows its status")
+        config = TrainConfig.from_dict(json.loads(best.read_text())).to_dict()
+        self.store.write_json(DEFAULTS_FILE, {"config": config, "source": job_id, "updated": time.time()})
+        return self.defaults() or {}
+
+    def defaults(self) -> dict[str, Any] | None:
+        return self.store.read_json(DEFAULTS_FILE)
+
+    def task_config(self, method: str, config: dict[str, Any]) -> dict[str, Any]:
+        """A submitted task's config: the default (from a search) for its method, overridden by its own."""
+        default = (self.defaults() or {}).get("config") or {}
+        if default.get("method") != method:
+            return config
+        return {**{k: v for k, v in default.items() if k != "method"}, **config}
+
+    # --- the worker ------------------------------------------------------------------------------
+
+    def _enqueue(self, job_id: str) -> None:
+        with self._wake:
+            self._queue.append(job_id)
+            self._wake.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._stopping.is_set():
+                    self._wake.wait(1.0)
+                if self._stopping.is_set():
+                    return
+                job_id = self._queue.popleft()
+                request = json.loads((self.root / job_id / REQUEST_FILE).read_text())
+                ref = _run_search.remote(request, self._started(job_id))
+                self._running[job_id] = ref
+            self._finish(job_id, ref)
+
+    def _finish(self, job_id: str, ref: ray.ObjectRef) -> None:
+        out = self.root / job_id
+        try:
+            best = ray.get(ref)
+            if best is not None and self._record(job_id).get("apply_best"):
+                self.apply(job_id)
+        except Exception as exc:  # the search wrote its own status; this covers what happened around it
+            if self._record(job_id).get("cancelled"):
+                write_status(out, "cancelled", "cancelled by the user")
+            elif read_results(out)["status"] not in ENDED:
+                log.exception("search %s failed", job_id)
+                write_status(out, "failed", f"{type(exc).__name__}: {error_message(exc)}")
+        finally:
+            with self._wake:
+                self._running.pop(job_id, None)
+
+    # --- records ---------------------------------------------------------------------------------
+
+    def _started(self, job_id: str) -> bool:
+        return (self.root / job_id / "ray").exists()
+
+    def _job_ids(self) -> list[str]:
+        return [p.name for p in self.root.iterdir() if (p / JOB_FILE).is_file()]
+
+    def _folder(self, job_id: str) -> Path:
+        if not job_id.startswith("tune-") or "/" in job_id or not (self.root / job_id / JOB_FILE).is_file():
+            raise UnknownSearchError(f"search {job_id!r} does not exist; GET /v1/tune lists the searches")
+        return self.root / job_id
+
+    def _record(self, job_id: str) -> dict[str, Any]:
+        return json.loads((self.root / job_id / JOB_FILE).read_text())
+
+    def _write_record(self, job_id: str, record: dict[str, Any]) -> None:
+        write_json_atomic(self.root / job_id / JOB_FILE, record)
