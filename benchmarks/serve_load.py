@@ -130,7 +130,7 @@ def in_process_ms(store, version: int, body: dict, threads: int, batch: int = 1,
     from concurrent.futures import ThreadPoolExecutor
 
     from gnsp_core.zeroshot import TextHeadCache
-    from service.versions import load_served_model
+    from service.serving.served_model import load_served_model
 
     served = load_served_model(store, version, Path(tempfile.mkdtemp()))
     requests = [{"images": [base64.b64decode(i) for i in body["images"]], "labels": body["labels"]}] * batch
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ray import serve
 
     from service.api.app import build_app
-    from service.serving.deployments import classifier_thread_count
+    from service.serving.classifier import classifier_thread_count
     from service.settings import ServiceSettings
     from service.store import ModelStore
 

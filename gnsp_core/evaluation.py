@@ -6,7 +6,6 @@ with the full template ensemble. MG-CLIP's compensation head joins where it exis
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,15 +15,6 @@ from gnsp_core.metrics import modality_gap, retrieval_recall
 from gnsp_core.methods.mgclip_head import compensation_head
 from gnsp_core.models.spec import LoadedModel
 from gnsp_core.zeroshot import TEMPLATES, build_text_head, evaluate_accuracy
-
-
-@dataclass
-class GeometryReport:
-    """Embedding-space health on held-out data: the modality gap and image-text retrieval."""
-
-    gap_norm: float
-    gap_cosine_to_pretrained: float | None
-    retrieval: dict[str, float]
 
 
 def task_accuracy(

@@ -159,10 +159,6 @@ class NullSpaceProjector:
             self.layers.append(_MapProjector(m, range_basis, null_basis))
         self._before: list[torch.Tensor] = []
 
-    def null_dims(self) -> dict[str, tuple[int, int]]:
-        """(null-space dimension, input dimension) per map: how much freedom each layer keeps."""
-        return {p.map.name: (p.null_dim, p.map.in_features) for p in self.layers}
-
     @torch.no_grad()
     def project_gradients(self) -> None:
         """Paper: g ← g P (or P g for x W maps) before the optimiser sees it."""

@@ -104,7 +104,7 @@ def learn_task(
     if resume is not None:
         start = _restore(resume, model, optimizer, scheduler, method)
     step = _train_loop(ctx, method, optimizer, scheduler, start, total, progress, on_checkpoint, checkpoint_every)
-    method.end_task(progress)
+    method.end_task()
     record = TaskRecord(task.name, list(task.classnames), config.method, step)
     return ContinualState(
         spec=state.spec,

@@ -52,15 +52,6 @@ def _inference(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def encode_prompts(model: nn.Module, tokenizer: Callable, classnames: Sequence[str], template: str) -> Tensor:
-    """Normalised text embeddings [C, D] of `template.format(c)` for each class, with grad.
-
-    The differentiable path used by training losses (the text tower may be trained).
-    """
-    tokens = tokenizer([template.format(c) for c in classnames]).to(model_device(model))
-    return F.normalize(model.encode_text(tokens), dim=-1)
-
-
 def build_text_head(
     model: nn.Module,
     tokenizer: Callable,

@@ -8,7 +8,7 @@ from PIL import Image
 
 from gnsp_core.data import builtin as builtin_tasks
 from gnsp_core.data.builtin import (
-    BUILTIN_TASKS, DEFAULT_TASK_ORDER, builtin_available, default_task_order, load_builtin,
+    BUILTIN_TASKS, builtin_available, load_builtin,
 )
 from gnsp_core.data import load_task
 from gnsp_core.errors import DatasetError
@@ -27,11 +27,8 @@ def _require(name: str) -> None:
         pytest.skip(f"{name} is not installed here ({BUILTIN_TASKS[name].install})")
 
 
-def test_registry_and_default_order() -> None:
+def test_registry() -> None:
     assert set(BUILTIN_TASKS) == set(EXPECTED)
-    assert DEFAULT_TASK_ORDER == ["digits", "animals", "textiles", "mnist"]
-    assert default_task_order()[:4] == DEFAULT_TASK_ORDER
-    assert ("fashion" in default_task_order()) == builtin_available("fashion")
     assert not builtin_available("nope")
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from gnsp_core.data.archives import _Budget, _copy_counted
 from gnsp_core.data import (
-    ArchiveLimits, ImageSamples, Task, load_task, safe_extract, split_per_class, validate_image_folder,
+    ArchiveLimits, ImageSamples, load_task, safe_extract, split_per_class, validate_image_folder,
 )
 from gnsp_core.errors import DatasetError
 
@@ -85,8 +85,6 @@ def test_with_transform_subset_and_task_transforms() -> None:
     assert sized[1] == ((2, 2), 1)
     sub = sized.subset([3, 0])
     assert sub.labels == [1, 0] and sub[0] == ((2, 2), 1)
-    task = Task("t", ["a", "b"], samples, samples).with_transforms(lambda im: "train", lambda im: "test")
-    assert task.train[0][0] == "train" and task.test[0][0] == "test"
 
 
 # ---------------------------------------------------------------- folders

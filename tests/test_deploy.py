@@ -481,7 +481,7 @@ def test_serve_config_deploys_through_serves_config_path(ray_session, tmp_path):
 
 
 def test_classifier_threads_follow_the_replica_not_rays_default_of_one():
-    from service.serving.deployments import classifier_thread_count
+    from service.serving.classifier import classifier_thread_count
     from service.settings import ServiceSettings
 
     assert classifier_thread_count(ServiceSettings(classifier_threads=3, classifier_cpus=1)) == 3

@@ -19,6 +19,11 @@ from service.store import ModelStore
 from test_store import fake_state
 
 
+def stored_job(store: ModelStore, task_id: str) -> dict:
+    """The job record as persisted in the store (what a restarted service would read)."""
+    return {r["task_id"]: r for r in store.jobs()}[task_id]
+
+
 def until(condition: Callable[[], Any], timeout: float = 20.0) -> Any:
     """Poll `condition` until it is truthy (no fixed sleeps)."""
     deadline = time.monotonic() + timeout
@@ -126,7 +131,7 @@ def test_cancel_queued_never_runs_and_cancel_running_stops(store, tmp_path):
     queue.stop()
     assert [task for task, _ in runner.calls] == [running]
     assert store.versions() == [1] and store.active() == 1 and store.upload_ids() == []
-    assert store.load_job(queued)["error"] == "cancelled before it started"
+    assert stored_job(store, queued)["error"] == "cancelled before it started"
 
 
 def test_quality_gate_failure_keeps_version_but_not_active(store, tmp_path):
@@ -188,7 +193,7 @@ def test_restart_resumes_or_fails_interrupted_jobs_and_requeues_the_rest(store, 
     second = submit(queue, store, "task-b", tmp_path)["task_id"]
     until(lambda: runner.calls)
     queue.stop()  # what a shutdown (or a crash) leaves: one job running, one queued
-    assert store.load_job(first)["status"] == "running" and store.load_job(second)["status"] == "queued"
+    assert stored_job(store, first)["status"] == "running" and stored_job(store, second)["status"] == "queued"
 
     runner = FakeRunner(store, tmp_path)
     restarted = make_queue(store, runner, on_restart=on_restart)

@@ -134,12 +134,12 @@ def test_learning_is_deterministic_under_a_seed(reference):
 def test_pretrained_features_are_computed_once_per_run(reference, monkeypatch):
     """Two tasks against one reference pool load the pre-trained model once and reuse its features,
     which stay exactly those of a freshly loaded pre-trained model."""
-    import gnsp_core.models as models
+    import gnsp_core.pretrained_cache as pretrained_cache
     from gnsp_core.pretrained_cache import pretrained_features
 
     loads = []
-    real_load = models.load_model
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    real_load = pretrained_cache.load_model
+    monkeypatch.setattr(pretrained_cache, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     loaded = real_load(ModelSpec(name="tiny"))
     state = ContinualState.initial(loaded.model, loaded.spec)
     config = TrainConfig(method="gnsp", steps=3, **FAST)

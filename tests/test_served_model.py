@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from gnsp_core.zeroshot import TextHeadCache
-from service.versions import ServedModel
+from service.serving.served_model import ServedModel
 from service_support import png_bytes
 
 

@@ -98,7 +98,9 @@ def test_job_records_and_uploads(store, tmp_path):
         store.save_job({"task_id": task_id, "seq": seq, "status": "queued"})
     store.save_job({"task_id": "task-b", "seq": 1, "status": "running"})
     assert [(r["task_id"], r["status"]) for r in store.jobs()] == [("task-b", "running"), ("task-a", "queued")]
-    assert store.load_job("task-a")["seq"] == 2 and store.load_job("../etc/passwd") is None
+    assert {r["task_id"]: r["seq"] for r in store.jobs()}["task-a"] == 2
+    with pytest.raises(ValueError):
+        store.save_job({"task_id": "../etc/passwd", "seq": 3, "status": "queued"})
     rel = store.put_upload("task-a", archive, "dataset.zip")
     assert store.upload_ids() == ["task-a"]
     assert store.fetch_upload(rel, tmp_path / "scratch").read_bytes() == b"PK fake"

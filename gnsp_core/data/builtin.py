@@ -152,18 +152,12 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
         ),
     )
 }
-DEFAULT_TASK_ORDER = ["digits", "animals", "textiles", "mnist"]
 
 
 def builtin_available(name: str) -> bool:
     """Whether the built-in's data is installed here (False for unknown names)."""
     task = BUILTIN_TASKS.get(name)
     return task is not None and task.available()
-
-
-def default_task_order() -> list[str]:
-    """DEFAULT_TASK_ORDER, plus `fashion` where its Debian package is installed."""
-    return DEFAULT_TASK_ORDER + (["fashion"] if builtin_available("fashion") else [])
 
 
 def load_builtin(

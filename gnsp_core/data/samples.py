@@ -73,12 +73,6 @@ class Task:
     train: ImageSamples
     test: ImageSamples
 
-    def with_transforms(self, train_transform: Transform | None, test_transform: Transform | None) -> Task:
-        return dataclasses.replace(
-            self, train=self.train.with_transform(train_transform), test=self.test.with_transform(test_transform)
-        )
-
-
 def split_per_class(labels: Sequence[int], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Stratified train/test indices: per class a seeded shuffle, about `test_fraction` to test.
 

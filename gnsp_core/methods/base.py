@@ -66,7 +66,7 @@ class Method:
     def stop_early(self, step: int) -> bool:
         return False
 
-    def end_task(self, progress=None) -> None: ...
+    def end_task(self) -> None: ...
 
     # --- what the next state keeps -------------------------------------------------------------
     def statistics(self) -> ProjectorStatistics:

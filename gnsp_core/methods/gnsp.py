@@ -60,7 +60,7 @@ class GNSP(Method):
         if self.projector is not None and self.cfg.projection.target == "update":
             self.projector.project_updates()
 
-    def end_task(self, progress=None) -> None:
+    def end_task(self) -> None:
         self.stats.add_task(self._task_statistics())
 
     def statistics(self) -> ProjectorStatistics:

@@ -146,7 +146,7 @@ class MGCLIP(Method):
         return False
 
     @torch.no_grad()
-    def end_task(self, progress=None) -> None:
+    def end_task(self) -> None:
         self.lora_tensors = {}
         for name, module, pname, lora in self.loras:
             parametrize.remove_parametrizations(module, pname, leave_parametrized=True)

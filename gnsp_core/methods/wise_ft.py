@@ -13,7 +13,7 @@ class WiSEFT(Method):
     name = "wise-ft"
 
     @torch.no_grad()
-    def end_task(self, progress=None) -> None:
+    def end_task(self) -> None:
         alpha = self.cfg.wise_alpha
         base = self.ctx.base_model().state_dict()
         for name, tensor in self.model.state_dict().items():

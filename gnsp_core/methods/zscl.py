@@ -43,7 +43,7 @@ class ZSCL(Method):
         self.samples += 1
 
     @torch.no_grad()
-    def end_task(self, progress=None) -> None:
+    def end_task(self) -> None:
         if self.average is not None:
             for avg, p in zip(self.average, self.trainable_parameters()):
                 p.copy_(avg)

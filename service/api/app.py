@@ -14,8 +14,6 @@ through Serve's class-based view.
 """
 
 import hmac
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Awaitable
@@ -33,7 +31,8 @@ from gnsp_core.errors import GnspError
 
 from service.api import metrics as prometheus
 from service.api import schemas as api
-from service.serving.deployments import Classifier, JobRunner
+from service.jobs.runner import JobRunner
+from service.serving.classifier import Classifier
 from service.errors import (BadRequestError, NotReadyError, UnauthorizedError, UnknownVersionError, error_body,
                      error_message, http_status, unwrap)
 from service.jobs.tasks import new_task_id
@@ -42,7 +41,7 @@ from service.api.metrics import MetricsMiddleware
 from service.settings import ServiceSettings
 from service.store import ModelStore
 from service.api.uploads import (archive_filename, check_task_name, parse_config, parse_tune_body, read_body,
-                      read_classify_request, receive_form, validate_dataset)
+                      read_classify_request, received_dataset_form, validate_dataset)
 
 app = FastAPI(title="gnsp", version="0.1.0",
               description="Continual learning for CLIP: add tasks, follow jobs, query versioned zero-shot classifiers.")
@@ -162,10 +161,7 @@ class Ingress:
                        credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> api.TaskAccepted:
         """Upload a dataset (streamed, size-limited, validated) and queue a job that learns it."""
         self._authorize(credentials)
-        scratch = Path(tempfile.mkdtemp(prefix="gnsp-upload-", dir=self.settings.work_dir))
-        try:
-            form = await receive_form(request.headers.get("content-type"), request.headers.get("content-length"),
-                                      request.stream(), "dataset", scratch / "upload", self.settings.max_upload_bytes)
+        async with received_dataset_form(request, self.settings) as form:
             name = check_task_name(form.fields.get("name"))
             if form.file is None:
                 raise BadRequestError("the form has no 'dataset' file; attach a .zip or .tar.gz of class folders")
@@ -176,8 +172,6 @@ class Ingress:
             summary = await run_in_threadpool(validate_dataset, form.file, self.settings.archive_limits(),
                                               self.settings.work_dir)
             return await self._queue(name, method, config, form.file, summary)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
 
     async def _queue(self, name: str, method: str, config: dict, archive: Path, summary: dict) -> api.TaskAccepted:
         task_id = new_task_id()
@@ -217,10 +211,7 @@ class Ingress:
         if kind != "multipart/form-data":
             body = parse_tune_body(await read_body(request, 1 << 20))
             return api.TuneView(**await call(self.jobs.submit_search.remote(body, None)))
-        scratch = Path(tempfile.mkdtemp(prefix="gnsp-upload-", dir=self.settings.work_dir))
-        try:
-            form = await receive_form(request.headers.get("content-type"), request.headers.get("content-length"), request.stream(), "dataset",
-                                      scratch / "upload", self.settings.max_upload_bytes)
+        async with received_dataset_form(request, self.settings) as form:
             body = parse_tune_body(form.fields.get("request"))
             upload = None
             if form.file is not None:
@@ -229,8 +220,6 @@ class Ingress:
                 upload = await run_in_threadpool(self.store.put_upload, new_search_id(), form.file,
                                                  archive_filename(form.file))
             return api.TuneView(**await call(self.jobs.submit_search.remote(body, upload)))
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
 
     @app.get("/v1/tune", response_model=api.TuneList)
     async def list_searches(self) -> api.TuneList:

@@ -9,10 +9,10 @@ gnsp_core's own safe_extract and validate_image_folder before anything reaches t
 from __future__ import annotations
 
 import base64
+import contextlib
 import binascii
 import io
 import json
-import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -138,19 +138,25 @@ async def receive_form(content_type: str | None, content_length: str | None, bod
     return receiver.form
 
 
+@contextlib.asynccontextmanager
+async def received_dataset_form(request: Request, settings: ServiceSettings) -> AsyncIterator[ReceivedForm]:
+    """The request's multipart form, its `dataset` part streamed into a scratch folder under
+    `work_dir` that is removed when the block ends (whatever the job does with the file, it copies it)."""
+    with tempfile.TemporaryDirectory(prefix="gnsp-upload-", dir=settings.work_dir) as scratch:
+        yield await receive_form(request.headers.get("content-type"), request.headers.get("content-length"),
+                                 request.stream(), "dataset", Path(scratch) / "upload", settings.max_upload_bytes)
+
+
 def archive_filename(archive: Path) -> str:
     return "dataset.zip" if zipfile.is_zipfile(archive) else "dataset.tar"
 
 
 def validate_dataset(archive: Path, limits: ArchiveLimits, scratch_parent: str | None) -> dict[str, Any]:
     """Extract and check an uploaded dataset the way the trainer will read it; a summary for the record."""
-    scratch = Path(tempfile.mkdtemp(prefix="gnsp-check-", dir=scratch_parent))
-    try:
-        layout = validate_image_folder(safe_extract(archive, scratch / "data", limits), limits)
+    with tempfile.TemporaryDirectory(prefix="gnsp-check-", dir=scratch_parent) as scratch:
+        layout = validate_image_folder(safe_extract(archive, Path(scratch) / "data", limits), limits)
         images = sum(len(files) for split in layout.splits.values() for files in split.values())
         return {"classes": layout.classnames, "images": images, "splits": sorted(layout.splits)}
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def parse_config(raw: str | None) -> dict[str, Any]:

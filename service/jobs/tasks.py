@@ -22,13 +22,13 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from gnsp_core.errors import GnspError
 
 from service.errors import ConflictError, UnknownTaskError, error_message
+from service.jobs.queue import WorkQueue
 from service.jobs.states import ENDED, STATUSES
 from service.settings import ServiceSettings
 from service.store import ModelStore
@@ -81,15 +81,12 @@ class JobQueue:
                  check_version: Callable[[int], Any]) -> None:
         self.store, self.settings, self.runner, self.check_version = store, settings, runner, check_version
         self._lock = threading.RLock()
-        self._wake = threading.Condition(self._lock)
         self._activation = threading.Lock()
         self._records: dict[str, dict[str, Any]] = {}
-        self._queue: deque[str] = deque()
+        self._queue = WorkQueue("gnsp-jobs", self._take)
         self._cancel: dict[str, threading.Event] = {}
         self._ended: dict[str, threading.Event] = {}
         self._live: dict[str, tuple[float, str]] = {}
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
         self._owner = uuid.uuid4().hex
         self._seq = 0
 
@@ -105,7 +102,7 @@ class JobQueue:
             if record["status"] == "running":
                 notes.append(self._recover_running(record))
             if record["status"] == "queued":
-                self._enqueue(record["task_id"])
+                self._queue.put(record["task_id"])
         live = {tid for tid, r in self._records.items() if r["status"] not in ENDED}
         for task_id in set(self.store.upload_ids()) - live:
             self.store.delete_job_files(task_id)  # uploads of ended (or never recorded) jobs
@@ -124,16 +121,11 @@ class JobQueue:
 
     def start(self) -> None:
         self.store.write_json(RUNNER_FILE, {"owner": self._owner, "since": time.time()})
-        self._thread = threading.Thread(target=self._loop, name="gnsp-jobs", daemon=True)
-        self._thread.start()
+        self._queue.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop taking jobs; a running attempt is interrupted (it resumes on the next start)."""
-        self._stopping.set()
-        with self._wake:
-            self._wake.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._queue.stop(timeout)
 
     # --- requests --------------------------------------------------------------------------------
 
@@ -147,7 +139,7 @@ class JobQueue:
                       "activated": False, "metrics": {}, "error": None, "attempts": 0, "progress": 0.0,
                       "phase": "queued"}
             self._save(record)
-            self._enqueue(task_id)
+            self._queue.put(task_id)
         return self.view(task_id)
 
     def view(self, task_id: str) -> dict[str, Any]:
@@ -181,8 +173,7 @@ class JobQueue:
             if status in ENDED:
                 raise ConflictError(f"task {task_id!r} already ended ({status}); nothing to cancel")
             self._cancel.setdefault(task_id, threading.Event()).set()
-            if status == "queued" and task_id in self._queue:  # not yet taken by the worker
-                self._queue.remove(task_id)
+            if status == "queued" and self._queue.remove(task_id):  # not yet taken by the worker
                 self._end(task_id, "cancelled", error="cancelled before it started")
                 return self.view(task_id)
             ended = self._ended.setdefault(task_id, threading.Event())
@@ -201,28 +192,13 @@ class JobQueue:
 
     # --- the worker ------------------------------------------------------------------------------
 
-    def _enqueue(self, task_id: str) -> None:
-        with self._wake:
-            self._queue.append(task_id)
-            self._wake.notify()
-
-    def _next(self) -> str | None:
-        with self._wake:
-            while not self._queue and not self._stopping.is_set():
-                self._wake.wait(1.0)
-            return None if self._stopping.is_set() else self._queue.popleft()
-
-    def _loop(self) -> None:
-        while (task_id := self._next()) is not None:
-            if (self.store.read_json(RUNNER_FILE) or {}).get("owner") != self._owner:
-                log.warning("another job runner took over the store; this one stops taking jobs")
-                with self._wake:
-                    self._queue.appendleft(task_id)
-                return
-            try:
-                self._run(task_id)
-            except Exception:  # the loop must survive anything a job does
-                log.exception("job %s: unexpected error in the job runner", task_id)
+    def _take(self, task_id: str) -> bool:
+        """The queue's handler: run the job, unless another runner took over the store (then stop)."""
+        if (self.store.read_json(RUNNER_FILE) or {}).get("owner") != self._owner:
+            log.warning("another job runner took over the store; this one stops taking jobs")
+            return False
+        self._run(task_id)
+        return True
 
     def _run(self, task_id: str) -> None:
         with self._lock:
@@ -237,7 +213,7 @@ class JobQueue:
             self._live[task_id] = (record.get("progress") or 0.0, "starting")
 
         def should_stop() -> str | None:
-            return "cancel" if cancel.is_set() else "stop" if self._stopping.is_set() else None
+            return "cancel" if cancel.is_set() else "stop" if self._queue.stopping else None
 
         try:
             outcome = self.runner(dict(record), should_stop, lambda f, p: self._report(task_id, f, p))

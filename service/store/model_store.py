@@ -217,9 +217,6 @@ class ModelStore:
     def save_job(self, record: dict[str, Any]) -> None:
         self.write_json(f"jobs/{_check_job_id(record['task_id'])}.json", record)
 
-    def load_job(self, task_id: str) -> dict[str, Any] | None:
-        return self.read_json(f"jobs/{task_id}.json") if _JOB_ID.match(task_id) else None
-
     def jobs(self) -> list[dict[str, Any]]:
         """Every job record, in submission order."""
         records = []

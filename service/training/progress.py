@@ -80,15 +80,6 @@ def open_board(job_id: str) -> ActorHandle:
     return ProgressBoard.options(name=board_name(job_id), namespace=NAMESPACE, get_if_exists=True).remote()
 
 
-def read_board(job_id: str) -> JobProgress | None:
-    """The latest progress of a job started by any driver on this cluster, or None if it has no board."""
-    try:
-        board = ray.get_actor(board_name(job_id), namespace=NAMESPACE)
-    except ValueError:
-        return None
-    return ray.get(board.latest.remote())
-
-
 class BoardReporter:
     """Worker side: turns learn_task's Progress into board updates, throttled so a fast loop stays fast."""
 

@@ -20,7 +20,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from gnsp_core.config import TrainConfig
 from gnsp_core.errors import ConfigError
 
 from service.errors import BadRequestError, ConflictError, NotFoundError, error_message
+from service.jobs.queue import WorkQueue
 from service.jobs.states import ENDED
 from service.settings import ServiceSettings
 from service.store import ModelStore
@@ -73,11 +73,9 @@ class TuneJobs:
         local = store.local_path(TUNE_DIR)
         self.root = local if local is not None else Path(settings.work_dir or tempfile.gettempdir()) / "gnsp-tune"
         self.root.mkdir(parents=True, exist_ok=True)
-        self._wake = threading.Condition()
-        self._queue: deque[str] = deque()
+        self._lock = threading.Lock()
+        self._queue = WorkQueue("gnsp-tune", self._take)
         self._running: dict[str, ray.ObjectRef] = {}
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -88,18 +86,16 @@ class TuneJobs:
             record, status = self._record(job_id), read_results(self.root / job_id)["status"]
             if status in ("succeeded", "failed") or record.get("cancelled"):
                 continue
-            self._enqueue(job_id)
+            self._queue.put(job_id)
             notes.append(f"{job_id}: {status}, queued to {'resume' if self._started(job_id) else 'start'}")
         return notes
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="gnsp-tune", daemon=True)
-        self._thread.start()
+        self._queue.start()
 
     def stop(self) -> None:
-        self._stopping.set()
-        with self._wake:
-            self._wake.notify_all()
+        """No search starts after this; a running one goes on in its Ray task and resumes on restart."""
+        self._queue.stop(timeout=0)
 
     # --- requests --------------------------------------------------------------------------------
 
@@ -121,7 +117,7 @@ class TuneJobs:
         except BaseException:
             shutil.rmtree(out, ignore_errors=True)
             raise
-        self._enqueue(job_id)
+        self._queue.put(job_id)
         return self.view(job_id)
 
     def _request(self, body: dict[str, Any], out: Path, job_id: str, dataset: Path | None,
@@ -184,9 +180,8 @@ class TuneJobs:
         if status in ENDED:
             raise ConflictError(f"search {job_id!r} already ended ({status}); nothing to cancel")
         self._write_record(job_id, {**self._record(job_id), "cancelled": True})
-        with self._wake:
-            if job_id in self._queue:
-                self._queue.remove(job_id)
+        with self._lock:  # the worker checks `cancelled` under this lock before it starts a search
+            if self._queue.remove(job_id):
                 write_status(self.root / job_id, "cancelled", "cancelled before it started")
             ref = self._running.get(job_id)
         if ref is not None:
@@ -218,23 +213,17 @@ class TuneJobs:
 
     # --- the worker ------------------------------------------------------------------------------
 
-    def _enqueue(self, job_id: str) -> None:
-        with self._wake:
-            self._queue.append(job_id)
-            self._wake.notify()
-
-    def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._queue and not self._stopping.is_set():
-                    self._wake.wait(1.0)
-                if self._stopping.is_set():
-                    return
-                job_id = self._queue.popleft()
-                request = json.loads((self.root / job_id / REQUEST_FILE).read_text())
-                ref = _run_search.remote(request, self._started(job_id))
-                self._running[job_id] = ref
-            self._finish(job_id, ref)
+    def _take(self, job_id: str) -> bool:
+        """The queue's handler: start the search in a Ray task (unless cancelled meanwhile), wait for it."""
+        with self._lock:
+            if self._record(job_id).get("cancelled"):
+                write_status(self.root / job_id, "cancelled", "cancelled before it started")
+                return True
+            request = json.loads((self.root / job_id / REQUEST_FILE).read_text())
+            ref = _run_search.remote(request, self._started(job_id))
+            self._running[job_id] = ref
+        self._finish(job_id, ref)
+        return True
 
     def _finish(self, job_id: str, ref: ray.ObjectRef) -> None:
         out = self.root / job_id
@@ -249,7 +238,7 @@ class TuneJobs:
                 log.exception("search %s failed", job_id)
                 write_status(out, "failed", f"{type(exc).__name__}: {error_message(exc)}")
         finally:
-            with self._wake:
+            with self._lock:
                 self._running.pop(job_id, None)
 
     # --- records ---------------------------------------------------------------------------------

@@ -1,0 +1,93 @@
+"""One stored version loaded in a classifier replica: decode images, answer a batch, smoke-test a version."""
+
+from __future__ import annotations
+
+import io
+import math
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from gnsp_core.data import to_rgb
+from gnsp_core.models import LoadedModel
+from gnsp_core.models.loading import resolve_device
+from gnsp_core.state import ContinualState
+from gnsp_core.zeroshot import TEMPLATES, TextHeadCache, model_device
+
+from service.errors import InvalidImageError, VersionLoadError
+from service.store import ModelStore
+from service.versions import load_state_model
+
+LOGIT_SCALE = 100.0
+
+
+@dataclass
+class ServedModel:
+    """One loaded version in a classifier replica."""
+
+    version: int
+    loaded: LoadedModel
+
+    @torch.no_grad()
+    def classify(self, requests: list[dict[str, Any]], heads: TextHeadCache,
+                 pool: Executor | None = None) -> list[dict[str, Any]]:
+        """Answer several requests with one image-tower pass; each request has its own labels.
+
+        With a `pool`, a batch's images are decoded and preprocessed in parallel (Pillow releases
+        the GIL while it decodes and resizes): on a GPU this, not the forward, bounds a batch."""
+        raws = [raw for request in requests for raw in request["images"]]
+        tensors = pool.map(self._pixels, raws) if pool is not None and len(raws) > 1 else map(self._pixels, raws)
+        pixels = torch.stack(list(tensors)).to(model_device(self.loaded.model))
+        features = F.normalize(self.loaded.model.encode_image(pixels).float(), dim=-1)
+        answers, start = [], 0
+        for request in requests:
+            labels = request["labels"]
+            count = len(request["images"])
+            head = heads.get(self.loaded.model, self.loaded.tokenizer, labels, TEMPLATES, key=self.version)
+            probs = (LOGIT_SCALE * features[start:start + count] @ head.T).softmax(dim=-1)
+            start += count
+            answers.append({"model_version": self.version, "results": [_result(labels, row) for row in probs.tolist()]})
+        return answers
+
+    def _pixels(self, raw: bytes) -> torch.Tensor:
+        return self.loaded.preprocess_val(decode_image(raw))
+
+    def check(self, heads: TextHeadCache) -> dict[str, Any]:
+        """A smoke test before a version is served: one image, two labels, finite probabilities."""
+        probe = io.BytesIO()
+        Image.new("RGB", (32, 32), (128, 96, 64)).save(probe, format="PNG")
+        answer = self.classify([{"images": [probe.getvalue()], "labels": ["a photo", "a drawing"]}], heads)[0]
+        total = sum(answer["results"][0]["scores"].values())
+        if not all(math.isfinite(p) for p in answer["results"][0]["scores"].values()) or abs(total - 1) > 1e-3:
+            raise VersionLoadError(f"version {self.version} produced invalid probabilities {answer['results'][0]}")
+        return {"version": self.version, "ok": True}
+
+
+def _result(labels: list[str], probs: list[float]) -> dict[str, Any]:
+    best = max(range(len(labels)), key=probs.__getitem__)
+    return {"label": labels[best], "scores": {label: round(p, 6) for label, p in zip(labels, probs)}}
+
+
+def decode_image(raw: bytes) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            image.load()
+            return to_rgb(image)
+    except Exception as exc:  # PIL signals undecodable data with many exception types
+        raise InvalidImageError(f"an image could not be decoded ({type(exc).__name__})") from None
+
+
+def load_served_model(store: ModelStore, version: int, cache_dir: Path, device: str = "auto") -> ServedModel:
+    """Load a stored version for serving (on the replica's GPU when Ray gave it one); any failure is
+    a VersionLoadError (the old version keeps serving)."""
+    folder = store.fetch_version(version, cache_dir)
+    try:
+        state = ContinualState.load(folder)
+        return ServedModel(version, load_state_model(state, resolve_device(device)))
+    except Exception as exc:  # a corrupt file can fail in safetensors, torch or open_clip
+        raise VersionLoadError(f"model version {version} failed to load: {type(exc).__name__}: {exc}") from exc
