@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import socket
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
 from PIL import Image
@@ -104,6 +105,17 @@ def stop_service(name: str) -> None:
     from ray import serve
 
     serve.delete(name)
+
+
+@contextlib.contextmanager
+def running_service(settings: ServiceSettings, name: str) -> Iterator[httpx.Client]:
+    """The app deployed as `name` for the block, with a client on its URL; deleted afterwards."""
+    url = start_service(settings, name)
+    try:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            yield client
+    finally:
+        stop_service(name)
 
 
 def wait_for(client: httpx.Client, task_id: str, statuses: tuple[str, ...] = ENDED, timeout: float = 240) -> dict:

@@ -17,7 +17,7 @@ import pytest
 
 from service.api.app import parse_server_timing
 from service_support import (ENDED, FAST_CONFIG, colour_zip, free_port, png_b64, png_bytes, service_settings,
-                             start_service, stop_service, wait_for)
+                             running_service, wait_for)
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,10 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def service(ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
-    url = start_service(service_settings(tmp), "gnsp-e2e")
-    with httpx.Client(base_url=url, timeout=120) as client:
+    with running_service(service_settings(tmp), "gnsp-e2e") as client:
         yield client, tmp
-    stop_service("gnsp-e2e")
 
 
 def upload(client: httpx.Client, tmp: Path, name: str, colours: list[str], config: dict) -> str:

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from service_support import colour_zip, service_settings, start_service, stop_service
+from service_support import colour_zip, service_settings, running_service
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 SEARCH_CONFIG = {"steps": 2, "batch_size": 8, "warmup_steps": 1, "ref_batch_size": 8, "stats_augment": False,
@@ -19,10 +19,8 @@ SEARCH_CONFIG = {"steps": 2, "batch_size": 8, "warmup_steps": 1, "ref_batch_size
 @pytest.fixture(scope="module")
 def service(ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tune-api")
-    url = start_service(service_settings(tmp), "gnsp-tune-api")
-    with httpx.Client(base_url=url, timeout=120) as client:
+    with running_service(service_settings(tmp), "gnsp-tune-api") as client:
         yield client, tmp
-    stop_service("gnsp-tune-api")
 
 
 def submit(client: httpx.Client, tmp, request: dict, colours: list[str] | None = None) -> httpx.Response:

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 
+from gnsp_core.data.samples import ImageSamples, Task
 from gnsp_core.errors import DatasetError
 
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
@@ -213,9 +214,7 @@ def heldout_eval_samples() -> tuple[list[Image.Image], list[int], list[str]]:
     return images, labels, classnames
 
 
-def load_heldout_task(transform: Callable | None = None):
+def load_heldout_task(transform: Callable | None = None) -> Task:
     """The held-out photos as a `gnsp_core.data.samples.Task` named `heldout` (test split only)."""
-    from gnsp_core.data.samples import ImageSamples, Task
-
     images, labels, classnames = heldout_eval_samples()
     return Task("heldout", classnames, ImageSamples([], [], transform), ImageSamples(images, labels, transform))
