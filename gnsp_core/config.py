@@ -67,6 +67,10 @@ class TrainConfig:
     """bf16 autocast on CUDA (ignored on CPU)."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    cache_views: int = 2
+    """Feature cache: seeded augmented views per training image for which the frozen part of a
+    tower (gnsp-mini's trunks, a frozen text tower) runs once; epoch e trains on view e mod N.
+    0 turns the cache off (every step runs every part, with fresh augmentation)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,6 +101,7 @@ class TrainConfig:
         checks = {
             "steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
             "ref_batch_size": self.ref_batch_size >= 1, "wise_alpha": 0 <= self.wise_alpha <= 1,
+            "cache_views": self.cache_views >= 0,
             "projection.threshold": self.projection.threshold > 0,
         }
         bad = [k for k, ok in checks.items() if not ok]

@@ -9,7 +9,7 @@ gnsp-mini that is about 2 s of a 5 s GNSP step from the second task on.
 from __future__ import annotations
 
 import weakref
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -34,13 +34,15 @@ class PretrainedFeatures:
         return self._model
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor, tokens: torch.Tensor,
-                 index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised image and text features of the pairs `index`; only unseen pairs are encoded."""
+    def features(self, images: torch.Tensor, tokens: torch.Tensor, index: Sequence[int],
+                 pixels: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised image and text features of the pairs `index`; only unseen pairs are encoded.
+        `pixels` turns the images into pixels first (the trained model may take cache keys instead)."""
         missing = [i for i, k in enumerate(index) if k not in self._pairs]
         if missing:
             base = self.model()
-            img = nn.functional.normalize(base.encode_image(images[missing]).float(), dim=-1)
+            batch = images[missing] if pixels is None else pixels(images[missing])
+            img = nn.functional.normalize(base.encode_image(batch).float(), dim=-1)
             txt = nn.functional.normalize(base.encode_text(tokens[missing]).float(), dim=-1)
             for j, i in enumerate(missing):
                 self._pairs[index[i]] = (img[j], txt[j])

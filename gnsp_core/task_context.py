@@ -7,7 +7,7 @@ depending on the loop that drives it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from gnsp_core.config import TrainConfig
 from gnsp_core.data.samples import Task
+from gnsp_core.feature_cache import REFERENCE, TASK, VAL_VIEW, FeatureCache, image_keys, is_keys
 from gnsp_core.models.spec import LoadedModel
 from gnsp_core.pretrained_cache import PretrainedFeatures
 from gnsp_core.state import ContinualState
@@ -69,6 +70,8 @@ class TaskContext:
     distributed: Distributed
     task_index: int
     pretrained: PretrainedFeatures
+    feature_cache: FeatureCache | None = None
+    """Set by the trainer after `begin_task`, once it is known which parts of the model train."""
 
     def base_model(self) -> nn.Module:
         """The frozen pre-trained model (rebuilt from the spec once per run, on first use)."""
@@ -87,43 +90,52 @@ class TaskContext:
     def tokens(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(texts).to(self.device)
 
+    def task_images(self, indices: Sequence[int], view: int) -> torch.Tensor:
+        """Training images `indices` as the model takes them: cache keys while the image tower's
+        frozen part is cached, else pixels (`VAL_VIEW` unaugmented, any other view augmented)."""
+        if self.feature_cache is not None and self.feature_cache.caches_images:
+            return image_keys(TASK, indices, view).to(self.device)
+        transform = self.loaded.preprocess_val if view == VAL_VIEW else self.loaded.preprocess_train
+        samples = self.task.train.with_transform(transform)
+        return torch.stack([samples[i][0] for i in indices]).to(self.device)
 
-class _Indexed(Dataset):
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        image, caption = self.dataset[index]
-        return image, caption, index
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixels of `images` (keys are rendered; pixels pass through), for models without the cache."""
+        if is_keys(images):
+            return self.feature_cache.pixels(images).to(self.device)
+        return images
 
 
 class ReferenceStream:
     """An endless, seeded stream of reference (image, caption, index) batches; no augmentation.
 
     The index lets methods cache the frozen pre-trained model's features of each pair: the pool
-    is fixed and unaugmented, so those features never change.
+    is fixed and unaugmented, so those features never change. With `as_keys` the images are
+    cache keys and no pixels are loaded (the feature cache renders the ones it has not seen).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, device: torch.device) -> None:
         gen = torch.Generator().manual_seed(seed)
-        self.loader = DataLoader(_Indexed(dataset), batch_size=batch_size, shuffle=True,
-                                 drop_last=len(dataset) > batch_size, generator=gen, collate_fn=_collate_pairs)
-        self.device = device
+        self.dataset, self.device, self.as_keys = dataset, device, False
+        self.loader = DataLoader(range(len(dataset)), batch_size=batch_size, shuffle=True,
+                                 drop_last=len(dataset) > batch_size, generator=gen)
         self._iter: Iterator | None = None
 
     def next(self) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         if self._iter is None:
             self._iter = iter(self.loader)
         try:
-            images, captions, index = next(self._iter)
+            index = next(self._iter)
         except StopIteration:
             self._iter = iter(self.loader)
-            images, captions, index = next(self._iter)
-        return images.to(self.device), captions, index
+            index = next(self._iter)
+        if self.as_keys:
+            return image_keys(REFERENCE, index.tolist(), VAL_VIEW).to(self.device), self._captions(index), index
+        pairs = [self.dataset[i] for i in index.tolist()]
+        return torch.stack([image for image, _ in pairs]).to(self.device), [c for _, c in pairs], index
 
-
-def _collate_pairs(batch: list) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    return torch.stack([b[0] for b in batch]), [b[1] for b in batch], torch.tensor([b[2] for b in batch])
+    def _captions(self, index: torch.Tensor) -> list[str]:
+        captions = getattr(self.dataset, "captions", None)
+        if captions is not None:
+            return [captions[i] for i in index.tolist()]
+        return [self.dataset[i][1] for i in index.tolist()]

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from gnsp_core.config import TrainConfig
 from gnsp_core.data.samples import Task
 from gnsp_core.errors import DatasetError
+from gnsp_core.feature_cache import TASK, FeatureCache, PixelSource, eval_untrained_modules
 from gnsp_core.methods.registry import build_method
 from gnsp_core.models.loading import resolve_device
 from gnsp_core.models.spec import LoadedModel
@@ -42,26 +43,44 @@ def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def _task_loader(task: Task, loaded: LoadedModel, cfg: TrainConfig, dist: Distributed, epoch: int) -> DataLoader:
-    dataset = task.train.with_transform(loaded.preprocess_train)
+class _TaskKeys(Dataset):
+    """(cache key of view `view`, label) per training image: the loader's items under the feature cache."""
+
+    def __init__(self, labels: list[int], view: int) -> None:
+        self.labels, self.view = labels, view
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.tensor([TASK, index, self.view]), self.labels[index]
+
+
+def _task_loader(ctx: TaskContext, epoch: int) -> DataLoader:
+    """One epoch, in an order that depends only on the seed and the epoch (keys or pixels alike)."""
+    task, cfg, dist = ctx.task, ctx.config, ctx.distributed
+    if ctx.feature_cache is not None and ctx.feature_cache.caches_images:
+        dataset, workers = _TaskKeys(task.train.labels, epoch % cfg.cache_views), 0
+    else:
+        dataset, workers = task.train.with_transform(ctx.loaded.preprocess_train), cfg.num_workers
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     if dist.world_size > 1:
         sampler = DistributedSampler(dataset, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
         sampler.set_epoch(epoch)
         # Every rank gets len(sampler) items, so ranks agree on the number of batches either way.
-        return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+        return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
                           drop_last=len(sampler) > cfg.batch_size)
     return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                      num_workers=cfg.num_workers, drop_last=len(dataset) > cfg.batch_size)
+                      num_workers=workers, drop_last=len(dataset) > cfg.batch_size)
 
 
-def _batches(task: Task, loaded: LoadedModel, cfg: TrainConfig, dist: Distributed) -> Iterator:
+def _batches(ctx: TaskContext) -> Iterator:
     epoch = 0
     while True:
-        loader = _task_loader(task, loaded, cfg, dist, epoch)
+        loader = _task_loader(ctx, epoch)
         if len(loader) == 0:  # an empty epoch would spin here forever
-            raise DatasetError(f"task {task.name!r} has {len(task.train)} training images, "
-                               f"too few for {dist.world_size} workers")
+            raise DatasetError(f"task {ctx.task.name!r} has {len(ctx.task.train)} training images, "
+                               f"too few for {ctx.distributed.world_size} workers")
         yield from loader
         epoch += 1
 
@@ -95,6 +114,7 @@ def learn_task(
                       len(state.history), pretrained_features(state.spec, device, reference))
     method = build_method(ctx)
     method.begin_task()
+    eval_untrained_modules(model)
     params = method.trainable_parameters()
     ctx.forward = dist.wrap_model(model) if dist.wrap_model else model
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -103,8 +123,13 @@ def learn_task(
     start = 0
     if resume is not None:
         start = _restore(resume, model, optimizer, scheduler, method)
-    step = _train_loop(ctx, method, optimizer, scheduler, start, total, progress, on_checkpoint, checkpoint_every)
-    method.end_task()
+    _open_feature_cache(ctx, reference)
+    try:
+        step = _train_loop(ctx, method, optimizer, scheduler, start, total, progress, on_checkpoint, checkpoint_every)
+        method.end_task()
+    finally:
+        if ctx.feature_cache is not None:
+            ctx.feature_cache.close()
     record = TaskRecord(task.name, list(task.classnames), config.method, step)
     return ContinualState(
         spec=state.spec,
@@ -116,10 +141,22 @@ def learn_task(
     )
 
 
+def _open_feature_cache(ctx: TaskContext, reference: Dataset | None) -> None:
+    """Cache the outputs of what does not train this task (known only after `begin_task`)."""
+    if ctx.config.cache_views < 1:
+        return
+    pixels = PixelSource(ctx.task.train, ctx.loaded.preprocess_train, ctx.loaded.preprocess_val,
+                         None if ctx.reference is None else ctx.reference.dataset,
+                         ctx.config.seed + 7919 * ctx.task_index)
+    ctx.feature_cache = FeatureCache(ctx.model, pixels, ctx.device, run=reference)
+    if ctx.reference is not None:
+        ctx.reference.as_keys = ctx.feature_cache.caches_images
+
+
 def _train_loop(ctx, method, optimizer, scheduler, start, total, progress, on_checkpoint, every) -> int:
     cfg, device = ctx.config, ctx.device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.amp)
-    batches = _batches(ctx.task, ctx.loaded, cfg, ctx.distributed)
+    batches = _batches(ctx)
     for _ in range(start):  # keep the data order of an uninterrupted run
         next(batches)
     t0, step = time.perf_counter(), start

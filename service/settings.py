@@ -40,7 +40,9 @@ class ServiceSettings(BaseModel):
     default_method: str = "gnsp"
     workers: int = Field(1, ge=1)
     """Ray Train workers per job."""
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float | None = Field(None, gt=0)
+    """CPUs (and torch threads) per worker; None: the cluster's free CPUs when the job starts,
+    shared by the workers, so on one machine training gets every core the service does not hold."""
     gpus_per_worker: float = Field(0.0, ge=0)
     checkpoint_every: int = Field(25, ge=1)
     on_restart: Literal["resume", "fail"] = "resume"

@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from gnsp_core import losses
+from gnsp_core.feature_cache import VAL_VIEW
 from gnsp_core.linear_maps import LinearMapSet
 from gnsp_core.methods.base import Method, freeze_batchnorm_statistics
 from gnsp_core.projection import NullSpaceProjector, ProjectorStatistics, collect_statistics
@@ -73,11 +74,17 @@ class GNSP(Method):
     def _task_statistics(self) -> dict[str, torch.Tensor]:
         """One pass over this worker's share of the task (train augmentation, as in the paper)."""
         ctx, cfg = self.ctx, self.cfg
-        transform = ctx.loaded.preprocess_train if cfg.stats_augment else ctx.loaded.preprocess_val
-        dataset = ctx.task.train.with_transform(transform)
-        shard = Subset(dataset, range(ctx.distributed.rank, len(dataset), ctx.distributed.world_size))
-        loader = DataLoader(shard, batch_size=cfg.stats_batch_size, num_workers=cfg.num_workers)
-        image_stats = self._collect(loader, lambda b: self.model.encode_image(b[0].to(ctx.device)))
+        mine = range(ctx.distributed.rank, len(ctx.task.train), ctx.distributed.world_size)
+        if ctx.feature_cache is not None and ctx.feature_cache.caches_images:  # the training views' cache
+            view = 0 if cfg.stats_augment else VAL_VIEW
+            batches = [ctx.task_images(mine[i:i + cfg.stats_batch_size], view)
+                       for i in range(0, len(mine), cfg.stats_batch_size)]
+            image_stats = self._collect(batches, self.model.encode_image)
+        else:
+            transform = ctx.loaded.preprocess_train if cfg.stats_augment else ctx.loaded.preprocess_val
+            shard = Subset(ctx.task.train.with_transform(transform), mine)
+            loader = DataLoader(shard, batch_size=cfg.stats_batch_size, num_workers=cfg.num_workers)
+            image_stats = self._collect(loader, lambda b: self.model.encode_image(b[0].to(ctx.device)))
         text_stats = self._collect([self.class_tokens], self.model.encode_text)
         return {k: image_stats[k] + text_stats[k] for k in image_stats}
 

@@ -19,13 +19,15 @@ class LwF(Method):
 
     def begin_task(self) -> None:
         super().begin_task()
-        self.previous = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.previous: nn.Module | None = None
         names = self.ctx.state.seen_classnames()
         names += [c for c in self.ctx.task.classnames if c not in names]
         self.all_tokens = self.ctx.tokens([self.cfg.template.format(c) for c in names])
         self.current = torch.tensor([names.index(c) for c in self.ctx.task.classnames], device=self.ctx.device)
 
     def loss(self, images, labels):
+        if self.previous is None:  # copied at the first step, once the trainer set up the feature cache
+            self.previous = copy.deepcopy(self.model).eval().requires_grad_(False)
         (img,), (txt,) = self.ctx.encode([images], [self.all_tokens])
         with torch.no_grad():
             old_img = nn.functional.normalize(self.previous.encode_image(images).float(), dim=-1)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from gnsp_core import losses
+from gnsp_core.feature_cache import VAL_VIEW
 from gnsp_core.methods.base import Method
 from gnsp_core.methods.mgclip_head import CosineCompensationHead
 
@@ -130,12 +131,13 @@ class MGCLIP(Method):
 
     @torch.no_grad()
     def _negative_logit(self) -> float:
-        images, labels = next(iter(torch.utils.data.DataLoader(
-            self.ctx.task.train.with_transform(self.ctx.loaded.preprocess_val), batch_size=64,
-            shuffle=True, generator=torch.Generator().manual_seed(self.cfg.seed))))
-        img = nn.functional.normalize(self.model.encode_image(images.to(self.ctx.device)).float(), dim=-1)
+        train = self.ctx.task.train
+        chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.cfg.seed))[:64].tolist()
+        images = self.ctx.task_images(chosen, VAL_VIEW)
+        labels = torch.tensor([train.labels[i] for i in chosen], device=self.ctx.device)
+        img = nn.functional.normalize(self.model.encode_image(images).float(), dim=-1)
         txt = nn.functional.normalize(self.model.encode_text(self.class_tokens).float(), dim=-1)
-        return mean_negative_logit(img, txt, labels.to(self.ctx.device), self.cfg.logit_scale)
+        return mean_negative_logit(img, txt, labels, self.cfg.logit_scale)
 
     def stop_early(self, step: int) -> bool:
         if self.monitor is None or step % self.cfg.gap_check_every:
@@ -155,13 +157,10 @@ class MGCLIP(Method):
         self.head = self._fit_compensation()
 
     def _fit_compensation(self) -> CosineCompensationHead:
-        loader = torch.utils.data.DataLoader(
-            self.ctx.task.train.with_transform(self.ctx.loaded.preprocess_val), batch_size=64)
-        feats, labels = [], []
-        for images, y in loader:
-            feats.append(self.model.encode_image(images.to(self.ctx.device)).float())
-            labels.append(y.to(self.ctx.device))
-        feats, labels = torch.cat(feats), torch.cat(labels)
+        train = self.ctx.task.train
+        chunks = [range(i, min(i + 64, len(train))) for i in range(0, len(train), 64)]
+        feats = torch.cat([self.model.encode_image(self.ctx.task_images(c, VAL_VIEW)).float() for c in chunks])
+        labels = torch.tensor(train.labels, device=self.ctx.device)
         head = CosineCompensationHead(feats.shape[1]).to(self.ctx.device)
         head.add_classes(feats, labels)
         with torch.enable_grad():

@@ -23,6 +23,10 @@ DEFAULT_MODEL = "gnsp-mini"
 _configs_registered = False
 # Models whose pre-trained towers stay frozen by default (TrainConfig.trainable="auto").
 FROZEN_TOWERS = {DEFAULT_MODEL: r"^(visual\.head\.|text\.proj)"}
+RECOMMENDED_TRAINING: dict[str, dict[str, Any]] = {DEFAULT_MODEL: {"steps": 30, "lr": 1e-3, "batch_size": 32}}
+"""Training settings that learn a small task well, where they differ from TrainConfig's defaults
+(the paper's, for a full CLIP): gnsp-mini trains only its two small heads, so it needs a larger step
+and far fewer of them (README, "gnsp-mini")."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,11 @@ class LoadedModel:
     def image_size(self) -> int:
         size = self.model.visual.image_size
         return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def recommended_training(model_name: str | None) -> dict[str, Any]:
+    """The TrainConfig fields a model recommends; the caller's own settings override them."""
+    return dict(RECOMMENDED_TRAINING.get(model_name or DEFAULT_MODEL, {}))
 
 
 def register_configs() -> None:

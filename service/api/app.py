@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gnsp_core.errors import GnspError
+from gnsp_core.models import recommended_training
 
 from service.api import metrics as prometheus
 from service.api import schemas as api
@@ -271,7 +272,9 @@ class Ingress:
         manifest = self.store.manifest(version)
         fields = {k: manifest.get(k) for k in ("created", "parent", "task", "task_id", "method", "spec")}
         return api.ModelView(version=version, active=version == active, tasks=manifest.get("tasks") or [],
-                             metrics=manifest.get("metrics") or {}, gate=manifest.get("gate") or {}, **fields)
+                             metrics=manifest.get("metrics") or {}, gate=manifest.get("gate") or {},
+                             recommended_training=recommended_training((manifest.get("spec") or {}).get("name")),
+                             **fields)
 
     @app.get("/v1/models/{version}", response_model=api.ModelView, responses=ERRORS)
     async def get_model(self, version: int) -> api.ModelView:

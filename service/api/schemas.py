@@ -82,6 +82,9 @@ class ModelView(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     gate: dict[str, Any] = Field(default_factory=dict)
     spec: dict[str, Any] | None = None
+    recommended_training: dict[str, Any] = Field(
+        default_factory=dict, description="Training settings the model recommends, used for tasks whose config "
+                                          "leaves them out (empty: TrainConfig's defaults, the paper's).")
 
 
 class ModelList(BaseModel):

@@ -12,7 +12,7 @@ from gnsp_core.bench import run_bench
 from gnsp_core.config import TrainConfig
 from gnsp_core.data import Task, load_task
 from gnsp_core.methods.registry import METHODS
-from gnsp_core.models import DEFAULT_MODEL, ModelSpec, load_model
+from gnsp_core.models import DEFAULT_MODEL, ModelSpec, load_model, recommended_training
 from gnsp_core.report import summary_table
 from gnsp_core.models.loading import resolve_device
 from gnsp_core.task_context import Progress
@@ -36,7 +36,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def training_config(args: argparse.Namespace, method: str) -> TrainConfig:
-    data = load_config_file(args.config) if getattr(args, "config", None) else {}
+    data = {**recommended_training(args.model), **(load_config_file(args.config) if getattr(args, "config", None) else {})}
     data["method"] = method
     for field, value in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
                          ("device", args.device), ("seed", args.seed)):

@@ -19,10 +19,9 @@ def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="learn built-in tasks on the offline default and print a before/after table")
     p.add_argument("--tasks", default=DEMO_TASKS, help="comma-separated task sources")
     p.add_argument("--method", default="gnsp", help="continual-learning method (finetune, lwf, zscl, wise-ft, mgclip, gnsp)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="optimiser steps per task (default: 30 through the service, 60 with --local)")
-    p.add_argument("--lr", type=float, default=1e-3,
-                   help="learning rate (1e-3 suits gnsp-mini's small trainable heads; the paper's 1e-5 is for ViT-B/16)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps per task (default: the model's recommendation)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: the model's recommendation: 1e-3 for gnsp-mini's small heads)")
     p.add_argument("--reference", default="builtin",
                    help="reference image-caption pairs: builtin (emoji and flags) or module:function")
     p.add_argument("--store", default=None, help="store folder for the service (default: a temporary one)")

@@ -11,7 +11,7 @@ from gnsp_core.config import TrainConfig
 from gnsp_core.data import load_task
 from gnsp_core.data.reference import load_heldout_task
 from gnsp_core.evaluation import class_prompt_gap, task_accuracy
-from gnsp_core.models import DEFAULT_MODEL, ModelSpec, load_model
+from gnsp_core.models import DEFAULT_MODEL, ModelSpec, load_model, recommended_training
 from gnsp_core.models.loading import resolve_device
 from gnsp_core.state import ContinualState
 from gnsp_core.task_context import Progress
@@ -20,9 +20,6 @@ from gnsp_core.trainer import learn_task
 from service.cli.build_default import build_default_with_bar
 from service.cli.demo_table import chance_levels, print_table
 from service.training.sources import load_reference
-
-LOCAL_STEPS = 60
-
 
 def _snapshot(loaded, tasks, heldout, state, device, pretrained_gap=None) -> dict:
     accs = {t.name: task_accuracy(loaded, t, state.extras, device=device) for t in tasks}
@@ -44,7 +41,8 @@ def run_local_demo(args: argparse.Namespace) -> int:
     reference = load_reference(args.reference)
     state = ContinualState.initial(loaded.model, loaded.spec)
     before = _snapshot(loaded, tasks, heldout, state, device)
-    config = TrainConfig(method=args.method, lr=args.lr, steps=args.steps or LOCAL_STEPS)
+    overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
+    config = TrainConfig.from_dict({**recommended_training(loaded.spec.name), **overrides, "method": args.method})
     for task in tasks:
         bar = tqdm(total=config.steps, desc=f"learning {task.name}", unit="step", dynamic_ncols=True)
 

@@ -36,7 +36,6 @@ from service.cli.demo_table import chance_levels, print_table
 from service.jobs.states import ENDED
 
 APP_NAME = "gnsp-demo"
-REST_STEPS = 30
 REF_BATCH_SIZE = 32
 CLASSIFY_BATCH = 32
 CLASSIFY_BATCH_BYTES = 8 * 1024**2
@@ -252,7 +251,8 @@ def run_rest_demo(args: argparse.Namespace) -> int:
     if not tasks:
         raise DemoError("--tasks names no task")
     heldout = load_heldout_task()
-    config = {"steps": args.steps or REST_STEPS, "ref_batch_size": REF_BATCH_SIZE, "lr": args.lr}
+    overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
+    config = {"ref_batch_size": REF_BATCH_SIZE, **overrides}  # the rest: the service's defaults for its model
     with tempfile.TemporaryDirectory(prefix="gnsp-demo-") as tmp:
         work = Path(tmp)
         store = args.store or str(work / "store")

@@ -13,7 +13,7 @@ import argparse
 
 from gnsp_core.config import TrainConfig
 from gnsp_core.methods.registry import uses_reference
-from gnsp_core.models import DEFAULT_MODEL, ModelSpec
+from gnsp_core.models import DEFAULT_MODEL, ModelSpec, recommended_training
 
 from service.cli.arguments import add_model_arguments, load_config_file
 from service.training.cluster import quiet_ray_warnings
@@ -45,11 +45,10 @@ def add_learn_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return p
 
 
-def build_config(path: str | None, method: str | None, steps: int | None) -> TrainConfig:
-    """The config file (a TrainConfig dict, or {"config": {...}}), then the command-line overrides."""
-    config = TrainConfig()
-    if path:
-        config = TrainConfig.from_dict(load_config_file(path))
+def build_config(path: str | None, method: str | None, steps: int | None, model: str | None = None) -> TrainConfig:
+    """The model's recommended settings, then the config file (a TrainConfig dict, or {"config": {...}}),
+    then the command-line overrides."""
+    config = TrainConfig.from_dict({**recommended_training(model), **(load_config_file(path) if path else {})})
     changes = {k: v for k, v in (("method", method), ("steps", steps)) if v is not None}
     return config.replace(**changes) if changes else config
 
@@ -66,7 +65,7 @@ def run_learn(args: argparse.Namespace) -> int:
     from service.training.sequence import learn_sequence  # imports Ray: keep `gnsp --help` fast
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    config = build_config(args.config, args.method, args.steps)
+    config = build_config(args.config, args.method, args.steps, args.model)
     bar = ProgressBar()
     try:
         result = learn_sequence(

@@ -74,7 +74,7 @@ def build_request(args: argparse.Namespace) -> TuneRequest:
         return TuneRequest.load(args.out)
     if not args.tasks:
         raise ConfigError("--tasks is required (unless --resume)")
-    config = build_config(args.config, "gnsp", args.steps)
+    config = build_config(args.config, "gnsp", args.steps, args.model)
     if args.batch_size is not None:
         config = config.replace(batch_size=args.batch_size)
     return TuneRequest(

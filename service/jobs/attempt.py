@@ -68,14 +68,15 @@ def train_on_ray(plan: AttemptPlan, store: ModelStore, task_dir: Path, base_dir:
     """Learn the task from the base state with service.training.ray_train; returns Ray Train's final metrics.
 
     The run is named by the task id inside the store, so an attempt after a crash resumes it."""
-    from service.training.ray_train import TrainJob, WorkerResources, train_task
+    from service.training.ray_train import TrainJob, WorkerResources, free_cpus_per_worker, train_task
 
     settings = plan.settings
     config = TrainConfig.from_dict(plan.config)
     reference = settings.reference if uses_reference(config.method) else None
     job = TrainJob(task=str(task_dir), config=config, base_state=str(base_dir), reference=reference,
                    checkpoint_every=settings.checkpoint_every)
-    resources = WorkerResources(settings.workers, settings.gpus_per_worker, settings.cpus_per_worker)
+    cpus = settings.cpus_per_worker or free_cpus_per_worker(settings.workers)
+    resources = WorkerResources(settings.workers, settings.gpus_per_worker, cpus)
     result = train_task(job, storage_path=store.run_storage(), name=plan.task_id, out_dir=out_dir,
                         resources=resources, max_failures=1, board=board)
     return result.metrics

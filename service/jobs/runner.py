@@ -11,6 +11,8 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from gnsp_core.models import recommended_training
+
 from service.settings import ServiceSettings
 from service.store import ModelStore
 
@@ -55,7 +57,8 @@ class JobRunner:
 
     def submit(self, task_id: str, name: str, method: str, config: dict[str, Any], upload: str,
                dataset: dict[str, Any]) -> dict[str, Any]:
-        return self.queue.submit(task_id, name, method, self.searches.task_config(method, config), upload, dataset)
+        config = {**recommended_training(self.settings.model), **self.searches.task_config(method, config)}
+        return self.queue.submit(task_id, name, method, config, upload, dataset)
 
     def get(self, task_id: str) -> dict[str, Any]:
         return self.queue.view(task_id)

@@ -83,12 +83,23 @@ class WorkerResources:
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
 
+    @property
+    def torch_threads(self) -> int:
+        """Ray starts workers with one torch thread; a worker given N CPUs should use them."""
+        return max(1, int(self.cpus_per_worker))
+
     def scaling_config(self) -> ScalingConfig:
         resources = {"CPU": self.cpus_per_worker}
         if self.gpus_per_worker:
             resources["GPU"] = self.gpus_per_worker
         return ScalingConfig(num_workers=self.workers, use_gpu=self.gpus_per_worker > 0,
                              resources_per_worker=resources)
+
+
+def free_cpus_per_worker(workers: int) -> float:
+    """The cluster's CPUs not held by anything now (Serve replicas, other actors), shared by `workers`."""
+    free = ray.available_resources().get("CPU", 1.0)
+    return max(1.0, float(int(free // workers)))
 
 
 @dataclass
@@ -117,7 +128,7 @@ def train_task(
     """
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"job": job, "board": board},
+        train_loop_config={"job": job, "board": board, "threads": resources.torch_threads},
         scaling_config=resources.scaling_config(),
         run_config=RunConfig(name=name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=max_failures),
@@ -146,6 +157,7 @@ def _user_error(exc: ray.train.WorkerGroupError) -> GnspError | None:
 def _train_worker(loop_config: dict[str, Any]) -> None:
     """Per-worker loop: resume from the latest checkpoint, learn the task, report the new state."""
     job: TrainJob = loop_config["job"]
+    torch.set_num_threads(min(loop_config["threads"], os.cpu_count() or 1))
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     reporter = _Reporter(rank, BoardReporter(loop_config["board"] if rank == 0 else None), job.drill)

@@ -73,7 +73,8 @@ def learn_sequence(
     record = _open_record(out_dir, task_sources, model, config, reference)
     job_id = run_name(out_dir)
     storage = storage_path or str(out_dir / "runs")
-    resources = WorkerResources(workers, gpus_per_worker)
+    local_cpus = os.cpu_count() or 1
+    resources = WorkerResources(workers, gpus_per_worker, 1.0 if address else max(1.0, float(local_cpus // workers)))
     trained: list[int] = []
     if len(record["completed"]) >= len(task_sources):
         return SequenceResult([out_dir / c["state"] for c in record["completed"]], trained)

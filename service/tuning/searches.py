@@ -29,6 +29,7 @@ from gnsp_core.data.builtin import BUILTIN_TASKS
 from gnsp_core.atomic_files import write_json_atomic
 from gnsp_core.config import TrainConfig
 from gnsp_core.errors import ConfigError
+from gnsp_core.models import recommended_training
 
 from service.errors import BadRequestError, ConflictError, NotFoundError, error_message
 from service.jobs.queue import WorkQueue
@@ -141,7 +142,7 @@ class TuneJobs:
         config = body.pop("config", {})
         if not isinstance(config, dict):
             raise BadRequestError("config must be a JSON object of training settings")
-        body["config"] = {**config, "method": config.get("method", "gnsp")}
+        body["config"] = {**recommended_training(self.settings.model), **config, "method": config.get("method", "gnsp")}
         service = {"out_dir": str(out), "job_id": job_id, "tasks": tasks, "workers": self.settings.workers,
                    "gpus_per_worker": self.settings.gpus_per_worker}
         if base_version is None:

@@ -1,0 +1,266 @@
+"""Outputs of the frozen parts of a model, computed once per input instead of at every step.
+
+When a whole tower, or a prefix of it, has no trainable parameter during a task (gnsp-mini's two
+pre-trained trunks under `trainable=auto`; the text tower of GNSP after task 1; any tower a
+`trainable` regex leaves frozen), its output for a given input never changes: only the parts
+after it need to run each step. `FeatureCache` patches the `forward` of each frozen part with a
+memo for the task's duration:
+
+- images are passed as *keys*, int64 rows `(pool, item, view)`, instead of pixels: pool `TASK`
+  (the task's training images) or `REFERENCE` (the reference pairs); view `v >= 0` is the v-th
+  seeded train-augmented view of the item (`config.cache_views` of them per image, so an epoch
+  of data cycles through a fixed set of augmentations), `VAL_VIEW` the unaugmented one. A key's
+  output is computed on its first use, from pixels rendered by `PixelSource`;
+- token rows (text has no augmentation) are their own keys;
+- any other input (pixels, as evaluation and the pre-trained model pass) goes through the real
+  forward, so a patched model still runs everywhere.
+
+Frozen parts run in eval mode throughout a task (`eval_untrained_modules`): a module that does
+not train computes one fixed function, dropout included, so caching it is exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from gnsp_core.data.samples import ImageSamples
+
+TASK, REFERENCE = 0, 1
+VAL_VIEW = -1
+_CHUNK = 64
+_RENDERED_REFERENCES = 128
+"""Reference images kept rendered: the memo and the pre-trained model's cache ask for the same ones in turn."""
+
+
+def is_keys(x: Any) -> bool:
+    """Whether `x` is a batch of image keys rather than pixels."""
+    return isinstance(x, Tensor) and x.dtype == torch.long and x.ndim == 2 and x.shape[1] == 3
+
+
+def image_keys(pool: int, items: Sequence[int], view: int | Sequence[int]) -> Tensor:
+    """Key rows `(pool, item, view)` for `items` (one view for all, or one per item)."""
+    views = [view] * len(items) if isinstance(view, int) else list(view)
+    return torch.tensor([[pool, int(i), int(v)] for i, v in zip(items, views)], dtype=torch.long).reshape(-1, 3)
+
+
+def _frozen(module: nn.Module) -> bool:
+    params = list(module.parameters())
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
+def eval_untrained_modules(model: nn.Module) -> None:
+    """Put every module with parameters, none of them trainable, in eval mode (dropout off, batch
+    statistics fixed): it computes one function for the whole task, cached or not."""
+    for module in model.modules():
+        if module.training and _frozen(module):
+            module.eval()
+
+
+@dataclass
+class PixelSource:
+    """Renders the pixels behind image keys: seeded augmented views of task images, reference images."""
+
+    train: ImageSamples
+    train_transform: Callable
+    val_transform: Callable
+    reference: Dataset | None
+    seed: int
+    _rendered: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._raw = self.train.with_transform(None)
+
+    def __call__(self, keys: Tensor) -> Tensor:
+        return torch.stack([self._one(*row) for row in keys.tolist()])
+
+    def _one(self, pool: int, item: int, view: int) -> Tensor:
+        if pool == REFERENCE:
+            return self._reference(item)
+        if view == VAL_VIEW:
+            return self.val_transform(self._raw[item][0])
+        with torch.random.fork_rng(devices=[]):  # view v of item i is the same crop every time
+            torch.manual_seed(hash((self.seed, item, view)) % 2**63)
+            return self.train_transform(self._raw[item][0])
+
+    def _reference(self, item: int) -> Tensor:
+        if self.reference is None:
+            raise ValueError("a reference key without reference pairs")
+        if item in self._rendered:
+            self._rendered.move_to_end(item)
+            return self._rendered[item]
+        image = self._rendered[item] = self.reference[item][0]
+        if len(self._rendered) > _RENDERED_REFERENCES:
+            self._rendered.popitem(last=False)
+        return image
+
+
+class _Memo:
+    """Per-input outputs of one frozen module, with the module's own forward for what is missing."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple, Any] = {}
+        self.computed = 0
+        """Inputs whose output was computed (each once, over the memo's life); the rest were hits."""
+        self.output_type: type | None = None
+
+    def lookup(self, keys: list[tuple], compute: Callable[[list[int]], list[Any]]) -> list[Any]:
+        missing = list(dict.fromkeys(k for k in keys if k not in self.rows))
+        position = {k: i for i, k in enumerate(keys)}
+        for start in range(0, len(missing), _CHUNK):
+            chunk = missing[start:start + _CHUNK]
+            with torch.no_grad():
+                outputs = compute([position[k] for k in chunk])
+            self.rows.update(zip(chunk, outputs))
+            self.computed += len(chunk)
+        return [self.rows[k] for k in keys]
+
+
+_SHARED: "weakref.WeakKeyDictionary[object, dict[tuple, _Memo]]" = weakref.WeakKeyDictionary()
+
+
+def _weights_digest(module: nn.Module) -> str:
+    """Identifies a frozen part's weights, so a memo is reused only by the very same function."""
+    digest = hashlib.sha1()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class FeatureCache:
+    """Patches the frozen parts of `model` for one task; `close()` restores them.
+
+    With a `run` object (the reference pool a run's tasks share), outputs of reference images and
+    of token rows are kept for as long as that object lives and reused by later tasks whose frozen
+    part has the very same weights; task images are per task."""
+
+    def __init__(self, model: nn.Module, pixels: PixelSource, device: torch.device, run: object | None = None) -> None:
+        self.pixels, self.device, self.run = pixels, device, run
+        self._restore: list[Callable[[], None]] = []
+        self.memos: dict[str, _Memo] = {}
+        self._computed_before: dict[str, int] = {}
+        self.computed: dict[str, int] = {}
+        """Per frozen part, the inputs this task computed (filled by `close`)."""
+        image_part = _frozen_image_part(model)
+        if image_part is not None:
+            self._patch_images(*image_part)
+        text_part = _frozen_text_part(model)
+        if text_part is not None:
+            self._patch_text(*text_part)
+
+    @property
+    def caches_images(self) -> bool:
+        return any(name.startswith("image:") for name in self.memos)
+
+    def close(self) -> None:
+        self.computed = {name: memo.computed - self._computed_before[name] for name, memo in self.memos.items()}
+        for restore in reversed(self._restore):
+            restore()
+        self._restore.clear()
+
+    def _memo(self, name: str, module: nn.Module) -> _Memo:
+        if self.run is None:
+            memo = _Memo()
+        else:
+            memos = _SHARED.setdefault(self.run, {})
+            memo = memos.setdefault((name, _weights_digest(module), str(self.device)), _Memo())
+            for key in [k for k in memo.rows if isinstance(k, tuple) and k and k[0] == TASK]:
+                del memo.rows[key]  # the previous task's images
+        self.memos[name] = memo
+        self._computed_before[name] = memo.computed
+        return memo
+
+    # --- images -----------------------------------------------------------------------------------
+
+    def _patch_images(self, name: str, module: nn.Module) -> None:
+        original = module.forward
+        memo = self._memo(f"image:{name}", module)
+
+        def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            if not is_keys(x):
+                return original(x, *args, **kwargs)
+            keys = [tuple(row) for row in x.tolist()]
+            compute = lambda rows: list(original(self.pixels(x[rows]).to(self.device)))  # noqa: E731
+            return torch.stack(memo.lookup(keys, compute))
+
+        self._install(module, "forward", forward)
+
+    # --- text ---------------------------------------------------------------------------------------
+
+    def _patch_text(self, name: str, module: nn.Module, attribute: str) -> None:
+        original = getattr(module, attribute)
+        memo = self._memo(f"text:{name}", module)
+        if name == "hf-transformer":
+            def forward(*args: Any, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                        **kwargs: Any) -> Any:
+                ids = input_ids if input_ids is not None else args[0]
+
+                def compute(rows: list[int]) -> list[dict[str, Tensor]]:
+                    out = original(input_ids=ids[rows], attention_mask=attention_mask[rows], **kwargs)
+                    memo.output_type = type(out)
+                    fields = {k: v for k, v in out.items() if isinstance(v, Tensor)}
+                    return [{k: v[j] for k, v in fields.items()} for j in range(len(rows))]
+
+                rows = memo.lookup([tuple(r) for r in ids.tolist()], compute)
+                return memo.output_type(**{k: torch.stack([r[k] for r in rows]) for k in rows[0]})
+        else:
+            def forward(text: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+                flags = tuple(sorted(kwargs.items())) + args
+                keys = [(tuple(r), flags) for r in text.tolist()]
+                return torch.stack(memo.lookup(keys, lambda rows: list(original(text[rows], *args, **kwargs))))
+
+        self._install(module, attribute, forward)
+
+    def _install(self, module: nn.Module, attribute: str, replacement: Callable) -> None:
+        had_own = attribute in module.__dict__
+        previous = module.__dict__.get(attribute)
+        setattr(module, attribute, replacement)
+
+        def restore() -> None:
+            if had_own:
+                setattr(module, attribute, previous)
+            else:
+                delattr(module, attribute)
+
+        self._restore.append(restore)
+
+
+def _frozen_image_part(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The largest frozen prefix of the image tower: the whole tower, or a timm tower's trunk."""
+    visual = getattr(model, "visual", None)
+    if visual is None:
+        return None
+    if _frozen(visual):
+        return "visual", visual
+    trunk = getattr(visual, "trunk", None)
+    if isinstance(trunk, nn.Module) and _frozen(trunk):
+        return "trunk", trunk
+    return None
+
+
+def _frozen_text_part(model: nn.Module) -> tuple[str, nn.Module, str] | None:
+    """(name, owner, attribute) of the largest frozen prefix of the text tower."""
+    text = getattr(model, "text", None)
+    if isinstance(text, nn.Module):  # open_clip CustomTextCLIP: the tower is a module of its own
+        if _frozen(text):
+            return "text", text, "forward"
+        transformer = getattr(text, "transformer", None)
+        if isinstance(transformer, nn.Module) and hasattr(transformer, "config") and _frozen(transformer):
+            return "hf-transformer", transformer, "forward"
+        return None
+    parts = [getattr(model, n, None) for n in ("token_embedding", "transformer", "ln_final")]
+    projection = getattr(model, "text_projection", None)
+    if all(isinstance(p, nn.Module) for p in parts) and all(_frozen(p) for p in parts) and not (
+            isinstance(projection, nn.Parameter) and projection.requires_grad) and not (
+            isinstance(getattr(model, "positional_embedding", None), nn.Parameter)
+            and model.positional_embedding.requires_grad):
+        return "clip-text", model, "encode_text"  # open_clip CLIP: the tower's modules sit on the model
+    return None
