@@ -29,3 +29,13 @@ def test_a_batch_answers_each_request_as_alone_with_or_without_a_decode_pool(tin
     for batched, single in zip(scores(pooled), scores(alone)):
         assert batched == pytest.approx(single, abs=1e-5)
     assert all(sum(r["scores"].values()) == pytest.approx(1, abs=1e-4) for a in pooled for r in a["results"])
+
+
+def test_requests_decoded_apart_give_the_same_answers(tiny):
+    """What the classifier does: each request's pixels decoded on their own, the batch holds tensors."""
+    served = ServedModel(version=1, loaded=tiny)
+    requests = [{"images": [png_bytes("red")], "labels": ["red", "blue"]},
+                {"images": [png_bytes("green"), png_bytes("blue")], "labels": ["green", "blue"]}]
+    heads = TextHeadCache(8)
+    decoded = [{"pixels": served.pixels(r["images"]), "labels": r["labels"]} for r in requests]
+    assert served.classify(decoded, heads) == served.classify(requests, heads)

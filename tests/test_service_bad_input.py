@@ -191,3 +191,26 @@ def test_service_still_works_after_bad_input(service):
     answer = classify(anon).json()  # classify is a read: no token needed
     assert answer["model_version"] == 1 and answer["results"][0]["label"] in ("red", "blue")
     assert client.get("/v1/tasks").json() == {"tasks": []}
+
+
+def truncated_jpeg() -> str:
+    """A JPEG whose header is intact (it passes the ingress's checks) but whose data stops early."""
+    buffer = io.BytesIO()
+    Image.effect_noise((96, 96), 60).convert("RGB").save(buffer, format="JPEG", quality=95)
+    return base64.b64encode(buffer.getvalue()[: len(buffer.getvalue()) // 3]).decode()
+
+
+def test_one_bad_image_fails_only_its_own_request(service):
+    """Eight requests at once, one with an undecodable image: they may share a batch, but only that
+    one is refused; the other seven are answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, anon, tmp, store = service
+    bodies = [{"images": [png_b64("red")], "labels": ["red", "blue"]} for _ in range(7)]
+    bodies.insert(3, {"images": [png_b64("blue"), truncated_jpeg()], "labels": ["red", "blue"]})
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda body: anon.post("/v1/classify", json=body), bodies))
+    statuses = [r.status_code for r in responses]
+    assert statuses == [200, 200, 200, 400, 200, 200, 200, 200], [r.text for r in responses]
+    assert responses[3].json()["error"]["code"] == "bad_image"
+    assert all(r.json()["results"][0]["label"] == "red" for i, r in enumerate(responses) if i != 3)

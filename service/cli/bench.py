@@ -17,7 +17,7 @@ from gnsp_core.report import summary_table
 from gnsp_core.models.loading import resolve_device
 from gnsp_core.task_context import Progress
 
-from service.cli.arguments import add_model_arguments, load_config_file
+from service.cli.arguments import add_model_arguments, load_config_file, task_sources
 
 HELDOUT = "heldout"
 
@@ -47,7 +47,8 @@ def training_config(args: argparse.Namespace, method: str) -> TrainConfig:
 
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="compare methods over a task sequence; writes results.json, a table, heatmaps")
-    p.add_argument("--tasks", required=True, help="comma-separated task sources (built-in names, folders, archives)")
+    p.add_argument("--tasks", required=True, help="comma-separated task sources (built-in names, folders, archives, "
+                                                  "mtil:<dataset>@ROOT, mtil:order-I@ROOT or mtil:order-II@ROOT)")
     p.add_argument("--eval", default=HELDOUT, help="comma-separated held-out eval sets ('heldout' = natural photos)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     p.add_argument("--out", type=Path, required=True)
@@ -75,7 +76,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     methods = _split(args.methods)
     configs = {m: training_config(args, m) for m in methods}
     caps = dict(max_train_per_class=args.max_train_per_class, max_test_per_class=args.max_test_per_class)
-    tasks = [load_task(s, **caps) for s in _split(args.tasks)]
+    tasks = [load_task(s, **caps) for s in task_sources(args.tasks)]
     evals = [load_eval(s, max_test_per_class=args.max_test_per_class) for s in _split(args.eval)]
     reference = load_reference(args.reference) if args.reference else None
     spec = ModelSpec(name=args.model or DEFAULT_MODEL, pretrained=args.pretrained)

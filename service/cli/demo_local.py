@@ -17,6 +17,7 @@ from gnsp_core.state import ContinualState
 from gnsp_core.task_context import Progress
 from gnsp_core.trainer import learn_task
 
+from service.cli.arguments import task_sources
 from service.cli.build_default import build_default_with_bar
 from service.cli.demo_table import chance_levels, print_table
 from service.training.sources import load_reference
@@ -36,7 +37,7 @@ def run_local_demo(args: argparse.Namespace) -> int:
     print(f"loading {args.model or DEFAULT_MODEL} ...")
     loaded = load_model(ModelSpec(name=args.model or DEFAULT_MODEL, pretrained=args.pretrained), device)
     caps = dict(max_train_per_class=args.max_train_per_class, max_test_per_class=args.max_test_per_class)
-    tasks = [load_task(s.strip(), **caps) for s in args.tasks.split(",") if s.strip()]
+    tasks = [load_task(s, **caps) for s in task_sources(args.tasks)]
     heldout = load_heldout_task()
     reference = load_reference(args.reference)
     state = ContinualState.initial(loaded.model, loaded.spec)

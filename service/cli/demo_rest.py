@@ -31,6 +31,7 @@ from gnsp_core.evaluation import class_prompt_gap
 from gnsp_core.models import DEFAULT_MODEL
 from gnsp_core.data.reference import load_heldout_task
 
+from service.cli.arguments import task_sources
 from service.cli.build_default import build_default_with_bar
 from service.cli.demo_table import chance_levels, print_table
 from service.jobs.states import ENDED
@@ -247,7 +248,7 @@ def run_rest_demo(args: argparse.Namespace) -> int:
     """The demo through the REST service; exit code 0 when every job succeeded."""
     start = time.perf_counter()
     caps = dict(max_train_per_class=args.max_train_per_class, max_test_per_class=args.max_test_per_class)
-    tasks = [load_task(s.strip(), **caps) for s in args.tasks.split(",") if s.strip()]
+    tasks = [load_task(s, **caps) for s in task_sources(args.tasks)]
     if not tasks:
         raise DemoError("--tasks names no task")
     heldout = load_heldout_task()

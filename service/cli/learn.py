@@ -15,7 +15,7 @@ from gnsp_core.config import TrainConfig
 from gnsp_core.methods.registry import uses_reference
 from gnsp_core.models import DEFAULT_MODEL, ModelSpec, recommended_training
 
-from service.cli.arguments import add_model_arguments, load_config_file
+from service.cli.arguments import add_model_arguments, load_config_file, task_sources
 from service.training.cluster import quiet_ray_warnings
 from service.training.progress import JobProgress
 from service.training.sources import BUILTIN
@@ -27,7 +27,8 @@ def add_learn_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     """Register `learn` on the `gnsp` command's subparsers."""
     p = subparsers.add_parser("learn", help="learn a sequence of tasks with Ray Train workers",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", required=True, help="comma-separated task sources: built-in names, folders, archives")
+    p.add_argument("--tasks", required=True, help="comma-separated task sources: built-in names, folders, archives, "
+                                                  "mtil:<dataset>@ROOT or mtil:order-I@ROOT (all 11 MTIL datasets)")
     p.add_argument("--out", required=True, help="output folder: a state per task + progress.json")
     p.add_argument("--method", help="finetune | lwf | zscl | wise-ft | mgclip | gnsp (default: the config's, else gnsp)")
     p.add_argument("--config", help="TrainConfig JSON (e.g. the best config from `gnsp tune`)")
@@ -64,7 +65,7 @@ def run_learn(args: argparse.Namespace) -> int:
     quiet_ray_warnings()
     from service.training.sequence import learn_sequence  # imports Ray: keep `gnsp --help` fast
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = task_sources(args.tasks)
     config = build_config(args.config, args.method, args.steps, args.model)
     bar = ProgressBar()
     try:

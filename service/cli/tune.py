@@ -18,7 +18,7 @@ import sys
 from gnsp_core.errors import ConfigError
 from gnsp_core.models import DEFAULT_MODEL, ModelSpec
 
-from service.cli.arguments import add_model_arguments
+from service.cli.arguments import add_model_arguments, task_sources
 from service.cli.learn import build_config
 from service.tuning.request import SearchSpace, TuneRequest
 
@@ -78,7 +78,7 @@ def build_request(args: argparse.Namespace) -> TuneRequest:
     if args.batch_size is not None:
         config = config.replace(batch_size=args.batch_size)
     return TuneRequest(
-        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], out_dir=args.out,
+        tasks=task_sources(args.tasks), out_dir=args.out,
         model=ModelSpec(name=args.model or DEFAULT_MODEL, pretrained=args.pretrained), base_state=args.from_state,
         trials=args.trials, config=config, space=parse_ranges(args.range), searcher=args.searcher, workers=args.workers,
         gpus_per_worker=args.gpus_per_worker, max_concurrent=args.max_concurrent,

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
 from ray import serve
 
 from service.serving.batch_window import BatchWindow
@@ -43,8 +44,6 @@ def classifier_thread_count(settings: ServiceSettings) -> int:
 @serve.deployment(name="Classifier")
 class Classifier:
     def __init__(self, settings: ServiceSettings) -> None:
-        import torch
-
         from gnsp_core.zeroshot import TextHeadCache
 
         threads = classifier_thread_count(settings)
@@ -74,9 +73,16 @@ class Classifier:
         The answer's `timing` (ms: time in this replica, the batch's forward, the batch's size) lets
         the ingress say in a Server-Timing header where a request's latency went."""
         start = time.perf_counter()
+        served = await self.get_version(serve.get_multiplexed_model_id())
+        loop = asyncio.get_running_loop()
+        # Decoded here, per request, on the decode pool: a batch holds tensors only, so an image that
+        # fails to decode fails its own request and never the requests batched with it.
+        tensors = await asyncio.gather(*(loop.run_in_executor(self.decoders, served.pixel, raw)
+                                         for raw in request["images"]))
+        pixels = {"pixels": torch.stack(tensors), "labels": request["labels"]}
         self.classify_batch.set_batch_wait_timeout_s(self.window.enter())
         try:
-            answer = await self.classify_batch(request)
+            answer = await self.classify_batch(pixels)
         finally:
             self.window.leave()
         answer["timing"]["classifier"] = 1000 * (time.perf_counter() - start)
@@ -86,7 +92,7 @@ class Classifier:
     async def classify_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         served = await self.get_version(serve.get_multiplexed_model_id())
         start = time.perf_counter()
-        answers = await asyncio.to_thread(served.classify, requests, self.heads, self.decoders)
+        answers = await asyncio.to_thread(served.classify, requests, self.heads)
         forward = time.perf_counter() - start
         self.window.forward_took(forward)
         for answer in answers:

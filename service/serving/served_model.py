@@ -38,23 +38,28 @@ class ServedModel:
                  pool: Executor | None = None) -> list[dict[str, Any]]:
         """Answer several requests with one image-tower pass; each request has its own labels.
 
-        With a `pool`, a batch's images are decoded and preprocessed in parallel (Pillow releases
-        the GIL while it decodes and resizes): on a GPU this, not the forward, bounds a batch."""
-        raws = [raw for request in requests for raw in request["images"]]
-        tensors = pool.map(self._pixels, raws) if pool is not None and len(raws) > 1 else map(self._pixels, raws)
-        pixels = torch.stack(list(tensors)).to(model_device(self.loaded.model))
-        features = F.normalize(self.loaded.model.encode_image(pixels).float(), dim=-1)
+        A request brings its images as `pixels` (already decoded by `pixels`: the classifier does
+        that per request, so one bad image fails only its own request) or as encoded `images`."""
+        tensors = [r["pixels"] if "pixels" in r else self.pixels(r["images"], pool) for r in requests]
+        features = F.normalize(self.loaded.model.encode_image(torch.cat(tensors).to(model_device(self.loaded.model)))
+                               .float(), dim=-1)
         answers, start = [], 0
-        for request in requests:
+        for request, pixels in zip(requests, tensors):
             labels = request["labels"]
-            count = len(request["images"])
+            count = len(pixels)
             head = heads.get(self.loaded.model, self.loaded.tokenizer, labels, TEMPLATES, key=self.version)
             probs = (LOGIT_SCALE * features[start:start + count] @ head.T).softmax(dim=-1)
             start += count
             answers.append({"model_version": self.version, "results": [_result(labels, row) for row in probs.tolist()]})
         return answers
 
-    def _pixels(self, raw: bytes) -> torch.Tensor:
+    def pixels(self, raws: list[bytes], pool: Executor | None = None) -> torch.Tensor:
+        """Decode and preprocess one request's images; InvalidImageError names what failed. With a
+        `pool` the images are decoded in parallel (Pillow releases the GIL while it decodes and resizes)."""
+        tensors = pool.map(self.pixel, raws) if pool is not None and len(raws) > 1 else map(self.pixel, raws)
+        return torch.stack(list(tensors))
+
+    def pixel(self, raw: bytes) -> torch.Tensor:
         return self.loaded.preprocess_val(decode_image(raw))
 
     def check(self, heads: TextHeadCache) -> dict[str, Any]:
