@@ -172,8 +172,9 @@ class FeatureCache:
         else:
             memos = _SHARED.setdefault(self.run, {})
             memo = memos.setdefault((name, _weights_digest(module), str(self.device)), _Memo())
-            for key in [k for k in memo.rows if isinstance(k, tuple) and k and k[0] == TASK]:
-                del memo.rows[key]  # the previous task's images
+            if name.startswith("image:"):  # keys (pool, item, view): the previous task's images go
+                for key in [k for k in memo.rows if k[0] == TASK]:
+                    del memo.rows[key]
         self.memos[name] = memo
         self._computed_before[name] = memo.computed
         return memo

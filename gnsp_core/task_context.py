@@ -90,10 +90,15 @@ class TaskContext:
     def tokens(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(texts).to(self.device)
 
+    @property
+    def caches_images(self) -> bool:
+        """Whether the image tower's frozen part is cached this task: images are passed as keys."""
+        return self.feature_cache is not None and self.feature_cache.caches_images
+
     def task_images(self, indices: Sequence[int], view: int) -> torch.Tensor:
         """Training images `indices` as the model takes them: cache keys while the image tower's
         frozen part is cached, else pixels (`VAL_VIEW` unaugmented, any other view augmented)."""
-        if self.feature_cache is not None and self.feature_cache.caches_images:
+        if self.caches_images:
             return image_keys(TASK, indices, view).to(self.device)
         transform = self.loaded.preprocess_val if view == VAL_VIEW else self.loaded.preprocess_train
         samples = self.task.train.with_transform(transform)

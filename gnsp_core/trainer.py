@@ -59,7 +59,7 @@ class _TaskKeys(Dataset):
 def _task_loader(ctx: TaskContext, epoch: int) -> DataLoader:
     """One epoch, in an order that depends only on the seed and the epoch (keys or pixels alike)."""
     task, cfg, dist = ctx.task, ctx.config, ctx.distributed
-    if ctx.feature_cache is not None and ctx.feature_cache.caches_images:
+    if ctx.caches_images:
         dataset, workers = _TaskKeys(task.train.labels, epoch % cfg.cache_views), 0
     else:
         dataset, workers = task.train.with_transform(ctx.loaded.preprocess_train), cfg.num_workers
@@ -150,7 +150,7 @@ def _open_feature_cache(ctx: TaskContext, reference: Dataset | None) -> None:
                          ctx.config.seed + 7919 * ctx.task_index)
     ctx.feature_cache = FeatureCache(ctx.model, pixels, ctx.device, run=reference)
     if ctx.reference is not None:
-        ctx.reference.as_keys = ctx.feature_cache.caches_images
+        ctx.reference.as_keys = ctx.caches_images
 
 
 def _train_loop(ctx, method, optimizer, scheduler, start, total, progress, on_checkpoint, every) -> int:

@@ -83,7 +83,7 @@ def load_mtil_task(name: str, root: str | Path) -> Task:
 
 def _need(path: Path, dataset: str) -> Path:
     if not path.exists():
-        raise DatasetError(f"{dataset}: expected {path} (torchvision's layout; see gnsp_core/mtil.py)")
+        raise DatasetError(f"{dataset}: expected {path} (torchvision's layout; see gnsp_core/data/mtil.py)")
     return path
 
 

@@ -75,7 +75,7 @@ class GNSP(Method):
         """One pass over this worker's share of the task (train augmentation, as in the paper)."""
         ctx, cfg = self.ctx, self.cfg
         mine = range(ctx.distributed.rank, len(ctx.task.train), ctx.distributed.world_size)
-        if ctx.feature_cache is not None and ctx.feature_cache.caches_images:  # the training views' cache
+        if ctx.caches_images:  # the training views' cache
             view = 0 if cfg.stats_augment else VAL_VIEW
             batches = [ctx.task_images(mine[i:i + cfg.stats_batch_size], view)
                        for i in range(0, len(mine), cfg.stats_batch_size)]

@@ -2,7 +2,7 @@
 
 Ingredients, all offline: the EfficientNet-Lite0 trunk and its own ImageNet classifier (the
 teacher), MiniLM, the 1,000 ImageNet class names (open_clip) in the 8 prompt templates of
-`zeroshot.TEMPLATES`, and the emoji + flag caption pairs of `reference_data`.
+`zeroshot.TEMPLATES`, and the emoji + flag caption pairs of `data.reference`.
 
 1. **Cache features.** Pooled trunk features of every reference image plus `augmented_views`
    seeded views per image (random crops, colour changes, emoji pasted on other reference images),

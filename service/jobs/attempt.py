@@ -4,9 +4,9 @@ The attempt runs in its own Ray task, not in the job runner's process, for one r
 TorchTrainer cannot be stopped from the outside, but its driver can. Cancelling the task raises a
 KeyboardInterrupt in it, on which Ray Train aborts the run itself (workers stopped, placement group
 removed); only if that hangs is the process killed. Progress flows from rank 0 to a `ProgressBoard` actor
-(service/progress.py), which the runner polls while it waits.
+(service/training/progress.py), which the runner polls while it waits.
 
-`train_on_ray` is the single integration point with service/train.py.
+`train_on_ray` is the single integration point with service/training/ray_train.py.
 """
 
 from __future__ import annotations
