@@ -1,11 +1,12 @@
 """Evaluate a model the way every result in gnsp is reported (METHODS.md definitions).
 
 Accuracy uses the known-task label space (MTIL): each dataset is scored over its own class names,
-with the full template ensemble. MG-CLIP's compensation head joins where it exists for that task.
+with its own template ensemble (`Task.templates`). MG-CLIP's compensation head joins where it exists for that task.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -14,16 +15,17 @@ from gnsp_core.data.samples import Task
 from gnsp_core.metrics import modality_gap, retrieval_recall
 from gnsp_core.methods.mgclip_head import compensation_head
 from gnsp_core.models.spec import LoadedModel
-from gnsp_core.zeroshot import TEMPLATES, build_text_head, evaluate_accuracy
+from gnsp_core.zeroshot import build_text_head, evaluate_accuracy
 
 
 def task_accuracy(
     loaded: LoadedModel, task: Task, extras: dict[str, torch.Tensor] | None = None,
-    templates: list[str] = TEMPLATES, device: torch.device | str = "cpu", batch_size: int = 64,
+    templates: Sequence[str] | None = None, device: torch.device | str = "cpu", batch_size: int = 64,
 ) -> float:
-    """Top-1 (percent) on the task's test split over its own labels."""
+    """Top-1 (percent) on the task's test split over its own labels, with the task's own template
+    ensemble unless `templates` is given."""
     model = loaded.model.to(device)
-    head = build_text_head(model, loaded.tokenizer, task.classnames, templates, device=device)
+    head = build_text_head(model, loaded.tokenizer, task.classnames, templates or task.templates, device=device)
     comp = compensation_head(extras or {}, task.name)
     compensation = None
     if comp is not None:
@@ -43,14 +45,14 @@ def accuracy_row(
 @torch.no_grad()
 def class_prompt_gap(loaded: LoadedModel, task: Task, device: torch.device | str = "cpu",
                      reference_gap: torch.Tensor | None = None) -> dict:
-    """Modality gap over held-out images paired with their class prompts (first template)."""
+    """Modality gap over held-out images paired with their class prompts (the task's first template)."""
     model = loaded.model.to(device).eval()
     loader = torch.utils.data.DataLoader(task.test.with_transform(loaded.preprocess_val), batch_size=64)
     feats, labels = [], []
     for images, y in loader:
         feats.append(nn.functional.normalize(model.encode_image(images.to(device)).float(), dim=-1))
         labels.append(y)
-    tokens = loaded.tokenizer([TEMPLATES[0].format(c) for c in task.classnames]).to(device)
+    tokens = loaded.tokenizer([task.templates[0].format(c) for c in task.classnames]).to(device)
     text = nn.functional.normalize(model.encode_text(tokens).float(), dim=-1)
     return modality_gap(torch.cat(feats), text[torch.cat(labels).to(device)], reference_gap)
 

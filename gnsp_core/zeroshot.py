@@ -17,21 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from gnsp_core.data.samples import DEFAULT_TEMPLATES
 from gnsp_core.errors import DatasetError
 from gnsp_core.methods.mgclip_head import combine_mgclip
 
-# "a photo of a {}." first (the training template), then the 7 templates the CLIP authors
-# selected as a small ensemble for ImageNet (openai/CLIP, Prompt_Engineering_for_ImageNet.ipynb).
-TEMPLATES: list[str] = [
-    "a photo of a {}.",
-    "itap of a {}.",
-    "a bad photo of the {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
-]
+# The ensemble for labels that bring no templates of their own (free-text classify, held-out
+# photos): "a photo of a {}." and CLIP's 7 selected ImageNet templates. A task carries its own
+# (`Task.templates`, which defaults to these).
+TEMPLATES: list[str] = list(DEFAULT_TEMPLATES)
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -4,8 +4,12 @@ and written (`write_image_folder`) in the one layout every part of gnsp reads ba
 Accepted layouts (hidden entries such as `.DS_Store` and `__MACOSX/` are ignored):
     root/<class>/<images, nested folders allowed>
     root/train/<class>/...  +  root/test/<class>/...
-either of them optionally wrapped in one top-level folder, and optionally with `classes.json`
-(folder -> class name) at the layout root.
+either of them optionally wrapped in one top-level folder, and optionally with `classes.json` at
+the layout root, in one of two forms:
+    {"n01": "tabby cat", "n02": "sports car"}                      folder -> class name
+    {"classes": {"n01": "tabby cat"}, "templates": ["a photo of a {}, a type of pet.", "..."]}
+The second adds the task's prompt templates (`{}` = the class name): the first is the training
+prompt, all of them make the zero-shot head the task is scored with. Both keys are optional there.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 from gnsp_core.data.archives import ArchiveLimits
-from gnsp_core.data.samples import ImageSamples, to_rgb
+from gnsp_core.data.samples import DEFAULT_TEMPLATES, ImageSamples, check_templates, to_rgb
 from gnsp_core.errors import DatasetError
 
 CLASSES_FILE = "classes.json"
@@ -34,6 +38,8 @@ class FolderLayout:
     classnames: list[str]
     splits: dict[str, dict[str, list[Path]]]
     """{"all": ...} without split folders, else {"train": ..., "test": ...}; folder -> image files."""
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    """The prompt templates from classes.json, else the default ensemble."""
 
 
 def validate_image_folder(root: str | Path, limits: ArchiveLimits = ArchiveLimits()) -> FolderLayout:
@@ -59,18 +65,38 @@ def validate_image_folder(root: str | Path, limits: ArchiveLimits = ArchiveLimit
         for files in split.values():
             for f in files:
                 check_image(f, limits)
-    mapping = read_classes_json(root / CLASSES_FILE, folders) if (root / CLASSES_FILE).is_file() else {}
+    mapping, templates = {}, DEFAULT_TEMPLATES
+    if (root / CLASSES_FILE).is_file():
+        mapping, templates = read_classes_json(root / CLASSES_FILE, folders)
     classnames = [mapping.get(f, f.replace("_", " ").strip()) for f in folders]
     _check_unique(classnames, folders)
-    return FolderLayout(root=root, folders=folders, classnames=classnames, splits=splits)
+    return FolderLayout(root=root, folders=folders, classnames=classnames, splits=splits, templates=templates)
 
 
-def read_classes_json(path: Path, folders: list[str]) -> dict[str, str]:
-    """Parse classes.json (folder -> class name), checking it names only existing folders."""
+def read_classes_json(path: Path, folders: list[str]) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Parse classes.json into (folder -> class name, templates), checking it names only existing
+    folders and that every template has one `{}`."""
     try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DatasetError(f'{CLASSES_FILE} is not valid JSON ({e}); write an object like {{"cat_1": "cat"}}') from e
+    if not _structured(data):
+        return _class_mapping(data, folders), DEFAULT_TEMPLATES
+    extra = sorted(set(data) - {"classes", "templates"})
+    if extra:
+        raise DatasetError(f'{CLASSES_FILE} has unknown keys {extra}; it takes "classes" and "templates"')
+    templates = data.get("templates", DEFAULT_TEMPLATES)
+    if not isinstance(templates, list | tuple):
+        raise DatasetError(f'"templates" in {CLASSES_FILE} must be a list of strings, e.g. ["a photo of a {{}}."]')
+    return _class_mapping(data.get("classes", {}), folders), check_templates(templates)
+
+
+def _structured(data: object) -> bool:
+    """classes.json with "classes"/"templates" keys rather than a plain folder -> name mapping."""
+    return isinstance(data, dict) and (isinstance(data.get("templates"), list) or isinstance(data.get("classes"), dict))
+
+
+def _class_mapping(mapping: object, folders: list[str]) -> dict[str, str]:
     if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
         raise DatasetError(f"{CLASSES_FILE} must be a JSON object mapping folder names to class-name strings")
     unknown = sorted(set(mapping) - set(folders))
@@ -175,14 +201,19 @@ def _check_unique(classnames: list[str], folders: list[str]) -> None:
         seen[key] = folder
 
 
-def write_image_folder(root: Path, classnames: Sequence[str], splits: dict[str, ImageSamples]) -> Path:
+def write_image_folder(root: Path, classnames: Sequence[str], splits: dict[str, ImageSamples],
+                       templates: Sequence[str] = DEFAULT_TEMPLATES) -> Path:
     """Write `splits` (e.g. train and test) as an ImageFolder tree under `root`: class folders `c000`,
-    `c001`, ... keep the label order and `classes.json` keeps the class names, so any name survives."""
+    `c001`, ... keep the label order and `classes.json` keeps the class names (and templates other
+    than the default), so any name survives."""
     folders = [f"c{i:03d}" for i in range(len(classnames))]
     for split, samples in splits.items():
         for n, (image, label) in enumerate(zip(samples.images, samples.labels)):
             target = root / split / folders[label]
             target.mkdir(parents=True, exist_ok=True)
             to_rgb(image).save(target / f"{n:05d}.png")
-    (root / CLASSES_FILE).write_text(json.dumps(dict(zip(folders, classnames)), indent=1))
+    names: dict = dict(zip(folders, classnames))
+    if tuple(templates) != DEFAULT_TEMPLATES:
+        names = {"classes": names, "templates": list(check_templates(templates))}
+    (root / CLASSES_FILE).write_text(json.dumps(names, indent=1))
     return root

@@ -17,8 +17,10 @@ Source syntax for `load_task`: `mtil:<dataset>@<root>`, or `mtil:<dataset>` with
                 cars_test_annos_withlabels.mat}
     sun397      SUN397/{ClassName.txt, <letter>/<class>/sun_*.jpg}
 
-Splits follow ZSCL: the official train/test splits (Aircraft train/test, DTD train1/test1,
-Flowers train/test, Pets trainval/test), except Caltech101, EuroSAT and SUN397, split 80/20 at
+Each task carries ZSCL's class names and prompt templates for its dataset (mtil_names.py): it
+trains on the first template and is scored with the whole ensemble. Splits follow ZSCL: the
+official train/test splits (Aircraft train/test, DTD train1/test1, Flowers train/test, Pets
+trainval/test), except Caltech101, EuroSAT and SUN397, split 80/20 at
 random with seed 42 exactly as `torch.utils.data.random_split` does (SUN397 files sorted first,
 so the split is the same on every machine). The folders are read directly rather than through
 torchvision's classes, which check archive checksums (CIFAR100, Flowers) and expose their file
@@ -45,6 +47,7 @@ MTIL_ORDER_I = ["aircraft", "caltech101", "cifar100", "dtd", "eurosat", "flowers
 MTIL_ORDER_II = ["cars", "food", "mnist", "oxfordpet", "flowers", "sun397", "aircraft", "caltech101", "dtd",
                  "eurosat", "cifar100"]
 MTIL_DATASETS = sorted(MTIL_ORDER_I)
+MTIL_TEMPLATES = mtil_names.TEMPLATES
 MTIL_FIRST_TEMPLATES = mtil_names.FIRST_TEMPLATES
 ROOT_ENV = "GNSP_MTIL_ROOT"
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -78,7 +81,8 @@ def load_mtil_task(name: str, root: str | Path) -> Task:
     if not root.is_dir():
         raise DatasetError(f"MTIL data root {root} is not a folder")
     classnames, train, test = _LOADERS[key](root)
-    return Task(name=key, classnames=list(classnames), train=ImageSamples(*train), test=ImageSamples(*test))
+    return Task(name=key, classnames=list(classnames), train=ImageSamples(*train), test=ImageSamples(*test),
+                templates=MTIL_TEMPLATES[key])
 
 
 def _need(path: Path, dataset: str) -> Path:

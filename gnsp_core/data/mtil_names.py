@@ -47,17 +47,46 @@ MNIST = ("0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", 
          "8 - eight", "9 - nine")
 """torchvision's MNIST class names, which ZSCL's MTIL prompts use."""
 
-FIRST_TEMPLATES = {
-    "aircraft": "a photo of a {}, a type of aircraft.",
-    "caltech101": "a photo of a {}.",
-    "cifar100": "a photo of a {}.",
-    "dtd": "a photo of a {} texture.",
-    "eurosat": "a centered satellite photo of {}.",
-    "flowers": "a photo of a {}, a type of flower.",
-    "food": "a photo of a {}, a type of food.",
-    "mnist": 'a photo of the number: "{}".',
-    "oxfordpet": "a photo of a {}, a type of pet.",
-    "cars": "a photo of a {}, a type of car.",
-    "sun397": "a photo of a {}.",
+_CIFAR = (
+    "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.",
+    "a low contrast photo of a {}.", "a high contrast photo of a {}.", "a bad photo of a {}.",
+    "a good photo of a {}.", "a photo of a small {}.", "a photo of a big {}.", "a photo of the {}.",
+    "a blurry photo of the {}.", "a black and white photo of the {}.", "a low contrast photo of the {}.",
+    "a high contrast photo of the {}.", "a bad photo of the {}.", "a good photo of the {}.",
+    "a photo of the small {}.", "a photo of the big {}.",
+)
+
+_CALTECH101 = (
+    "a photo of a {}.", "a painting of a {}.", "a plastic {}.", "a sculpture of a {}.", "a sketch of a {}.",
+    "a tattoo of a {}.", "a toy {}.", "a rendition of a {}.", "a embroidered {}.", "a cartoon {}.",
+    "a {} in a video game.", "a plushie {}.", "a origami {}.", "art of a {}.", "graffiti of a {}.",
+    "a drawing of a {}.", "a doodle of a {}.", "a photo of the {}.", "a painting of the {}.", "the plastic {}.",
+    "a sculpture of the {}.", "a sketch of the {}.", "a tattoo of the {}.", "the toy {}.",
+    "a rendition of the {}.", "the embroidered {}.", "the cartoon {}.", "the {} in a video game.",
+    "the plushie {}.", "the origami {}.", "art of the {}.", "graffiti of the {}.", "a drawing of the {}.",
+    "a doodle of the {}.",
+)
+
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "aircraft": ("a photo of a {}, a type of aircraft.", "a photo of the {}, a type of aircraft."),
+    "caltech101": _CALTECH101,
+    "cifar100": _CIFAR,
+    "dtd": ("a photo of a {} texture.", "a photo of a {} pattern.", "a photo of a {} thing.",
+            "a photo of a {} object.", "a photo of the {} texture.", "a photo of the {} pattern.",
+            "a photo of the {} thing.", "a photo of the {} object."),
+    "eurosat": ("a centered satellite photo of {}.", "a centered satellite photo of a {}.",
+                "a centered satellite photo of the {}."),
+    "flowers": ("a photo of a {}, a type of flower.",),
+    "food": ("a photo of a {}, a type of food.",),
+    "mnist": ('a photo of the number: "{}".',),
+    "oxfordpet": ("a photo of a {}, a type of pet.",),
+    "cars": ("a photo of a {}, a type of car.", "a photo of a {}.", "a photo of the {}.", "a photo of my {}.",
+             "i love my {}!", "a photo of my dirty {}.", "a photo of my clean {}.", "a photo of my new {}.",
+             "a photo of my old {}."),
+    "sun397": ("a photo of a {}.", "a photo of the {}."),
 }
+"""Each dataset's prompt ensemble as ZSCL's MTIL code has it (CLIP's published templates, with a
+dataset-specific first one): the first template trains, the whole ensemble scores."""
+
+FIRST_TEMPLATES = {name: templates[0] for name, templates in TEMPLATES.items()}
 """The first template of each dataset's ensemble, the one MTIL training uses."""

@@ -18,6 +18,20 @@ from gnsp_core.errors import DatasetError
 ImageLike = str | Path | Image.Image | np.ndarray
 Transform = Callable[[Image.Image], Any]
 
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+"""The prompts of a task that ships none: "a photo of a {}." (the training prompt), then the 7
+templates the CLIP authors selected as a small ImageNet ensemble (openai/CLIP,
+Prompt_Engineering_for_ImageNet.ipynb)."""
+
 
 def to_rgb(item: ImageLike) -> Image.Image:
     """Any supported image form -> an RGB PIL image (transparency composited onto white)."""
@@ -66,12 +80,36 @@ class ImageSamples(torch.utils.data.Dataset):
 
 @dataclass
 class Task:
-    """One continual-learning task: its class names (label id = position) and its two splits."""
+    """One continual-learning task: its class names (label id = position), its two splits and its
+    prompt templates."""
 
     name: str
     classnames: list[str]
     train: ImageSamples
     test: ImageSamples
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    """Prompt templates with `{}` for the class name: the first is the prompt the task trains on,
+    all of them make the zero-shot head it is scored with (the MTIL protocol: each dataset has its
+    own, see mtil_names.py). Tasks that ship none use `DEFAULT_TEMPLATES`."""
+
+    def __post_init__(self) -> None:
+        self.templates = check_templates(self.templates)
+
+
+def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
+    """The templates as a tuple, or DatasetError unless each is a string with one `{}` and no other field."""
+    if isinstance(templates, str) or not templates:
+        raise DatasetError(f"templates must be a non-empty list of strings with '{{}}', got {templates!r}")
+    for template in templates:
+        try:
+            ok = isinstance(template, str) and template.count("{}") == 1 and template.format("x") is not None
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise DatasetError(f"template {template!r} must contain '{{}}' exactly once (where the class name "
+                               "goes) and no other braces, e.g. 'a photo of a {}, a type of pet.'")
+    return tuple(templates)
+
 
 def split_per_class(labels: Sequence[int], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Stratified train/test indices: per class a seeded shuffle, about `test_fraction` to test.

@@ -8,7 +8,8 @@ A task source is one of
 - a `.zip`, `.tar`, `.tar.gz` or `.tgz` of such a folder (a single wrapping top-level folder is fine).
 
 Label ids follow the sorted class-folder names. Class names are the folder names with `_` as a
-space, unless `classes.json` at the layout root maps folder -> name. Without split folders, a
+space, unless `classes.json` at the layout root maps folder -> name; it may also give the task's
+prompt templates (see folders.py). Without split folders, a
 stratified split is drawn per class from `seed`, so the same seed always gives the same split.
 """
 
@@ -81,7 +82,7 @@ def _task_from_layout(name: str, layout: FolderLayout, test_fraction: float, see
         train, test = everything.subset(train_idx), everything.subset(test_idx)
     else:
         train, test = samples(layout.splits["train"]), samples(layout.splits["test"])
-    return Task(name=name, classnames=list(layout.classnames), train=train, test=test)
+    return Task(name=name, classnames=list(layout.classnames), train=train, test=test, templates=layout.templates)
 
 
 def _extract_and_validate(archive: Path, work_dir: str | Path | None, limits: ArchiveLimits) -> FolderLayout:

@@ -36,7 +36,9 @@ class Method:
 
     def __init__(self, ctx: TaskContext) -> None:
         self.ctx, self.cfg, self.model = ctx, ctx.config, ctx.model
-        prompts = [self.cfg.template.format(c) for c in ctx.task.classnames]
+        self.template = self.cfg.template or ctx.task.templates[0]
+        """The training prompt: the config's, else the task's own first template."""
+        prompts = [self.template.format(c) for c in ctx.task.classnames]
         self.class_tokens = ctx.tokens(prompts)
 
     # --- hooks -------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ class LwF(Method):
         self.previous: nn.Module | None = None
         names = self.ctx.state.seen_classnames()
         names += [c for c in self.ctx.task.classnames if c not in names]
-        self.all_tokens = self.ctx.tokens([self.cfg.template.format(c) for c in names])
+        self.all_tokens = self.ctx.tokens([self.template.format(c) for c in names])
         self.current = torch.tensor([names.index(c) for c in self.ctx.task.classnames], device=self.ctx.device)
 
     def loss(self, images, labels):

@@ -123,8 +123,9 @@ def png_bytes(image: Any) -> bytes:
 
 
 def task_zip(task: Task, folder: Path) -> Path:
-    """Write the task as an ImageFolder (train/ and test/, classes.json keeps the names) and zip it."""
-    root = write_image_folder(folder / task.name, task.classnames, {"train": task.train, "test": task.test})
+    """Write the task as an ImageFolder (train/ and test/, classes.json keeps the names and templates) and zip it."""
+    root = write_image_folder(folder / task.name, task.classnames, {"train": task.train, "test": task.test},
+                              task.templates)
     archive = folder / f"{task.name}.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
         for path in sorted(root.rglob("*")):

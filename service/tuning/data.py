@@ -72,7 +72,8 @@ def prepare_validation_tasks(
         shutil.rmtree(folder, ignore_errors=True)  # a different earlier record must not leave images behind
         task = load_task(source, max_train_per_class=max_train_per_class)
         fit_idx, val_idx = split_per_class(task.train.labels, val_fraction, SPLIT_SEED)
-        write_image_folder(folder, task.classnames, {"train": task.train.subset(fit_idx), "test": task.train.subset(val_idx)})
+        write_image_folder(folder, task.classnames, {"train": task.train.subset(fit_idx), "test": task.train.subset(val_idx)},
+                           task.templates)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(record))
     return folders
