@@ -17,6 +17,7 @@ from gnsp_core.evaluation import accuracy_row, class_prompt_gap
 from gnsp_core.metrics import mtil_metrics
 from gnsp_core.models.spec import LoadedModel
 from gnsp_core.report import plot_heatmap, write_markdown
+from gnsp_core.schedules import Schedule
 from gnsp_core.state import ContinualState
 from gnsp_core.models.loading import resolve_device
 from gnsp_core.task_context import Progress
@@ -45,10 +46,12 @@ def pretrained_row(loaded: LoadedModel, tasks: list[Task], evals: list[Task], de
 def run_method(
     loaded: LoadedModel, tasks: list[Task], evals: list[Task], config: TrainConfig,
     reference=None, progress: BenchProgress | None = None, pretrained: dict[str, Any] | None = None,
+    schedule: Schedule | None = None,
 ) -> dict[str, Any]:
     """One method over the sequence: the (T+1) x (T+E) accuracy matrix, metrics, gap and cost.
 
-    `pretrained` is `pretrained_row(...)` of these weights (measured here when not given)."""
+    `pretrained` is `pretrained_row(...)` of these weights (measured here when not given); with a
+    `schedule` each task trains with its own learning rate and steps."""
     device = resolve_device(config.device)
     state = ContinualState.initial(loaded.model, loaded.spec)
     everything = tasks + evals
@@ -67,7 +70,8 @@ def run_method(
                 progress(config.method, p)
 
         start = time.perf_counter()
-        state = learn_task(state, loaded, task, config, reference=reference, progress=report)
+        task_config = schedule.config_for(config, task.name) if schedule is not None else config
+        state = learn_task(state, loaded, task, task_config, reference=reference, progress=report)
         train_s += time.perf_counter() - start
         if len(times) > 1:
             step_ms.append(1000 * (times[-1] - times[0]) / (len(times) - 1))
@@ -85,18 +89,22 @@ def run_method(
 
 def run_bench(
     loaded: LoadedModel, tasks: list[Task], evals: list[Task], configs: dict[str, TrainConfig],
-    out_dir: str | Path, *, reference=None, progress: BenchProgress | None = None,
+    out_dir: str | Path, *, reference=None, progress: BenchProgress | None = None, schedule: Schedule | None = None,
 ) -> dict[str, Any]:
-    """Run each named config from the same starting weights; write results.json, results.md, heatmaps."""
+    """Run each named config from the same starting weights; write results.json, results.md, heatmaps.
+    A `schedule` sets each task's learning rate and steps (every task must have a row)."""
+    if schedule is not None:
+        schedule.check(t.name for t in tasks)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     initial = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     results: dict[str, Any] = {"model": loaded.spec.name, "tasks": [t.name for t in tasks],
-                               "eval": [e.name for e in evals], "methods": {}}
+                               "eval": [e.name for e in evals], "methods": {},
+                               "schedule": schedule.to_dict() if schedule is not None else None}
     pretrained = pretrained_row(loaded, tasks, evals, next(iter(configs.values())).device) if configs else None
     for name, config in configs.items():
         loaded.model.load_state_dict(initial)
-        results["methods"][name] = run_method(loaded, tasks, evals, config, reference, progress, pretrained)
+        results["methods"][name] = run_method(loaded, tasks, evals, config, reference, progress, pretrained, schedule)
         _write(results, out)  # partial results survive an interrupted bench
     loaded.model.load_state_dict(initial)
     for name in configs:

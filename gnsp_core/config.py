@@ -137,6 +137,27 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def preset_settings(name: str) -> dict[str, Any]:
+    """The fields a preset sets, in `TrainConfig.from_dict` form (projection fields nested)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    flat = PRESETS[name]
+    nested = {k: v for k, v in flat.items() if not k.startswith("projection_")}
+    projection = {k[len("projection_"):]: v for k, v in flat.items() if k.startswith("projection_")}
+    return {**nested, "projection": projection} if projection else nested
+
+
+def merge_settings(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Config dicts, later ones winning field by field (the `projection` fields too)."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        earlier, later = merged.get("projection"), layer.get("projection")
+        merged.update(layer)
+        if isinstance(earlier, dict) and isinstance(later, dict):
+            merged["projection"] = {**earlier, **later}
+    return merged
+
+
 def preset(name: str, **overrides: Any) -> TrainConfig:
     """The published recipes: `gnsp` (the official recipe, `GNSP_RECIPE`), `gnsp-exact` (update
     projection, all maps); any other name is a method with the default settings."""

@@ -169,7 +169,7 @@ class Ingress:
             config = parse_config(form.fields.get("config"))
             method = (form.fields.get("method") or config.pop("method", None) or self.settings.default_method).strip()
             config.pop("method", None)
-            await call(self.jobs.check_config.remote(method, config))
+            await call(self.jobs.check_config.remote(method, config, name))
             summary = await run_in_threadpool(validate_dataset, form.file, self.settings.archive_limits(),
                                               self.settings.work_dir)
             return await self._queue(name, method, config, form.file, summary)

@@ -12,12 +12,13 @@ from gnsp_core.bench import run_bench
 from gnsp_core.config import TrainConfig
 from gnsp_core.data import Task, load_task
 from gnsp_core.methods.registry import METHODS
-from gnsp_core.models import DEFAULT_MODEL, ModelSpec, load_model, recommended_training
+from gnsp_core.models import DEFAULT_MODEL, ModelSpec, load_model
+from gnsp_core.schedules import Schedule
 from gnsp_core.report import summary_table
 from gnsp_core.models.loading import resolve_device
 from gnsp_core.task_context import Progress
 
-from service.cli.arguments import add_model_arguments, load_config_file, task_sources
+from service.cli.arguments import add_model_arguments, add_recipe_arguments, base_settings, schedule_option, task_sources
 
 HELDOUT = "heldout"
 
@@ -31,12 +32,16 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (default)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--reference", default="builtin",
-                        help="reference image-caption pairs for CD/MAP/ZSCL: builtin[:emoji|flags|emoji+flags] "
+                        help="reference image-caption pairs for CD/MAP/ZSCL: builtin[:emoji|flags|emoji+flags], "
+                             "imagenet:<folder>[#N] (N seeded images of an ImageNet-layout folder, default 1000) "
                              "or module:function")
+    add_recipe_arguments(parser)
 
 
 def training_config(args: argparse.Namespace, method: str) -> TrainConfig:
-    data = {**recommended_training(args.model), **(load_config_file(args.config) if getattr(args, "config", None) else {})}
+    """One method's config: the recommended, preset and file settings, then the flags; a preset's
+    settings apply to every compared method (its own method is replaced)."""
+    data = base_settings(args.model, getattr(args, "preset", None), getattr(args, "config", None))
     data["method"] = method
     for field, value in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
                          ("device", args.device), ("seed", args.seed)):
@@ -70,18 +75,25 @@ def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _steps(config: TrainConfig, tasks: list[Task], schedule: Schedule | None) -> int:
+    return sum(schedule.row(t.name).steps for t in tasks) if schedule else config.steps * len(tasks)
+
+
 def run_bench_command(args: argparse.Namespace) -> int:
     from service.training.sources import load_reference
 
     methods = _split(args.methods)
+    schedule = schedule_option(args.schedule, ("--steps", args.steps), ("--lr", args.lr))
     configs = {m: training_config(args, m) for m in methods}
     caps = dict(max_train_per_class=args.max_train_per_class, max_test_per_class=args.max_test_per_class)
     tasks = [load_task(s, **caps) for s in task_sources(args.tasks)]
+    if schedule is not None:
+        schedule.check(t.name for t in tasks)
     evals = [load_eval(s, max_test_per_class=args.max_test_per_class) for s in _split(args.eval)]
     reference = load_reference(args.reference) if args.reference else None
     spec = ModelSpec(name=args.model or DEFAULT_MODEL, pretrained=args.pretrained)
     loaded = load_model(spec, resolve_device(args.device or "auto"))
-    total = sum(configs[m].steps for m in methods) * len(tasks)
+    total = sum(_steps(configs[m], tasks, schedule) for m in methods)
     bar = tqdm(total=total, unit="step", desc="bench", dynamic_ncols=True)
     seen: dict[tuple[str, str], int] = {}
 
@@ -93,7 +105,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
         bar.set_postfix(loss=f"{p.loss:.3f}" if p.loss is not None else "-", img_s=f"{p.samples_per_s:.0f}")
 
     start = time.perf_counter()
-    results = run_bench(loaded, tasks, evals, configs, args.out, reference=reference, progress=on_progress)
+    results = run_bench(loaded, tasks, evals, configs, args.out, reference=reference, progress=on_progress,
+                        schedule=schedule)
     bar.close()
     print(summary_table(results))
     print(f"\nwrote {args.out}/results.json, results.md and heatmap_<method>.png in {time.perf_counter() - start:.0f} s")

@@ -2,6 +2,8 @@
 
     gnsp learn --tasks digits,animals --method gnsp --workers 2 --out runs/seq1
     gnsp learn --tasks ./my_photos.zip --workers 4 --gpus-per-worker 1 --model ViT-B-16 --pretrained openai --out runs/seq2
+    gnsp learn --tasks mtil:order-I@/data --preset gnsp --schedule mtil-order-I --reference imagenet:/data/imagenet/train \
+        --model ViT-B-16 --pretrained openai --gpus-per-worker 1 --out runs/mtil   (the published GNSP recipe)
 
 Re-running the same command after an interruption (Ctrl-C, a crash) continues the sequence: finished
 tasks are skipped and the running one resumes from its last checkpoint (see service.training.sequence).
@@ -13,9 +15,9 @@ import argparse
 
 from gnsp_core.config import TrainConfig
 from gnsp_core.methods.registry import uses_reference
-from gnsp_core.models import DEFAULT_MODEL, ModelSpec, recommended_training
+from gnsp_core.models import DEFAULT_MODEL, ModelSpec
 
-from service.cli.arguments import add_model_arguments, load_config_file, task_sources
+from service.cli.arguments import add_model_arguments, add_recipe_arguments, base_settings, schedule_option, task_sources
 from service.training.cluster import quiet_ray_warnings
 from service.training.progress import JobProgress
 from service.training.sources import BUILTIN
@@ -33,10 +35,11 @@ def add_learn_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--method", help="finetune | lwf | zscl | wise-ft | mgclip | gnsp (default: the config's, else gnsp)")
     p.add_argument("--config", help="TrainConfig JSON (e.g. the best config from `gnsp tune`)")
     p.add_argument("--steps", type=int, help="optimiser steps per task (overrides the config)")
+    add_recipe_arguments(p)
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker; 0 trains on CPU (gloo)")
     add_model_arguments(p)
-    p.add_argument("--reference", help="reference pairs: builtin, builtin:<kind>, module:function, or none "
+    p.add_argument("--reference", help="reference pairs: builtin, builtin:<kind>, imagenet:<folder>[#N], module:function, or none "
                                         "(default: builtin for the methods that distil on reference data: gnsp, zscl)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     p.add_argument("--max-failures", type=int, default=1, help="worker-group restarts allowed per task")
@@ -46,10 +49,11 @@ def add_learn_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return p
 
 
-def build_config(path: str | None, method: str | None, steps: int | None, model: str | None = None) -> TrainConfig:
-    """The model's recommended settings, then the config file (a TrainConfig dict, or {"config": {...}}),
-    then the command-line overrides."""
-    config = TrainConfig.from_dict({**recommended_training(model), **(load_config_file(path) if path else {})})
+def build_config(path: str | None, method: str | None, steps: int | None, model: str | None = None,
+                 preset: str | None = None) -> TrainConfig:
+    """The model's recommended settings, then the preset's, then the config file (a TrainConfig dict,
+    or {"config": {...}}), then the command-line overrides."""
+    config = TrainConfig.from_dict(base_settings(model, preset, path))
     changes = {k: v for k, v in (("method", method), ("steps", steps)) if v is not None}
     return config.replace(**changes) if changes else config
 
@@ -66,14 +70,15 @@ def run_learn(args: argparse.Namespace) -> int:
     from service.training.sequence import learn_sequence  # imports Ray: keep `gnsp --help` fast
 
     tasks = task_sources(args.tasks)
-    config = build_config(args.config, args.method, args.steps, args.model)
+    schedule = schedule_option(args.schedule, ("--steps", args.steps))
+    config = build_config(args.config, args.method, args.steps, args.model, args.preset)
     bar = ProgressBar()
     try:
         result = learn_sequence(
             tasks, args.out, ModelSpec(name=args.model or DEFAULT_MODEL, pretrained=args.pretrained), config,
             workers=args.workers, gpus_per_worker=args.gpus_per_worker, address=args.address, progress=bar,
             reference=reference_for(args.reference, config.method), checkpoint_every=args.checkpoint_every,
-            max_failures=args.max_failures, storage_path=args.storage,
+            max_failures=args.max_failures, storage_path=args.storage, schedule=schedule,
         )
     finally:
         bar.close()

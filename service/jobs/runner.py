@@ -41,13 +41,16 @@ class JobRunner:
         handle = self.classifier.options(multiplexed_model_id=str(version))
         return handle.check_version.remote(version).result(timeout_s=600)
 
-    def check_config(self, method: str, config: dict[str, Any]) -> None:
-        """Raise ConfigError for an unknown method or a bad training setting (before the upload is stored)."""
+    def check_config(self, method: str, config: dict[str, Any], name: str | None = None) -> None:
+        """Raise ConfigError for an unknown method, a bad training setting, an unknown schedule or a
+        task `name` the schedule has no row for (before the upload is stored)."""
         from gnsp_core.config import TrainConfig
         from gnsp_core.errors import ConfigError
         from gnsp_core.methods.registry import method_class
+        from gnsp_core.schedules import resolve_schedule
 
         method_class(method)
+        config = resolve_schedule(config, name)
         try:
             TrainConfig.from_dict({**config, "method": method})
         except ConfigError:
@@ -57,7 +60,11 @@ class JobRunner:
 
     def submit(self, task_id: str, name: str, method: str, config: dict[str, Any], upload: str,
                dataset: dict[str, Any]) -> dict[str, Any]:
-        config = {**recommended_training(self.settings.model), **self.searches.task_config(method, config)}
+        """Queue a job; a `"schedule": NAME` in its config becomes the lr and steps of the task's row."""
+        from gnsp_core.schedules import resolve_schedule
+
+        own = resolve_schedule(config, name)
+        config = {**recommended_training(self.settings.model), **self.searches.task_config(method, own)}
         return self.queue.submit(task_id, name, method, config, upload, dataset)
 
     def get(self, task_id: str) -> dict[str, Any]:

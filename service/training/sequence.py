@@ -28,6 +28,7 @@ from gnsp_core.config import TrainConfig
 from gnsp_core.data.sources import source_folder_name
 from gnsp_core.errors import ConfigError
 from gnsp_core.models import ModelSpec
+from gnsp_core.schedules import Schedule
 
 from service.training.cluster import ray_cluster
 from service.training.naming import run_name
@@ -61,16 +62,20 @@ def learn_sequence(
     checkpoint_every: int = 50,
     max_failures: int = 1,
     storage_path: str | None = None,
+    schedule: Schedule | None = None,
 ) -> SequenceResult:
     """Learn `task_sources` in order with `workers` Ray Train workers, continuing where a previous
     call with the same out_dir stopped.
 
     `storage_path` (a local folder or a cloud URI; default out_dir/runs) holds the mid-task
-    checkpoints; `address` joins an existing Ray cluster instead of starting a local one.
+    checkpoints; `address` joins an existing Ray cluster instead of starting a local one. A
+    `schedule` gives each task its own learning rate and steps, found by the task's name (the
+    dataset of an `mtil:` source, else the folder or archive name); every task needs a row.
     """
     out_dir = Path(out_dir).resolve()
     task_sources = [task_source(s) for s in task_sources]
-    record = _open_record(out_dir, task_sources, model, config, reference)
+    configs = [schedule.config_for(config, source_folder_name(s)) if schedule else config for s in task_sources]
+    record = _open_record(out_dir, task_sources, model, config, reference, schedule)
     job_id = run_name(out_dir)
     storage = storage_path or str(out_dir / "runs")
     local_cpus = os.cpu_count() or 1
@@ -84,7 +89,7 @@ def learn_sequence(
             for index in range(len(record["completed"]), len(task_sources)):
                 source, name = task_sources[index], state_folder_name(index, task_sources[index])
                 base = str(out_dir / record["completed"][-1]["state"]) if index else None
-                job = TrainJob(task=source, config=config, base_state=base, model=None if base else model,
+                job = TrainJob(task=source, config=configs[index], base_state=base, model=None if base else model,
                                reference=reference, checkpoint_every=checkpoint_every)
                 ray.get(board.reset.remote(index, len(task_sources)))
                 with watch_board(board, progress):
@@ -104,17 +109,18 @@ def state_folder_name(index: int, source: str) -> str:
 
 
 def _open_record(out_dir: Path, tasks: list[str], model: ModelSpec, config: TrainConfig,
-                 reference: str | None) -> dict[str, Any]:
+                 reference: str | None, schedule: Schedule | None) -> dict[str, Any]:
     """Load progress.json (checking it describes the same sequence) or start a new one."""
     fresh = {"format": FORMAT_VERSION, "tasks": tasks, "model": model.to_dict(), "config": config.to_dict(),
-             "reference": reference, "completed": [], "status": "running"}
+             "reference": reference, "schedule": schedule.to_dict() if schedule else None, "completed": [],
+             "status": "running"}
     path = out_dir / PROGRESS_FILE
     if not path.is_file():
         write_json_atomic(path, fresh)
         return fresh
     record = json.loads(path.read_text())
     done = [c["task"] for c in record["completed"]]
-    differs = [k for k in ("model", "config", "reference") if record.get(k) != fresh[k]]
+    differs = [k for k in ("model", "config", "reference", "schedule") if record.get(k) != fresh[k]]
     if tasks[: len(done)] != done:
         differs.append(f"tasks (done so far: {done})")
     if differs:

@@ -6,6 +6,9 @@ restarted worker rebuilds exactly the same data. A task source is whatever
 worker's working directory is not the driver's). A reference spec is one of
 - `builtin` or `builtin:<kind>`: `gnsp_core.data.reference.load_reference_pairs(kind)`
   (`emoji`, `flags`, `emoji+flags`; the default is `emoji+flags`);
+- `imagenet:<folder>` or `imagenet:<folder>#N`: N (default 1,000) seeded images of an
+  ImageNet-layout folder captioned "a photo of a {class}." (`gnsp_core.data.imagenet`, the paper's
+  reference pool); the folder must be on storage every node sees;
 - `<module>:<function>`: an importable zero-argument function returning a dataset of
   (image, caption) pairs with `with_transform` (tests use `tests.conftest:reference_pairs`).
   Every worker imports it: on a local cluster the driver's working directory is on the workers'
@@ -23,6 +26,7 @@ from typing import Any, Callable
 from gnsp_core.errors import ConfigError, DatasetError
 
 BUILTIN = "builtin"
+IMAGENET = "imagenet:"
 _CALLABLE = re.compile(r"^(?P<module>[A-Za-z_][\w.]*):(?P<function>[A-Za-z_]\w*)$")
 
 
@@ -58,8 +62,16 @@ def check_reference_spec(spec: str | None) -> None:
     """Reject a malformed spec on the driver, before any worker starts."""
     if spec is None or spec == BUILTIN or spec.startswith(BUILTIN + ":"):
         return
+    if spec.startswith(IMAGENET):
+        from gnsp_core.data.imagenet import parse_spec
+
+        folder, _ = parse_spec(spec)
+        if not Path(folder).expanduser().is_dir():
+            raise DatasetError(f"reference {spec!r}: {folder} is not a folder (an ImageNet-layout train/ folder)")
+        return
     if _CALLABLE.match(spec) is None:
-        raise ConfigError(f"unknown reference {spec!r}: use 'builtin', 'builtin:<kind>' or 'module:function'")
+        raise ConfigError(f"unknown reference {spec!r}: use 'builtin', 'builtin:<kind>', 'imagenet:<folder>[#N]' "
+                          "or 'module:function'")
 
 
 def load_reference(spec: str | None) -> Any:
@@ -72,4 +84,8 @@ def load_reference(spec: str | None) -> Any:
 
         kind = spec.partition(":")[2]
         return load_reference_pairs(kind) if kind else load_reference_pairs()
+    if spec.startswith(IMAGENET):
+        from gnsp_core.data.imagenet import imagenet_reference
+
+        return imagenet_reference(spec)
     return resolve_callable(spec)()
