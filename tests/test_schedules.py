@@ -117,3 +117,79 @@ def test_a_job_config_naming_a_schedule():
 def test_schedule_rows_are_checked_when_built_in_code():
     with pytest.raises(ConfigError):
         Schedule.from_mapping("x", {"a": {"lr": -1.0, "steps": 3}})
+
+
+# --- where schedules are used: the library's bench, `gnsp learn`, REST jobs ------------------------
+
+
+def test_bench_trains_each_task_for_its_scheduled_steps(tiny, reference, tmp_path: Path):
+    from conftest import colour_task
+
+    from gnsp_core.bench import run_bench
+
+    tasks = [colour_task("warm", ["red", "yellow"], n_train=4), colour_task("cool", ["blue", "green"], n_train=4)]
+    schedule = Schedule.from_mapping("two", {"cool": {"lr": 1e-3, "steps": 3}, "warm": {"lr": 2e-3, "steps": 2}})
+    steps: dict[str, int] = {}
+    config = TrainConfig(method="finetune", steps=50, batch_size=4, warmup_steps=1)
+    results = run_bench(tiny, tasks, [], {"finetune": config}, tmp_path, schedule=schedule,
+                        progress=lambda method, p: steps.__setitem__(p.task, p.step))
+    assert steps == {"warm": 2, "cool": 3} and results["schedule"] == schedule.to_dict()
+    with pytest.raises(ConfigError, match="no row for task 'warm'"):
+        run_bench(tiny, tasks, [], {"finetune": config}, tmp_path, schedule=SCHEDULES["mtil-order-I"])
+
+
+def test_learn_checks_the_schedule_before_starting(tmp_path: Path, capsys):
+    from service.cli.main import main
+    from service.training.sequence import learn_sequence
+
+    code = main(["learn", "--tasks", "digits", "--schedule", "mtil-order-I", "--steps", "3", "--out", str(tmp_path)])
+    assert code == 2 and "drop --steps" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="no row for task 'digits'"):  # raised before Ray starts
+        learn_sequence(["mtil:cars@/data", "digits"], tmp_path / "seq", None, TrainConfig(),
+                       schedule=SCHEDULES["mtil-order-I"])
+    assert not (tmp_path / "seq").exists()
+
+
+def test_a_finished_sequence_with_another_schedule_is_refused(tmp_path: Path):
+    from gnsp_core.models import ModelSpec
+    from service.training.sequence import learn_sequence
+
+    spec, config = ModelSpec(name="tiny", seed=0), TrainConfig(method="finetune", steps=1)
+    mine = Schedule.from_mapping("mine", {"digits": {"lr": 1e-3, "steps": 2}})
+    (tmp_path / "progress.json").write_text(json.dumps({
+        "format": 1, "tasks": ["digits"], "model": spec.to_dict(), "config": config.to_dict(), "reference": None,
+        "schedule": mine.to_dict(), "completed": [{"task": "digits", "state": "after_0_digits"}],
+        "status": "succeeded"}))
+    assert learn_sequence(["digits"], tmp_path, spec, config, schedule=mine).trained == []
+    other = Schedule.from_mapping("mine", {"digits": {"lr": 1e-3, "steps": 5}})
+    with pytest.raises(ConfigError, match="schedule"):
+        learn_sequence(["digits"], tmp_path, spec, config, schedule=other)
+
+
+def test_cli_preset_then_file_then_flags(tmp_path: Path):
+    from service.cli.learn import build_config
+
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"batch_size": 32, "projection": {"threshold": 0.1}}))
+    config = build_config(str(path), method=None, steps=7, model="tiny", preset="gnsp")
+    assert (config.method, config.batch_size, config.warmup_steps, config.amp, config.steps) == ("gnsp", 32, 100, False, 7)
+    assert (config.projection.threshold, config.projection.rule) == (0.1, "energy")
+
+
+def test_rest_jobs_resolve_the_schedule_by_task_name():
+    from types import SimpleNamespace
+
+    from service.jobs.runner import JobRunner
+
+    runner = object.__new__(JobRunner.func_or_class)  # the deployment's class, without starting Serve
+    runner.settings = SimpleNamespace(model="tiny")
+    runner.searches = SimpleNamespace(task_config=lambda method, config: {"lr": 0.5, **config}, stop=lambda: None)
+    runner.queue = SimpleNamespace(submit=lambda task_id, name, method, config, upload, dataset: config,
+                                   stop=lambda: None)
+    config = runner.submit("t1", "OxfordPet", "gnsp", {"schedule": "mtil-order-I", "batch_size": 8}, "u", {})
+    assert (config["lr"], config["steps"], config["batch_size"]) == (5e-5, 500, 8) and "schedule" not in config
+    runner.check_config("gnsp", {"schedule": "mtil-order-II", "batch_size": 8}, "eurosat")
+    with pytest.raises(ConfigError, match="no row for task 'pets'"):
+        runner.check_config("gnsp", {"schedule": "mtil-order-II"}, "pets")
+    with pytest.raises(ConfigError, match="unknown schedule"):
+        runner.check_config("gnsp", {"schedule": "fast"}, "cars")
