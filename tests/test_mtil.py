@@ -18,7 +18,7 @@ from scipy.io import savemat
 
 from gnsp_core.config import TrainConfig
 from gnsp_core.data import load_task
-from gnsp_core.errors import DatasetError
+from gnsp_core.errors import ConfigError, DatasetError
 from gnsp_core.data.mtil import (
     MTIL_DATASETS, MTIL_FIRST_TEMPLATES, MTIL_ORDER_I, MTIL_ORDER_II, MTIL_TEMPLATES, load_mtil_task, mtil_sources,
 )
@@ -321,3 +321,15 @@ def test_each_dataset_trains_and_scores_with_its_own_names_and_templates(dataset
     assert 0.0 <= accuracy <= 100.0
     explicit = task_accuracy(loaded, task, templates=["a {}."])
     assert tokenizer.texts[-len(names):] == [f"a {c}." for c in names] and 0.0 <= explicit <= 100.0
+
+
+def test_an_explicit_template_replaces_the_first_one_in_training_only(tmp_path: Path, tiny) -> None:
+    make_eurosat(tmp_path)
+    task = load_task(f"mtil:eurosat@{tmp_path}")
+    tokenizer = RecordingTokenizer(tiny.tokenizer)
+    loaded = dataclasses.replace(tiny, tokenizer=tokenizer)
+    config = TrainConfig(method="finetune", steps=1, batch_size=2, warmup_steps=1, template="satellite view of {}")
+    learn_task(ContinualState.initial(loaded.model, loaded.spec), loaded, task, config)
+    assert tokenizer.texts == [f"satellite view of {c}" for c in task.classnames]
+    with pytest.raises(ConfigError, match="template"):
+        TrainConfig(template="no slot").validate()
