@@ -166,7 +166,8 @@ def test_templates_are_checked() -> None:
      ('{"n01": "same", "n02": "Same"}', "both become class"),
      ('{"templates": ["a photo"]}', "exactly once"), ('{"templates": []}', "non-empty"),
      ('{"classes": {"n01": "x"}, "templates": ["{}"], "extra": 1}', "unknown keys"),
-     ('{"classes": {"n09": "x"}}', "do not exist"), ('{"classes": {"n01": "x"}, "templates": "{}"}', "list of strings")],
+     ('{"classes": {"n09": "x"}}', "do not exist"),
+     ('{"classes": {"n01": "x"}, "templates": "{}"}', "list of strings")],
 )
 def test_bad_classes_json(tmp_path: Path, content: str, match: str) -> None:
     root = make_tree(tmp_path / "ds", {"n01": 2, "n02": 2})

@@ -18,7 +18,8 @@ from gnsp_core.report import summary_table
 from gnsp_core.models.loading import resolve_device
 from gnsp_core.task_context import Progress
 
-from service.cli.arguments import add_model_arguments, add_recipe_arguments, base_settings, schedule_option, task_sources
+from service.cli.arguments import (add_model_arguments, add_recipe_arguments, base_settings, schedule_option,
+                                   task_sources)
 
 HELDOUT = "heldout"
 

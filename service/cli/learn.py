@@ -2,8 +2,11 @@
 
     gnsp learn --tasks digits,animals --method gnsp --workers 2 --out runs/seq1
     gnsp learn --tasks ./my_photos.zip --workers 4 --gpus-per-worker 1 --model ViT-B-16 --pretrained openai --out runs/seq2
-    gnsp learn --tasks mtil:order-I@/data --preset gnsp --schedule mtil-order-I --reference imagenet:/data/imagenet/train \
-        --model ViT-B-16 --pretrained openai --gpus-per-worker 1 --out runs/mtil   (the published GNSP recipe)
+
+The published GNSP recipe on MTIL order I (per-task lr and steps, 1,000 ImageNet reference images):
+
+    gnsp learn --tasks mtil:order-I@/data --preset gnsp --schedule mtil-order-I --model ViT-B-16
+        --pretrained openai --reference imagenet:/data/imagenet/train --gpus-per-worker 1 --out runs/mtil
 
 Re-running the same command after an interruption (Ctrl-C, a crash) continues the sequence: finished
 tasks are skipped and the running one resumes from its last checkpoint (see service.training.sequence).
@@ -17,7 +20,8 @@ from gnsp_core.config import TrainConfig
 from gnsp_core.methods.registry import uses_reference
 from gnsp_core.models import DEFAULT_MODEL, ModelSpec
 
-from service.cli.arguments import add_model_arguments, add_recipe_arguments, base_settings, schedule_option, task_sources
+from service.cli.arguments import (add_model_arguments, add_recipe_arguments, base_settings, schedule_option,
+                                   task_sources)
 from service.training.cluster import quiet_ray_warnings
 from service.training.progress import JobProgress
 from service.training.sources import BUILTIN
@@ -39,8 +43,9 @@ def add_learn_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker; 0 trains on CPU (gloo)")
     add_model_arguments(p)
-    p.add_argument("--reference", help="reference pairs: builtin, builtin:<kind>, imagenet:<folder>[#N], module:function, or none "
-                                        "(default: builtin for the methods that distil on reference data: gnsp, zscl)")
+    p.add_argument("--reference", help="reference pairs: builtin, builtin:<kind>, imagenet:<folder>[#N], "
+                                        "module:function, or none (default: builtin for the methods that distil on reference data: "
+                                        "gnsp, zscl)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     p.add_argument("--max-failures", type=int, default=1, help="worker-group restarts allowed per task")
     p.add_argument("--storage", help="Ray Train run storage (folder or cloud URI; default OUT/runs)")
