@@ -15,10 +15,8 @@ from PIL import Image
 
 from gnsp_core.data.archives import _Budget, _copy_counted
 from gnsp_core.data import (
-    ArchiveLimits, ImageSamples, Task, load_task, safe_extract, split_per_class, validate_image_folder,
+    ArchiveLimits, ImageSamples, load_task, safe_extract, split_per_class, validate_image_folder,
 )
-from gnsp_core.data.folders import write_image_folder
-from gnsp_core.data.samples import DEFAULT_TEMPLATES
 from gnsp_core.errors import DatasetError
 
 SMALL = ArchiveLimits(max_files=50, max_total_bytes=200_000, max_file_bytes=100_000, max_image_pixels=10_000)
@@ -130,44 +128,10 @@ def test_classes_json_maps_folder_names(tmp_path: Path) -> None:
     assert load_task(str(root)).classnames == ["tabby cat", "sports car"]
 
 
-def test_classes_json_may_give_the_task_templates(tmp_path: Path) -> None:
-    root = make_tree(tmp_path / "ds", {"n01": 3, "n02": 3})
-    templates = ["a photo of a {}, a type of pet.", "a photo of the {}, a type of pet."]
-    (root / "classes.json").write_text(json.dumps({"classes": {"n01": "tabby cat"}, "templates": templates}))
-    task = load_task(str(root))
-    assert task.classnames == ["tabby cat", "n02"] and task.templates == tuple(templates)
-    (root / "classes.json").write_text(json.dumps({"templates": ["{} texture."]}))
-    assert load_task(str(root)).templates == ("{} texture.",)
-    (root / "classes.json").write_text(json.dumps({"n01": "tabby cat"}))
-    assert load_task(str(root)).templates == DEFAULT_TEMPLATES
-
-
-def test_written_folders_keep_names_and_templates(tmp_path: Path) -> None:
-    task = load_task(str(make_tree(tmp_path / "ds", {"a": 3, "b": 3})))
-    for templates in (("a photo of the number: \"{}\".",), DEFAULT_TEMPLATES):
-        root = write_image_folder(tmp_path / f"out{len(templates)}", ["one", "two"],
-                                  {"train": task.train, "test": task.test}, templates)
-        again = load_task(str(root))
-        assert again.classnames == ["one", "two"] and again.templates == templates
-
-
-def test_templates_are_checked() -> None:
-    samples = ImageSamples([], [])
-    assert Task("t", ["a"], samples, samples).templates == DEFAULT_TEMPLATES
-    assert Task("t", ["a"], samples, samples, templates=["{}!"]).templates == ("{}!",)
-    for bad in ([], "a photo of a {}.", ["a photo"], ["{} and {}"], ["a {0} photo"], ["{x} {}"], [3]):
-        with pytest.raises(DatasetError, match="template"):
-            Task("t", ["a"], samples, samples, templates=bad)
-
-
 @pytest.mark.parametrize(
     "content, match",
     [("{not json", "not valid JSON"), ('["a"]', "JSON object"), ('{"n09": "x"}', "do not exist"),
-     ('{"n01": "same", "n02": "Same"}', "both become class"),
-     ('{"templates": ["a photo"]}', "exactly once"), ('{"templates": []}', "non-empty"),
-     ('{"classes": {"n01": "x"}, "templates": ["{}"], "extra": 1}', "unknown keys"),
-     ('{"classes": {"n09": "x"}}', "do not exist"),
-     ('{"classes": {"n01": "x"}, "templates": "{}"}', "list of strings")],
+     ('{"n01": "same", "n02": "Same"}', "both become class")],
 )
 def test_bad_classes_json(tmp_path: Path, content: str, match: str) -> None:
     root = make_tree(tmp_path / "ds", {"n01": 2, "n02": 2})
