@@ -152,8 +152,10 @@ def test_a_protected_map_no_input_reaches_is_an_error():
 
 
 def test_statistics_see_inside_a_part_the_feature_cache_skips(tiny, reference):
-    """The text tower frozen on task 1 is cached; with scope `all` its maps are protected and must
-    still get their statistics, the same as without the cache."""
+    """Task 1 trains one tower; the other, frozen, is cached, but with scope `all` its maps are
+    protected and need statistics. The text tower's match an uncached run's exactly; the image
+    tower's training views were all cached by the one epoch, so without seeing past the cache its
+    maps would get no input at all."""
     task = colour_task("A", ["red", "blue"], n_train=4)
     initial = {k: v.clone() for k, v in tiny.model.state_dict().items()}
     runs = {}
@@ -165,3 +167,7 @@ def test_statistics_see_inside_a_part_the_feature_cache_skips(tiny, reference):
     for name in ("transformer.resblocks.0.mlp.c_fc", "text_projection", "visual.proj"):
         assert runs[2][name].norm() > 0, name
         torch.testing.assert_close(runs[2][name], runs[0][name], msg=name)
+    tiny.model.load_state_dict(initial)
+    config = TrainConfig().replace(**{**STATS, "stats_augment": True}, trainable=r"^(?!visual\.)", cache_views=2)
+    stats = learn_task(ContinualState.initial(tiny.model, tiny.spec), tiny, task, config, reference=reference).stats
+    assert all(stats.covariances[name].norm() > 0 for name in ("visual.proj", "visual.transformer.resblocks.0.mlp.c_fc"))
