@@ -35,6 +35,15 @@ class Distributed:
     wrap_model: Callable[[nn.Module], nn.Module] | None = None
     """E.g. DistributedDataParallel; gradients of the wrapped forward are averaged across workers."""
 
+    def rank0_decides(self, decision: bool, device: torch.device) -> bool:
+        """Rank 0's `decision` on every worker (one all-reduce of a vote only rank 0 casts), so that
+        all take the same branch: a worker leaving the loop alone would leave the others waiting in
+        their next collective. Every worker must call it at the same points."""
+        if self.all_reduce is None or self.world_size == 1:
+            return decision
+        vote = torch.tensor([1.0 if decision and self.rank == 0 else 0.0], device=device)
+        return bool(self.all_reduce(vote).item() > 0)
+
 
 def task_templates(task: Task) -> tuple[str, ...]:
     """The task's prompt templates (its evaluation ensemble; the first is the training one), or the
