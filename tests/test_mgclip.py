@@ -87,6 +87,7 @@ from conftest import colour_task  # noqa: E402
 from distributed_support import rank0_decisions  # noqa: E402
 
 from gnsp_core.config import TrainConfig  # noqa: E402
+from gnsp_core.errors import GnspError  # noqa: E402
 from gnsp_core.evaluation import task_accuracy  # noqa: E402
 from gnsp_core.methods.mgclip import MGCLIP, STEPS_KEY  # noqa: E402
 from gnsp_core.methods.mgclip_head import COMPENSATION_WEIGHT_KEY, compensation_weight  # noqa: E402
@@ -202,3 +203,10 @@ def test_two_processes_agree_on_rank_0s_decision(tmp_path):
     for w in workers:
         w.join(timeout=30)
     assert results[0] == results[1] == own[0]
+
+
+def test_a_negative_compensation_weight_is_refused(tiny):
+    task = colour_task("A", ["red", "blue"], n_train=2)
+    with pytest.raises(GnspError, match="compensation_weight"):
+        learn_task(ContinualState.initial(tiny.model, tiny.spec), tiny, task,
+                   TrainConfig(steps=1, compensation_weight=-1.0, **FAST))

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from gnsp_core import losses
+from gnsp_core.errors import ConfigError
 from gnsp_core.feature_cache import VAL_VIEW
 from gnsp_core.methods.base import Method
 from gnsp_core.methods.mgclip_head import COMPENSATION_WEIGHT_KEY, CosineCompensationHead
@@ -88,7 +89,7 @@ class LoRADelta(nn.Module):
         return weight + self.delta(weight)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Target:
     """One K or V weight (a block of rows of a parameter) that gets its own LoRA pair."""
 
@@ -127,6 +128,8 @@ class MGCLIP(Method):
         self.class_tokens = ctx.tokens([TEMPLATE.format(c) for c in ctx.task.classnames])
 
     def begin_task(self) -> None:
+        if self.cfg.compensation_weight < 0:
+            raise ConfigError(f"compensation_weight must be >= 0 (the paper uses 4), got {self.cfg.compensation_weight}")
         self.model.requires_grad_(False)
         self.loras = self._attach_loras()
         if not self.loras:
