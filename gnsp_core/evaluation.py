@@ -13,7 +13,7 @@ from torch import nn
 
 from gnsp_core.data.samples import Task
 from gnsp_core.metrics import modality_gap, retrieval_recall
-from gnsp_core.methods.mgclip_head import compensation_head
+from gnsp_core.methods.mgclip_head import compensation_head, compensation_weight
 from gnsp_core.models.spec import LoadedModel
 from gnsp_core.zeroshot import build_text_head, evaluate_accuracy
 
@@ -32,7 +32,8 @@ def task_accuracy(
         comp = comp.to(device)
         compensation = comp.probs
     return evaluate_accuracy(model, task.test.with_transform(loaded.preprocess_val), head,
-                             batch_size=batch_size, device=device, compensation=compensation)
+                             batch_size=batch_size, device=device, compensation=compensation,
+                             compensation_weight=compensation_weight(extras or {}))
 
 
 def accuracy_row(

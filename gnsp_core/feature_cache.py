@@ -24,8 +24,9 @@ from __future__ import annotations
 import hashlib
 import weakref
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -145,6 +146,9 @@ class FeatureCache:
     def __init__(self, model: nn.Module, pixels: PixelSource, device: torch.device, run: object | None = None) -> None:
         self.pixels, self.device, self.run = pixels, device, run
         self._restore: list[Callable[[], None]] = []
+        self._installed: list[tuple[nn.Module, str, Callable]] = []
+        self._hidden: set[int] = set()
+        """ids of the parameters inside a patched part: their modules do not run on cached inputs."""
         self.memos: dict[str, _Memo] = {}
         self._computed_before: dict[str, int] = {}
         self.computed: dict[str, int] = {}
@@ -152,19 +156,38 @@ class FeatureCache:
         image_part = _frozen_image_part(model)
         if image_part is not None:
             self._patch_images(*image_part)
+            self._hidden.update(id(p) for p in image_part[1].parameters())
         text_part = _frozen_text_part(model)
         if text_part is not None:
             self._patch_text(*text_part)
+            self._hidden.update(id(p) for p in _text_part_parameters(model, *text_part))
 
     @property
     def caches_images(self) -> bool:
         return any(name.startswith("image:") for name in self.memos)
+
+    def hides(self, parameter: nn.Parameter) -> bool:
+        """Whether `parameter` sits in a patched part (its module does not run on cached inputs)."""
+        return id(parameter) in self._hidden
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """The real forwards for the block (every module runs, e.g. for hooks that must see inside a
+        frozen part; inputs must be pixels, not keys); the memos are kept for afterwards."""
+        for restore in reversed(self._restore):
+            restore()
+        try:
+            yield
+        finally:
+            for module, attribute, replacement in self._installed:
+                setattr(module, attribute, replacement)
 
     def close(self) -> None:
         self.computed = {name: memo.computed - self._computed_before[name] for name, memo in self.memos.items()}
         for restore in reversed(self._restore):
             restore()
         self._restore.clear()
+        self._installed.clear()
 
     def _memo(self, name: str, module: nn.Module) -> _Memo:
         if self.run is None:
@@ -224,6 +247,7 @@ class FeatureCache:
         had_own = attribute in module.__dict__
         previous = module.__dict__.get(attribute)
         setattr(module, attribute, replacement)
+        self._installed.append((module, attribute, replacement))
 
         def restore() -> None:
             if had_own:
@@ -265,3 +289,12 @@ def _frozen_text_part(model: nn.Module) -> tuple[str, nn.Module, str] | None:
             and model.positional_embedding.requires_grad):
         return "clip-text", model, "encode_text"  # open_clip CLIP: the tower's modules sit on the model
     return None
+
+
+def _text_part_parameters(model: nn.Module, name: str, owner: nn.Module, _attribute: str) -> list[nn.Parameter]:
+    """The parameters a patched text part skips: the owner's, or for open_clip's CLIP (whose text
+    modules sit on the model) every parameter outside the image tower."""
+    if name != "clip-text":
+        return list(owner.parameters())
+    visual = {id(p) for p in getattr(model, "visual", nn.Module()).parameters()}
+    return [p for p in model.parameters() if id(p) not in visual]

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gnsp_core.text_positions import TextTower, text_towers
+
 Side = Literal["right", "left"]
 InputSink = Callable[[str, torch.Tensor], None]
 
@@ -59,17 +61,41 @@ def _linear_tap(name: str, module: nn.Linear) -> _Tap:
     return input_tap(name, module.weight, "right", module)
 
 
-def _attention_output_before_projection(mha: nn.MultiheadAttention, x: torch.Tensor, attn_mask) -> torch.Tensor:
-    """Recompute the concatenated head outputs that `out_proj` receives (MHA never calls the module)."""
+def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """`nn.MultiheadAttention`'s mask as an additive float mask: a boolean True there means "may not
+    attend" (the opposite of `scaled_dot_product_attention`'s booleans); a float mask is added."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _attention_output_before_projection(
+    mha: nn.MultiheadAttention, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Recompute the concatenated head outputs that `out_proj` receives (MHA never calls the module).
+
+    Masks follow `nn.MultiheadAttention`: `attn_mask` [L, S] or [B·heads, L, S], `key_padding_mask`
+    [B, S]; each boolean (True = may not attend) or float (added to the attention logits).
+    """
     if not mha.batch_first:
         x = x.transpose(0, 1)
     batch, length, dim = x.shape
+    heads = mha.num_heads
     qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
-    q, k, v = (t.view(batch, length, mha.num_heads, dim // mha.num_heads).transpose(1, 2) for t in qkv.chunk(3, -1))
-    if attn_mask is not None and attn_mask.dtype != torch.bool:
-        attn_mask = attn_mask.to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    return out.transpose(1, 2).reshape(batch, length, dim)
+    q, k, v = (t.view(batch, length, heads, dim // heads).transpose(1, 2) for t in qkv.chunk(3, -1))
+    mask = _additive_mask(attn_mask, q.dtype)
+    if mask is not None and mask.ndim == 3:
+        mask = mask.view(batch, heads, length, length)
+    padding = _additive_mask(key_padding_mask, q.dtype)
+    if padding is not None:
+        padding = padding.view(batch, 1, 1, length)
+        mask = padding if mask is None else mask + padding
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = out.transpose(1, 2).reshape(batch, length, dim)
+    return out if mha.batch_first else out.transpose(0, 1)
 
 
 def _attention_taps(name: str, mha: nn.MultiheadAttention) -> list[_Tap]:
@@ -81,7 +107,10 @@ def _attention_taps(name: str, mha: nn.MultiheadAttention) -> list[_Tap]:
 
     def install_out(sink: InputSink) -> list:
         def hook(_m, args, kwargs):
-            sink(out_map.name, _attention_output_before_projection(mha, args[0], kwargs.get("attn_mask")))
+            # forward(query, key, value, key_padding_mask, need_weights, attn_mask, ...)
+            padding = kwargs.get("key_padding_mask", args[3] if len(args) > 3 else None)
+            mask = kwargs.get("attn_mask", args[5] if len(args) > 5 else None)
+            sink(out_map.name, _attention_output_before_projection(mha, args[0], mask, padding))
 
         return [mha.register_forward_pre_hook(hook, with_kwargs=True)]
 
@@ -146,11 +175,12 @@ class LinearMapSet:
         if not self.taps:
             raise ValueError(f"scope {scope!r} selects no linear map of this model")
         self.maps = [t.map for t in self.taps]
+        self.towers = text_towers(model)
 
     @classmethod
-    def from_taps(cls, taps: list[_Tap]) -> "LinearMapSet":
+    def from_taps(cls, taps: list[_Tap], towers: list[TextTower] | None = None) -> "LinearMapSet":
         maps = cls.__new__(cls)
-        maps.taps, maps.maps = list(taps), [t.map for t in taps]
+        maps.taps, maps.maps, maps.towers = list(taps), [t.map for t in taps], list(towers or [])
         return maps
 
     def __iter__(self):
@@ -165,17 +195,37 @@ class LinearMapSet:
     def parameters(self) -> list[nn.Parameter]:
         return [m.weight for m in self.maps]
 
+    def is_text(self, name: str) -> bool:
+        """Whether map `name` belongs to the text tower (everything outside `visual`)."""
+        return not name.startswith("visual.")
+
     def tap_inputs(self, sink: InputSink) -> "_TapContext":
-        """Context manager: while open, every forward sends each map's input (as [N, in]) to `sink`."""
-        return _TapContext(self.taps, sink)
+        """Context manager: while open, every forward sends each map's input (as [N, in]) to `sink`.
+
+        A text map's input keeps only the token positions that can reach the pooled text
+        embedding (`text_positions`): up to the end-of-text token in CLIP's causal tower.
+        """
+        return _TapContext(self.taps, self.towers, sink)
 
 
 class _TapContext:
-    def __init__(self, taps: list[_Tap], sink: InputSink) -> None:
-        self.taps, self.sink, self.handles = taps, sink, []
+    def __init__(self, taps: list[_Tap], towers: list[TextTower], sink: InputSink) -> None:
+        self.taps, self.towers, self.sink, self.handles = taps, towers, sink, []
+        self.ids: dict[int, torch.Tensor] = {}
+
+    def _rows(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        for i, tower in enumerate(self.towers):
+            if name.startswith(tower.prefix) and i in self.ids:
+                return tower.keep_rows(self.ids[i], x)
+        return x.reshape(-1, x.shape[-1])
 
     def __enter__(self) -> "_TapContext":
-        flat = lambda name, x: self.sink(name, x.detach().reshape(-1, x.shape[-1]))  # noqa: E731
+        for i, tower in enumerate(self.towers):
+            def keep_ids(_m, args, i=i):
+                self.ids[i] = args[0]
+
+            self.handles.append(tower.ids_module.register_forward_pre_hook(keep_ids))
+        flat = lambda name, x: self.sink(name, self._rows(name, x.detach()))  # noqa: E731
         for tap in self.taps:
             self.handles.extend(tap.install(flat))
         return self
@@ -184,3 +234,4 @@ class _TapContext:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        self.ids.clear()

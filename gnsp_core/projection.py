@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Literal
 
 import torch
 
+from gnsp_core.errors import ConfigError
 from gnsp_core.linear_maps import LinearMap, LinearMapSet
 
 Rule = Literal["energy", "cutoff"]
@@ -50,8 +51,11 @@ class CovarianceCollector:
         self.maps, self.stat_norm = maps, stat_norm
         self.sums: dict[str, torch.Tensor] = {}
         self._batch: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        """Input rows each map received (a map with none was never reached by the pass)."""
 
     def _sink(self, name: str, x: torch.Tensor) -> None:
+        self.rows[name] = self.rows.get(name, 0) + x.shape[0]
         x = x.double()
         gram = x.T @ x
         self._batch[name] = self._batch[name] + gram if name in self._batch else gram
@@ -68,7 +72,12 @@ class CovarianceCollector:
         self._batch.clear()
 
     def task_matrices(self, all_reduce: AllReduce | None = None) -> dict[str, torch.Tensor]:
-        """The task's covariance per map, summed across workers, normalised to unit Frobenius norm."""
+        """The task's covariance per map, summed across workers, normalised to unit Frobenius norm.
+
+        A map that received no input on any worker is an error (its statistics would be zero and
+        its null space empty: it would silently never train again); every worker raises alike.
+        """
+        self._check_reached(all_reduce)
         out = {}
         for m in self.maps:
             total = self.sums.get(m.name)
@@ -78,6 +87,17 @@ class CovarianceCollector:
                 total = all_reduce(total)
             out[m.name] = total / total.norm().clamp_min(1e-30)
         return out
+
+    def _check_reached(self, all_reduce: AllReduce | None) -> None:
+        rows = torch.tensor([float(self.rows.get(m.name, 0)) for m in self.maps], dtype=torch.float64,
+                            device=self.maps.maps[0].weight.device)
+        if all_reduce is not None:
+            rows = all_reduce(rows)
+        missing = [m.name for m, n in zip(self.maps, rows.tolist()) if n == 0]
+        if missing:
+            raise ConfigError(f"the statistics pass never reached the protected linear map(s) {missing}: "
+                              "no input of this task flows through them (or the model computes them "
+                              "outside the module GNSP taps); choose a projection scope without them")
 
 
 class ProjectorStatistics:

@@ -19,6 +19,7 @@ from gnsp_core.feature_cache import REFERENCE, TASK, VAL_VIEW, FeatureCache, ima
 from gnsp_core.models.spec import LoadedModel
 from gnsp_core.pretrained_cache import PretrainedFeatures
 from gnsp_core.state import ContinualState
+from gnsp_core.zeroshot import TEMPLATES
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -33,6 +34,21 @@ class Distributed:
     """Sums a tensor over workers in place and returns it."""
     wrap_model: Callable[[nn.Module], nn.Module] | None = None
     """E.g. DistributedDataParallel; gradients of the wrapped forward are averaged across workers."""
+
+    def rank0_decides(self, decision: bool, device: torch.device) -> bool:
+        """Rank 0's `decision` on every worker (one all-reduce of a vote only rank 0 casts), so that
+        all take the same branch: a worker leaving the loop alone would leave the others waiting in
+        their next collective. Every worker must call it at the same points."""
+        if self.all_reduce is None or self.world_size == 1:
+            return decision
+        vote = torch.tensor([1.0 if decision and self.rank == 0 else 0.0], device=device)
+        return bool(self.all_reduce(vote).item() > 0)
+
+
+def task_templates(task: Task) -> tuple[str, ...]:
+    """The task's prompt templates (its evaluation ensemble; the first is the training one), or the
+    default ensemble `zeroshot.TEMPLATES` for a task that names none."""
+    return tuple(getattr(task, "templates", None) or TEMPLATES)
 
 
 @dataclass

@@ -66,6 +66,9 @@ class Method:
     def after_step(self, step: int) -> None: ...
 
     def stop_early(self, step: int) -> bool:
+        """Whether to end the task after `step`. Under several workers every rank must return the
+        same answer (decide through `ctx.distributed.rank0_decides`), or the ranks that go on wait
+        for the others in their next gradient all-reduce forever."""
         return False
 
     def end_task(self) -> None: ...

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch.utils.data import DataLoader, Subset
 
@@ -9,7 +11,10 @@ from gnsp_core import losses
 from gnsp_core.feature_cache import VAL_VIEW
 from gnsp_core.linear_maps import LinearMapSet
 from gnsp_core.methods.base import Method, freeze_batchnorm_statistics
-from gnsp_core.projection import NullSpaceProjector, ProjectorStatistics, collect_statistics
+from gnsp_core.projection import CovarianceCollector, NullSpaceProjector, ProjectorStatistics, collect_statistics
+from gnsp_core.task_context import task_templates
+
+_PROMPT_CHUNK = 256
 
 
 class GNSP(Method):
@@ -72,21 +77,45 @@ class GNSP(Method):
         return collect_statistics(self.maps, batches, forward, self.cfg.projection.stat_norm, dist.all_reduce)
 
     def _task_statistics(self) -> dict[str, torch.Tensor]:
-        """One pass over this worker's share of the task (train augmentation, as in the paper)."""
+        """One pass over this worker's share of the task (train augmentation, as in the paper), and,
+        when text maps are protected, one over the class prompts of every template of the task.
+
+        Protected maps inside a part the feature cache skips (a frozen trunk) would see no input:
+        the pass then runs with the cache suspended, on pixels.
+        """
+        cache = self.ctx.feature_cache
+        if cache is not None and any(cache.hides(w) for w in self.maps.parameters()):
+            with cache.suspended():
+                return self._statistics_pass(pixels=True)
+        return self._statistics_pass(pixels=False)
+
+    def _statistics_pass(self, pixels: bool) -> dict[str, torch.Tensor]:
+        collector = CovarianceCollector(self.maps, self.cfg.projection.stat_norm)
+        for batch in self._image_batches(pixels):
+            collector.add_batch(lambda: self.model.encode_image(batch))
+        if any(self.maps.is_text(name) for name in self.maps.names()):
+            collector.add_batch(self._encode_all_prompts)  # one batch: all templates weigh alike
+        return collector.task_matrices(self.ctx.distributed.all_reduce)
+
+    def _image_batches(self, pixels: bool) -> Iterator[torch.Tensor]:
         ctx, cfg = self.ctx, self.cfg
         mine = range(ctx.distributed.rank, len(ctx.task.train), ctx.distributed.world_size)
         if ctx.caches_images:  # the training views' cache
             view = 0 if cfg.stats_augment else VAL_VIEW
-            batches = [ctx.task_images(mine[i:i + cfg.stats_batch_size], view)
-                       for i in range(0, len(mine), cfg.stats_batch_size)]
-            image_stats = self._collect(batches, self.model.encode_image)
-        else:
-            transform = ctx.loaded.preprocess_train if cfg.stats_augment else ctx.loaded.preprocess_val
-            shard = Subset(ctx.task.train.with_transform(transform), mine)
-            loader = DataLoader(shard, batch_size=cfg.stats_batch_size, num_workers=cfg.num_workers)
-            image_stats = self._collect(loader, lambda b: self.model.encode_image(b[0].to(ctx.device)))
-        text_stats = self._collect([self.class_tokens], self.model.encode_text)
-        return {k: image_stats[k] + text_stats[k] for k in image_stats}
+            for i in range(0, len(mine), cfg.stats_batch_size):
+                keys = ctx.task_images(mine[i:i + cfg.stats_batch_size], view)
+                yield ctx.pixels(keys) if pixels else keys
+            return
+        transform = ctx.loaded.preprocess_train if cfg.stats_augment else ctx.loaded.preprocess_val
+        shard = Subset(ctx.task.train.with_transform(transform), mine)
+        for images, _ in DataLoader(shard, batch_size=cfg.stats_batch_size, num_workers=cfg.num_workers):
+            yield images.to(ctx.device)
+
+    def _encode_all_prompts(self) -> None:
+        """Every evaluation template of the task for every class, in chunks (memory), as one batch."""
+        prompts = [t.format(c) for t in task_templates(self.ctx.task) for c in self.ctx.task.classnames]
+        for i in range(0, len(prompts), _PROMPT_CHUNK):
+            self.model.encode_text(self.ctx.tokens(prompts[i:i + _PROMPT_CHUNK]))
 
     def _reference_statistics(self) -> dict[str, torch.Tensor]:
         batches = [self.ctx.reference.next() for _ in range(max(1, len(self.ctx.reference.loader)))]

@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+COMPENSATION_WEIGHT_KEY = "mgclip.compensation_weight"
+PUBLISHED_COMPENSATION_WEIGHT = 4.0
+
 
 class CosineCompensationHead(nn.Module):
     """MG-CLIP's gap compensation: a cosine classifier in the image-embedding space, CLIP frozen.
@@ -93,7 +96,7 @@ class CosineCompensationHead(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def combine_mgclip(text_probs: Tensor, comp_probs: Tensor, weight: float = 4.0) -> Tensor:
+def combine_mgclip(text_probs: Tensor, comp_probs: Tensor, weight: float = PUBLISHED_COMPENSATION_WEIGHT) -> Tensor:
     """MG-CLIP's prediction: (softmax text probs + weight · compensation probs) / (1 + weight)."""
     return (text_probs + weight * comp_probs.to(text_probs)) / (1.0 + weight)
 
@@ -106,3 +109,10 @@ def compensation_head(extras: dict[str, torch.Tensor], task_name: str) -> Cosine
     head = CosineCompensationHead(weight.shape[1])
     head.weight = nn.Parameter(weight.clone(), requires_grad=False)
     return head
+
+
+def compensation_weight(extras: dict[str, torch.Tensor]) -> float:
+    """The weight w of the compensation probabilities that MG-CLIP was trained with (its
+    `compensation_weight` setting, kept in the state), else the paper's 4."""
+    weight = extras.get(COMPENSATION_WEIGHT_KEY)
+    return PUBLISHED_COMPENSATION_WEIGHT if weight is None else float(weight)
