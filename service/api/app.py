@@ -13,6 +13,7 @@ No `from __future__ import annotations` here: FastAPI must see the route signatu
 through Serve's class-based view.
 """
 
+import logging
 import time
 from pathlib import Path
 from typing import Any, Awaitable
@@ -34,7 +35,7 @@ from service.api import schemas as api
 from service.jobs.runner import JobRunner
 from service.serving.classifier import Classifier
 from service.errors import (BadRequestError, NotReadyError, UnauthorizedError, UnknownVersionError, error_body,
-                     error_message, http_status, unwrap)
+                     error_message, hide_dirs, http_status, unwrap)
 from service.api.task_config import check_method
 from service.jobs.tasks import new_task_id
 from service.tuning.searches import new_search_id
@@ -62,6 +63,7 @@ app.add_middleware(MetricsMiddleware)
 # declared, so it stays when Serve moves the class's routes onto its own router.
 writes = APIRouter(dependencies=[Depends(auth.require_token)])
 app.include_router(writes)
+log = logging.getLogger(__name__)
 INGRESS_MAX_ONGOING = 256
 ERRORS = {status: {"model": api.ErrorResponse} for status in (400, 401, 404, 409, 413, 415, 422)}
 
@@ -93,6 +95,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     cause = unwrap(exc)
     if isinstance(cause, GnspError):
         return await _gnsp_error(request, cause)
+    log.error("%s %s failed", request.method, request.url.path, exc_info=cause)
     return JSONResponse(error_body("internal_error", f"internal error ({type(cause).__name__}); see the service log"),
                         status_code=500)
 
@@ -132,6 +135,7 @@ class Ingress:
     def __init__(self, settings: ServiceSettings, classifier: DeploymentHandle, jobs: DeploymentHandle) -> None:
         self.settings, self.classifier, self.jobs = settings, classifier, jobs
         auth.use_settings(settings)
+        hide_dirs(settings.store, settings.work_dir)
         self.store = ModelStore.open(settings.store)
         self._known_versions: set[int] = set()
 
