@@ -46,7 +46,6 @@ from service.api.uploads import (archive_filename, check_task_name, parse_config
                       read_classify_request, received_dataset_form, validate_dataset)
 
 
-
 class GnspAPI(FastAPI):
     """The FastAPI app, whose OpenAPI document states the bearer scheme only where a token is required."""
 
@@ -168,7 +167,7 @@ class Ingress:
     # --- tasks -----------------------------------------------------------------------------------
 
     @writes.post("/v1/tasks", status_code=202, response_model=api.TaskAccepted, responses=ERRORS,
-              openapi_extra={"requestBody": api.TASK_UPLOAD_BODY})
+               openapi_extra={"requestBody": api.TASK_UPLOAD_BODY})
     async def add_task(self, request: Request) -> api.TaskAccepted:
         """Upload a dataset (streamed, size-limited, validated) and queue a job that learns it."""
         async with received_dataset_form(request, self.settings) as form:
@@ -210,7 +209,7 @@ class Ingress:
     # --- searches (Ray Tune) ---------------------------------------------------------------------
 
     @writes.post("/v1/tune", status_code=202, response_model=api.TuneView, responses=ERRORS,
-              openapi_extra={"requestBody": api.TUNE_BODY})
+               openapi_extra={"requestBody": api.TUNE_BODY})
     async def start_search(self, request: Request) -> api.TuneView:
         """Queue a Ray Tune search of GNSP's threshold, CD/MAP weights and learning rate (JSON, or
         multipart with a `request` JSON field and a `dataset` archive to tune for)."""
