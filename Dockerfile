@@ -1,7 +1,12 @@
 # gnsp: the continual-learning CLIP service on Ray Serve, in one image that starts offline.
 #
 #   docker build -t gnsp:0.1.0 .
-#   docker run --init --shm-size=2g -p 8000:8000 -v gnsp-store:/data/store gnsp:0.1.0
+#   docker run --init --shm-size=2g -p 8000:8000 -e GNSP_API_TOKEN="$(openssl rand -hex 32)" \
+#       -v gnsp-store:/data/store gnsp:0.1.0
+#
+# The service listens on 0.0.0.0 in the container, so it refuses to start without GNSP_API_TOKEN
+# (write endpoints then need `Authorization: Bearer <token>`); appending `--insecure` to the
+# command serves writes unauthenticated, for a container behind a proxy that authenticates.
 #
 # The base is the Ray image of the Ray version pinned in pyproject.toml (tags follow
 # rayproject/ray:<ray version>-<python>[-<platform>]). The plain tag is the CPU image; for NVIDIA

@@ -13,6 +13,12 @@ class DatasetError(GnspError):
     code = "bad_dataset"
 
 
+class ArchiveTypeError(DatasetError):
+    """An uploaded dataset is not an archive at all (not a zip or tar, by content)."""
+
+    code = "unsupported_media_type"
+
+
 class ModelSpecError(GnspError):
     """A model name, pretrained tag or checkpoint file cannot be used."""
 

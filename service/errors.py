@@ -4,11 +4,21 @@ gnsp_core raises one exception type per user mistake (bad dataset, bad config, .
 adds its own (unknown version, upload too large, missing token, ...). Every route lets them
 propagate and `http_status` decides the status, so the mapping cannot drift between routes.
 Errors raised inside another deployment arrive wrapped in a RayTaskError: `unwrap` recovers them.
+
+What a user reads (an HTTP error, a job record's `error`) never shows the server's own folders
+(scratch, store, temp, the installation): `error_message` replaces such a path with its last part,
+and an error that is not the user's is reported as a short reason while the service log keeps the
+detail (`user_reason`).
 """
 
 from __future__ import annotations
 
-from gnsp_core.errors import ConfigError, DatasetError, GnspError, ModelSpecError, StateError
+import re
+import sys
+import tempfile
+from pathlib import Path, PurePosixPath
+
+from gnsp_core.errors import ArchiveTypeError, ConfigError, DatasetError, GnspError, ModelSpecError, StateError
 
 
 class BadRequestError(GnspError):
@@ -85,6 +95,7 @@ _STATUS: dict[type[GnspError], int] = {
     ConflictError: 409,
     UploadTooLargeError: 413,
     UnsupportedMediaError: 415,
+    ArchiveTypeError: 415,
     BadRequestError: 400,
     DatasetError: 400,
     ConfigError: 400,
@@ -112,10 +123,38 @@ def unwrap(error: BaseException) -> BaseException:
     return error
 
 
+_private_dirs: set[str] = {tempfile.gettempdir(), str(Path.home()), sys.prefix}
+
+
+def hide_dirs(*folders: str | None) -> None:
+    """Add server folders (the store, the upload scratch) that user-facing messages must not show."""
+    for folder in folders:
+        if folder and "://" not in folder and len(folder.rstrip("/")) > 1:
+            _private_dirs.add(folder.rstrip("/"))
+
+
+def redact_paths(message: str) -> str:
+    """`message` with every path under a server folder shortened to `…/<last part>`."""
+    for root in sorted(_private_dirs, key=len, reverse=True):
+        if len(root) > 1:
+            pattern = re.escape(root) + r"(?:/[^\s'\"(),;]*)?(?![\w.-])"
+            message = re.sub(pattern, lambda m: f"…/{PurePosixPath(m.group(0)).name}", message)
+    return message
+
+
 def error_message(error: BaseException) -> str:
-    """The user-facing message: the exception's own text, never a remote traceback."""
+    """The user-facing message: the exception's own text without server paths, never a remote traceback."""
     error = unwrap(error)
-    return str(error.args[0]) if error.args else type(error).__name__
+    return redact_paths(str(error.args[0])) if error.args else type(error).__name__
+
+
+def user_reason(error: BaseException) -> str:
+    """A failed job's `error` for its user: their mistake in words, or a short note that the service
+    failed (the caller logs the detail)."""
+    cause = unwrap(error)
+    if isinstance(cause, GnspError):
+        return error_message(cause)
+    return f"internal error ({type(cause).__name__}); the service log has the details"
 
 
 def error_body(code: str, message: str) -> dict:

@@ -7,6 +7,7 @@ the service it is read-only data. Field docstrings are the documentation of the 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
@@ -14,8 +15,19 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gnsp_core.data.archives import ArchiveLimits
+from gnsp_core.errors import ConfigError
 
 TOKEN_ENV = "GNSP_API_TOKEN"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is an address only this machine reaches (localhost, 127.0.0.0/8, ::1)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[] ")).is_loopback
+    except ValueError:
+        return False
 
 
 class ServiceSettings(BaseModel):
@@ -81,6 +93,11 @@ class ServiceSettings(BaseModel):
     text_head_cache: int = Field(256, ge=1)
     api_token: str | None = Field(None, repr=False)
     """Bearer token for write endpoints; None reads GNSP_API_TOKEN (unset: no auth)."""
+    insecure: bool = False
+    """Serve on a non-loopback address without a token (every write open to the network): only
+    behind a proxy or network that authenticates; without it such a service refuses to start."""
+    metrics_need_token: bool = False
+    """/metrics needs the bearer token too (when a token is set)."""
 
     @field_validator("store", "work_dir")
     @classmethod
@@ -102,6 +119,16 @@ class ServiceSettings(BaseModel):
     def token(self) -> str | None:
         """The bearer token in force: the configured one, else the environment's, else none."""
         return self.api_token or os.environ.get(TOKEN_ENV) or None
+
+    def check_exposure(self, host: str | None) -> None:
+        """Refuse to serve writes without a token on an address other machines can reach."""
+        if host is None or is_loopback(host) or self.token() or self.insecure:
+            return
+        raise ConfigError(
+            f"refusing to serve on {host} without an API token: anyone who can reach it could add tasks and "
+            f"activate versions. Set {TOKEN_ENV} (or the api_token setting) so writes need "
+            "'Authorization: Bearer <token>', listen on 127.0.0.1, or pass --insecure (setting insecure=true) "
+            "if a proxy in front of the service authenticates")
 
     def with_token_from_env(self) -> "ServiceSettings":
         """Resolve the token where the app is built, so replicas need not share its environment."""

@@ -17,7 +17,7 @@ from gnsp_core.data.archives import _Budget, _copy_counted
 from gnsp_core.data import (
     ArchiveLimits, ImageSamples, load_task, safe_extract, split_per_class, validate_image_folder,
 )
-from gnsp_core.errors import DatasetError
+from gnsp_core.errors import ArchiveTypeError, DatasetError
 
 SMALL = ArchiveLimits(max_files=50, max_total_bytes=200_000, max_file_bytes=100_000, max_image_pixels=10_000)
 
@@ -329,12 +329,14 @@ def test_too_many_files(tmp_path: Path) -> None:
 def test_corrupt_unknown_and_empty_archives(tmp_path: Path) -> None:
     good = zip_of(tmp_path / "good.zip", tree_entries({"a": 3, "b": 3}))
     (tmp_path / "trunc.zip").write_bytes(good.read_bytes()[:-30])
-    _assert_rejected(tmp_path / "trunc.zip", tmp_path / "o1", "not a zip or tar archive")
+    _assert_rejected(tmp_path / "trunc.zip", tmp_path / "o1", "corrupt or truncated archive")
     tgz = tar_of(tmp_path / "good.tgz", tree_entries({"a": 3, "b": 3}))
     (tmp_path / "trunc.tgz").write_bytes(tgz.read_bytes()[:-100])
     _assert_rejected(tmp_path / "trunc.tgz", tmp_path / "o2", "corrupt")
     (tmp_path / "notes.txt").write_text("just text")
     _assert_rejected(tmp_path / "notes.txt", tmp_path / "o3", "not a zip or tar archive")
+    with pytest.raises(ArchiveTypeError):  # not an archive at all: the service answers 415, not 400
+        safe_extract(tmp_path / "notes.txt", tmp_path / "o5")
     _assert_rejected(zip_of(tmp_path / "empty.zip", {}), tmp_path / "o4", "contains no files")
     with tarfile.open(tmp_path / "dirs.tar", "w") as tf:
         info = tarfile.TarInfo("ds")

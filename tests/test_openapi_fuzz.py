@@ -49,6 +49,14 @@ def test_generated_requests_cause_no_server_errors(base_url):
     assert calls >= len(operations) * 5
 
 
+def test_without_a_token_the_document_states_no_authentication(base_url):
+    doc = httpx.get(f"{base_url}/openapi.json", timeout=30).json()
+    assert "securitySchemes" not in doc.get("components", {})
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            assert "security" not in operation and "401" not in operation["responses"], (method, path)
+
+
 def test_service_is_healthy_after_fuzzing(base_url):
     assert httpx.get(f"{base_url}/healthz", timeout=30).json()["status"] == "ok"
     assert httpx.get(f"{base_url}/v1/models", timeout=30).json()["active_version"] >= 1

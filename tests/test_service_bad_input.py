@@ -7,6 +7,7 @@ import io
 import json
 import os
 import stat
+import tempfile
 import tarfile
 import zipfile
 from pathlib import Path
@@ -27,7 +28,7 @@ JSON = "application/json"
 @pytest.fixture(scope="module")
 def service(ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad-input")
-    settings = service_settings(tmp, api_token=TOKEN)
+    settings = service_settings(tmp, api_token=TOKEN, metrics_need_token=True)
     url = start_service(settings, "gnsp-bad-input")
     auth = {"Authorization": f"Bearer {TOKEN}"}
     with httpx.Client(base_url=url, timeout=60, headers=auth) as client, httpx.Client(base_url=url, timeout=60) as anon:
@@ -121,7 +122,7 @@ def classify(client: httpx.Client, **body) -> httpx.Response:
 Case = Callable[[httpx.Client, httpx.Client, Path], httpx.Response]
 CASES: dict[str, tuple[Case, int, str]] = {
     "corrupt archive": (lambda c, a, t: task(c, b"PK\x03\x04" + os.urandom(2000)), 400, "bad_dataset"),
-    "not an archive": (lambda c, a, t: task(c, png_bytes("red")), 400, "bad_dataset"),
+    "not an archive": (lambda c, a, t: task(c, png_bytes("red")), 415, "unsupported_media_type"),
     "zip slip": (lambda c, a, t: task(c, zip_entries({"red/0.png": png_bytes("red"), "../../evil.png": b"x"})),
                  400, "bad_dataset"),
     "absolute path": (lambda c, a, t: task(c, zip_entries({"red/0.png": png_bytes("red"), "/tmp/evil.png": b"x"})),
@@ -141,9 +142,25 @@ CASES: dict[str, tuple[Case, int, str]] = {
     "missing name": (lambda c, a, t: task(c, good_zip(t), name=""), 400, "bad_request"),
     "not multipart": (lambda c, a, t: c.post("/v1/tasks", json={"name": "x"}), 415, "unsupported_media_type"),
     "config not JSON": (lambda c, a, t: task(c, good_zip(t), config="{steps: 3"), 400, "bad_request"),
-    "unknown config key": (lambda c, a, t: task(c, good_zip(t), config=json.dumps({"stepz": 3})), 400, "bad_config"),
-    "bad config value": (lambda c, a, t: task(c, good_zip(t), config=json.dumps({"steps": "many"})), 400, "bad_config"),
-    "unknown method": (lambda c, a, t: task(c, good_zip(t), method="magic"), 400, "bad_config"),
+    "unknown config key": (lambda c, a, t: task(c, good_zip(t), config=json.dumps({"stepz": 3})), 422, "invalid_request"),
+    "bad config value": (lambda c, a, t: task(c, good_zip(t), config=json.dumps({"steps": "many"})),
+                         422, "invalid_request"),
+    "method of the wrong type": (lambda c, a, t: task(c, good_zip(t), config=json.dumps({"method": 5})),
+                                 422, "invalid_request"),
+    "trainable regex": (lambda c, a, t: task(c, good_zip(t), config=json.dumps({"trainable": "(a+)+$"})),
+                        422, "invalid_request"),
+    "projection scope regex": (lambda c, a, t: task(c, good_zip(t), config=json.dumps({"projection": {"scope": "("}})),
+                               422, "invalid_request"),
+    "worker processes": (lambda c, a, t: task(c, good_zip(t), config=json.dumps({"num_workers": 64})),
+                         422, "invalid_request"),
+    "a device": (lambda c, a, t: task(c, good_zip(t), config=json.dumps({"device": "cuda:7"})), 422, "invalid_request"),
+    "steps out of range": (lambda c, a, t: task(c, good_zip(t), config=json.dumps({"steps": 10**9})),
+                           422, "invalid_request"),
+    "config not an object": (lambda c, a, t: task(c, good_zip(t), config="[3]"), 422, "invalid_request"),
+    "unknown method": (lambda c, a, t: task(c, good_zip(t), method="magic"), 422, "invalid_request"),
+    "tune config with a device": (lambda c, a, t: c.post("/v1/tune", json={"tasks": ["digits"],
+                                                                          "config": {"device": "cuda:7"}}),
+                                  422, "invalid_request"),
     "unknown schedule": (lambda c, a, t: task(c, good_zip(t), config=json.dumps({"schedule": "order-III"})),
                          400, "bad_config"),
     "task not in the schedule": (lambda c, a, t: task(c, good_zip(t), config=json.dumps({"schedule": "mtil-order-I"})),
@@ -185,9 +202,78 @@ def test_bad_input_is_a_clear_4xx_and_leaves_the_store_unchanged(service, case):
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["code"] == code and len(error["message"]) > 10, error
+    assert str(tmp) not in error["message"] and tempfile.gettempdir() not in error["message"], error
+    assert "Traceback" not in error["message"]
     assert store_snapshot(store) == before
     if status == 401:
         assert response.headers["www-authenticate"] == "Bearer"
+
+
+CONFIG_FIELDS = {"method of the wrong type": "config.method", "trainable regex": "config.trainable",
+                 "projection scope regex": "config.projection.scope", "worker processes": "config.num_workers",
+                 "a device": "config.device", "steps out of range": "config.steps", "bad config value": "config.steps",
+                 "unknown config key": "config.stepz", "unknown method": "method",
+                 "tune config with a device": "config.device"}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_FIELDS))
+def test_a_refused_config_names_its_field(service, case):
+    client, anon, tmp, store = service
+    message = CASES[case][0](client, anon, tmp).json()["error"]["message"]
+    assert message.startswith(CONFIG_FIELDS[case] + ":"), message
+
+
+def test_a_bad_file_in_a_dataset_is_named_by_its_path_in_the_archive(service):
+    client, anon, tmp, store = service
+    response = task(client, zip_entries({"pets/red/0.png": png_bytes("red"), "pets/blue/0.png": b"no image"}))
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert message.startswith("pets/blue/0.png is not a readable image"), message
+
+
+# Every route that changes the service, called so that it would succeed or fail for a reason other
+# than the token (an unknown id, a refused body) once the token is right.
+WRITES = {
+    ("POST", "/v1/tasks"): (lambda c, h: c.post("/v1/tasks", data={"name": "x"}, files={"other": ("x", b"x")},
+                                                headers=h), 400),
+    ("DELETE", "/v1/tasks/{task_id}"): (lambda c, h: c.delete("/v1/tasks/task-nope", headers=h), 404),
+    ("POST", "/v1/tune"): (lambda c, h: c.post("/v1/tune", json={"tasks": ["digits"], "trials": 0}, headers=h), 422),
+    ("DELETE", "/v1/tune/{job_id}"): (lambda c, h: c.delete("/v1/tune/tune-nope", headers=h), 404),
+    ("POST", "/v1/tune/{job_id}/apply"): (lambda c, h: c.post("/v1/tune/tune-nope/apply", headers=h), 404),
+    ("POST", "/v1/models/{version}/activate"): (lambda c, h: c.post("/v1/models/1/activate", headers=h), 200),
+}
+
+
+def test_the_test_covers_every_write_route_of_the_api(service):
+    client, anon, tmp, store = service
+    doc = client.get("/openapi.json").json()
+    secured = {(m.upper(), p) for p, ops in doc["paths"].items() for m, op in ops.items() if op.get("security")}
+    every = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops if m != "get"} - {("POST", "/v1/classify")}
+    assert secured - {("GET", "/metrics")} == every == set(WRITES)
+    assert ("GET", "/metrics") in secured  # this service has metrics_need_token
+
+
+@pytest.mark.parametrize("route", list(WRITES), ids=" ".join)
+def test_every_write_route_needs_the_token(service, route):
+    client, anon, tmp, store = service
+    send, status = WRITES[route]
+    before = store_snapshot(store)
+    for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": f"Basic {TOKEN}"},
+                    {"Authorization": f"Bearer {TOKEN}x"}):
+        response = send(anon, headers)
+        assert response.status_code == 401, (headers, response.text)
+        assert response.json()["error"]["code"] == "unauthorized"
+        assert response.headers["www-authenticate"] == "Bearer"
+    assert store_snapshot(store) == before
+    response = send(anon, {"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == status, response.text
+
+
+def test_metrics_can_require_the_token(service):
+    client, anon, tmp, store = service
+    assert anon.get("/metrics").status_code == 401
+    assert client.get("/metrics").status_code == 200 and "gnsp" in client.get("/metrics").text
+    assert anon.get("/healthz").status_code == 200 and anon.get("/v1/tasks").status_code == 200
 
 
 def test_service_still_works_after_bad_input(service):

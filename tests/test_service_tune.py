@@ -93,10 +93,11 @@ def test_cancel_a_search_and_bad_requests(service):
     bad = [
         ({"tasks": ["/etc"]}, 400, "never reads paths"),
         ({"tasks": []}, 400, "needs tasks"),
-        ({"tasks": ["digits"], "out_dir": "/tmp/x"}, 400, "out_dir"),
-        ({"tasks": ["digits"], "trials": 0}, 400, "trials"),
+        ({"tasks": ["digits"], "out_dir": "/tmp/x"}, 422, "out_dir"),
+        ({"tasks": ["digits"], "trials": 0}, 422, "trials"),
         ({"tasks": ["digits"], "config": {"method": "finetune"}}, 400, "method must be gnsp"),
-        ({"tasks": ["digits"], "config": {"stepz": 3}}, 400, "stepz"),
+        ({"tasks": ["digits"], "config": {"stepz": 3}}, 422, "config.stepz"),
+        ({"tasks": ["digits"], "config": {"trainable": "(a+)+$"}}, 422, "config.trainable"),
         ({"tasks": ["digits"], "space": {"threshold": [0.5, 0.1]}}, 400, "threshold"),
         ({"tasks": ["digits"], "base_version": 99}, 404, "99"),
     ]

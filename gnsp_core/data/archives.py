@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from gnsp_core.errors import DatasetError
+from gnsp_core.errors import ArchiveTypeError, DatasetError
 
 _CHUNK = 1 << 20
 
@@ -179,7 +179,21 @@ def _extract_any(archive: Path, dest: Path, limits: ArchiveLimits) -> int:
             return _extract_tar(archive, dest, limits)
     except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, OSError, NotImplementedError) as e:
         raise DatasetError(f"{archive.name} is corrupt or unreadable ({e}); re-create the archive") from e
-    raise DatasetError(f"{archive.name} is not a zip or tar archive (or is corrupt); upload a .zip, .tar or .tar.gz")
+    if _looks_like_archive(archive):
+        raise DatasetError(f"{archive.name} is a corrupt or truncated archive; re-create it (.zip, .tar or .tar.gz)")
+    raise ArchiveTypeError(f"{archive.name} is not a zip or tar archive; upload a .zip, .tar or .tar.gz of the "
+                           "class folders")
+
+
+# Leading bytes of zip, gzip, bzip2 and xz data; a tar header says "ustar" at offset 257.
+_ARCHIVE_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08", b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
+def _looks_like_archive(path: Path) -> bool:
+    """Whether the file starts as an archive would (so it is a broken one, not another kind of file)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    return head.startswith(_ARCHIVE_MAGIC) or head[257:262] == b"ustar"
 
 
 def _is_tar(path: Path) -> bool:

@@ -1,4 +1,5 @@
-"""ImageFolder trees: validated so a bad upload fails at once with a message that names the file,
+"""ImageFolder trees: validated so a bad upload fails at once with a message that names the file
+by its path inside the dataset (the user's own names, never the folder it was extracted to),
 and written (`write_image_folder`) in the one layout every part of gnsp reads back.
 
 Accepted layouts (hidden entries such as `.DS_Store` and `__MACOSX/` are ignored):
@@ -45,26 +46,26 @@ class FolderLayout:
 def validate_image_folder(root: str | Path, limits: ArchiveLimits = ArchiveLimits()) -> FolderLayout:
     """Check a folder is a usable task (every file a decodable image within limits, 2+ classes,
     an image in every class) and map its classes and files."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"{root} is not a folder")
-    root = _unwrap(root)
+    top = Path(root)
+    if not top.is_dir():
+        raise DatasetError(f"{top} is not a folder")
+    root = _unwrap(top)
     names = {p.name for p in _visible(root)}
     if names & set(_SPLITS):
-        splits = _scan_splits(root, names)
+        splits = _scan_splits(root, names, top)
     else:
-        splits = {"all": _scan_classes(root, allow_classes_json=True)}
+        splits = {"all": _scan_classes(root, allow_classes_json=True, top=top)}
     folders = sorted(splits.get("train", splits.get("all", {})))
     if len(folders) < 2:
         raise DatasetError(
-            f"found {len(folders)} class folder(s) {folders} in {root}; a task needs at least 2 classes, "
+            f"found {len(folders)} class folder(s) {folders} {_where(root, top)}; a task needs at least 2 classes, "
             "each a folder of images"
         )
     _check_counts(splits, limits)
     for split in splits.values():
         for files in split.values():
             for f in files:
-                check_image(f, limits)
+                check_image(f, limits, top)
     mapping, templates = {}, DEFAULT_TEMPLATES
     if (root / CLASSES_FILE).is_file():
         mapping, templates = read_classes_json(root / CLASSES_FILE, folders)
@@ -115,6 +116,15 @@ def _visible(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not _hidden(p.name))
 
 
+def _shown(path: Path, top: Path | None) -> str:
+    """How a message names `path`: relative to the dataset's top folder, as the user laid it out."""
+    return path.relative_to(top).as_posix() if top is not None and path.is_relative_to(top) else str(path)
+
+
+def _where(folder: Path, top: Path) -> str:
+    return "at the top of the dataset" if folder == top else f"in {_shown(folder, top)}/"
+
+
 def _unwrap(root: Path) -> Path:
     """Step into a single wrapping folder (as archives often have) that holds only folders."""
     entries = _visible(root)
@@ -125,34 +135,35 @@ def _unwrap(root: Path) -> Path:
     return root
 
 
-def _scan_splits(root: Path, names: set[str]) -> dict[str, dict[str, list[Path]]]:
+def _scan_splits(root: Path, names: set[str], top: Path) -> dict[str, dict[str, list[Path]]]:
     missing = [s for s in _SPLITS if not (root / s).is_dir()]
     if missing:
         raise DatasetError(
-            f"{root} has a {'/'.join(s for s in _SPLITS if s not in missing)}/ folder but no {missing[0]}/ "
-            "folder; provide both train/ and test/, or put the class folders at the top level"
+            f"the dataset has a {'/'.join(s for s in _SPLITS if s not in missing)}/ folder but no {missing[0]}/ "
+            f"folder {_where(root, top)}; provide both train/ and test/, or put the class folders at the top level"
         )
     extra = sorted(names - set(_SPLITS) - {CLASSES_FILE})
     if extra:
-        raise DatasetError(f"unexpected entries {extra} beside train/ and test/ in {root}; move or delete them")
-    splits = {s: _scan_classes(root / s, allow_classes_json=False) for s in _SPLITS}
+        raise DatasetError(f"unexpected entries {extra} beside train/ and test/ {_where(root, top)}; "
+                           "move or delete them")
+    splits = {s: _scan_classes(root / s, allow_classes_json=False, top=top) for s in _SPLITS}
     unknown = sorted(set(splits["test"]) - set(splits["train"]))
     if unknown:
         raise DatasetError(f"test/ has classes {unknown} that train/ lacks; add them to train/ or remove them")
     return splits
 
 
-def _scan_classes(folder: Path, allow_classes_json: bool) -> dict[str, list[Path]]:
+def _scan_classes(folder: Path, allow_classes_json: bool, top: Path | None = None) -> dict[str, list[Path]]:
     classes: dict[str, list[Path]] = {}
     for entry in _visible(folder):
         if entry.is_dir():
             files = sorted(p for p in entry.rglob("*") if p.is_file() and not _hidden_below(p, entry))
             if not files:
-                raise DatasetError(f"class folder {entry} has no images; add images or delete the folder")
+                raise DatasetError(f"class folder {_shown(entry, top)}/ has no images; add images or delete the folder")
             classes[entry.name] = files
         elif not (allow_classes_json and entry.name == CLASSES_FILE):
             raise DatasetError(
-                f"{entry} is a file outside any class folder; images belong in <class>/ folders "
+                f"{_shown(entry, top)} is a file outside any class folder; images belong in <class>/ folders "
                 f"and the only other file allowed is {CLASSES_FILE} at the top"
             )
     return classes
@@ -162,25 +173,27 @@ def _hidden_below(path: Path, top: Path) -> bool:
     return any(_hidden(part) for part in path.relative_to(top).parts)
 
 
-def check_image(path: Path, limits: ArchiveLimits) -> None:
-    """Raise DatasetError unless `path` is a decodable image within the size limits."""
+def check_image(path: Path, limits: ArchiveLimits, top: Path | None = None) -> None:
+    """Raise DatasetError unless `path` is a decodable image within the size limits; the message
+    names it relative to `top`, the dataset's folder, when given."""
+    name = _shown(path, top)
     size = path.stat().st_size
     if size > limits.max_file_bytes:
-        raise DatasetError(f"{path} is {size} bytes, over the {limits.max_file_bytes}-byte limit; shrink it")
+        raise DatasetError(f"{name} is {size} bytes, over the {limits.max_file_bytes}-byte limit; shrink it")
     try:
         with Image.open(path) as img:
             width, height = img.size
             if width * height > limits.max_image_pixels:
                 raise DatasetError(
-                    f"{path} is {width}x{height} pixels, over the {limits.max_image_pixels}-pixel limit; downscale it"
+                    f"{name} is {width}x{height} pixels, over the {limits.max_image_pixels}-pixel limit; downscale it"
                 )
             img.verify()
     except DatasetError:
         raise
     except Image.DecompressionBombError:
-        raise DatasetError(f"{path} has too many pixels; downscale it") from None
+        raise DatasetError(f"{name} has too many pixels; downscale it") from None
     except Exception as e:  # PIL signals undecodable data with many exception types
-        raise DatasetError(f"{path} is not a readable image ({type(e).__name__}); remove it or re-save it") from None
+        raise DatasetError(f"{name} is not a readable image ({type(e).__name__}); remove it or re-save it") from None
 
 
 def _check_counts(splits: dict[str, dict[str, list[Path]]], limits: ArchiveLimits) -> None:

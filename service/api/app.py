@@ -13,15 +13,14 @@ No `from __future__ import annotations` here: FastAPI must see the route signatu
 through Serve's class-based view.
 """
 
-import hmac
+import logging
 import time
 from pathlib import Path
 from typing import Any, Awaitable
 
-from fastapi import FastAPI, Request, Security
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
@@ -30,12 +29,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gnsp_core.errors import GnspError
 from gnsp_core.models import recommended_training
 
+from service.api import auth
 from service.api import metrics as prometheus
 from service.api import schemas as api
 from service.jobs.runner import JobRunner
 from service.serving.classifier import Classifier
 from service.errors import (BadRequestError, NotReadyError, UnauthorizedError, UnknownVersionError, error_body,
-                     error_message, http_status, unwrap)
+                     error_message, hide_dirs, http_status, unwrap)
+from service.api.task_config import check_method
 from service.jobs.tasks import new_task_id
 from service.tuning.searches import new_search_id
 from service.api.metrics import MetricsMiddleware
@@ -44,10 +45,24 @@ from service.store import ModelStore
 from service.api.uploads import (archive_filename, check_task_name, parse_config, parse_tune_body, read_body,
                       read_classify_request, received_dataset_form, validate_dataset)
 
-app = FastAPI(title="gnsp", version="0.1.0",
+
+class GnspAPI(FastAPI):
+    """The FastAPI app, whose OpenAPI document states the bearer scheme only where a token is required."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            self.openapi_schema = auth.document_security(super().openapi())
+        return self.openapi_schema
+
+
+app = GnspAPI(title="gnsp", version="0.1.0",
               description="Continual learning for CLIP: add tasks, follow jobs, query versioned zero-shot classifiers.")
 app.add_middleware(MetricsMiddleware)
-bearer = HTTPBearer(auto_error=False, description="Needed on write endpoints when GNSP_API_TOKEN is set.")
+# Every route that changes the service: the router's dependency is copied onto each route as it is
+# declared, so it stays when Serve moves the class's routes onto its own router.
+writes = APIRouter(dependencies=[Depends(auth.require_token)])
+app.include_router(writes)
+log = logging.getLogger(__name__)
 INGRESS_MAX_ONGOING = 256
 ERRORS = {status: {"model": api.ErrorResponse} for status in (400, 401, 404, 409, 413, 415, 422)}
 
@@ -79,6 +94,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     cause = unwrap(exc)
     if isinstance(cause, GnspError):
         return await _gnsp_error(request, cause)
+    log.error("%s %s failed", request.method, request.url.path, exc_info=cause)
     return JSONResponse(error_body("internal_error", f"internal error ({type(cause).__name__}); see the service log"),
                         status_code=500)
 
@@ -117,16 +133,10 @@ async def call(response: Awaitable[Any]) -> Any:
 class Ingress:
     def __init__(self, settings: ServiceSettings, classifier: DeploymentHandle, jobs: DeploymentHandle) -> None:
         self.settings, self.classifier, self.jobs = settings, classifier, jobs
+        auth.use_settings(settings)
+        hide_dirs(settings.store, settings.work_dir)
         self.store = ModelStore.open(settings.store)
         self._known_versions: set[int] = set()
-
-    def _authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
-        token = self.settings.token()
-        if token is None:
-            return
-        given = credentials.credentials if credentials is not None else ""
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            raise UnauthorizedError("this endpoint needs 'Authorization: Bearer <token>' with the service's API token")
 
     def _resolve_version(self, pinned: int | None) -> int:
         """A concrete version for this request: the pinned one (checked) or the active one now."""
@@ -147,7 +157,7 @@ class Ingress:
     async def healthz(self) -> api.Health:
         return api.Health(active_version=await run_in_threadpool(self.store.active))
 
-    @app.get("/metrics", response_class=Response)
+    @app.get("/metrics", response_class=Response, dependencies=[Depends(auth.require_metrics_token)])
     async def metrics(self) -> Response:
         counts = await call(self.jobs.counts.remote())
         # Through the module: the deployment class is pickled by value, so a global instance would be copied.
@@ -156,18 +166,17 @@ class Ingress:
 
     # --- tasks -----------------------------------------------------------------------------------
 
-    @app.post("/v1/tasks", status_code=202, response_model=api.TaskAccepted, responses=ERRORS,
-              openapi_extra={"requestBody": api.TASK_UPLOAD_BODY})
-    async def add_task(self, request: Request,
-                       credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> api.TaskAccepted:
+    @writes.post("/v1/tasks", status_code=202, response_model=api.TaskAccepted, responses=ERRORS,
+               openapi_extra={"requestBody": api.TASK_UPLOAD_BODY})
+    async def add_task(self, request: Request) -> api.TaskAccepted:
         """Upload a dataset (streamed, size-limited, validated) and queue a job that learns it."""
-        self._authorize(credentials)
         async with received_dataset_form(request, self.settings) as form:
             name = check_task_name(form.fields.get("name"))
             if form.file is None:
                 raise BadRequestError("the form has no 'dataset' file; attach a .zip or .tar.gz of class folders")
             config = parse_config(form.fields.get("config"))
-            method = (form.fields.get("method") or config.pop("method", None) or self.settings.default_method).strip()
+            chosen = (form.fields.get("method") or "").strip()
+            method = check_method(chosen) if chosen else config.pop("method", None) or self.settings.default_method
             config.pop("method", None)
             await call(self.jobs.check_config.remote(method, config, name))
             summary = await run_in_threadpool(validate_dataset, form.file, self.settings.archive_limits(),
@@ -192,22 +201,18 @@ class Ingress:
     async def get_task(self, task_id: str) -> api.TaskView:
         return api.TaskView(**await call(self.jobs.get.remote(task_id)))
 
-    @app.delete("/v1/tasks/{task_id}", response_model=api.TaskView, responses=ERRORS)
-    async def cancel_task(self, task_id: str,
-                          credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> api.TaskView:
+    @writes.delete("/v1/tasks/{task_id}", response_model=api.TaskView, responses=ERRORS)
+    async def cancel_task(self, task_id: str) -> api.TaskView:
         """Cancel: a queued job never runs; a running job's trainer is stopped."""
-        self._authorize(credentials)
         return api.TaskView(**await call(self.jobs.cancel.remote(task_id)))
 
     # --- searches (Ray Tune) ---------------------------------------------------------------------
 
-    @app.post("/v1/tune", status_code=202, response_model=api.TuneView, responses=ERRORS,
-              openapi_extra={"requestBody": api.TUNE_BODY})
-    async def start_search(self, request: Request,
-                           credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> api.TuneView:
+    @writes.post("/v1/tune", status_code=202, response_model=api.TuneView, responses=ERRORS,
+               openapi_extra={"requestBody": api.TUNE_BODY})
+    async def start_search(self, request: Request) -> api.TuneView:
         """Queue a Ray Tune search of GNSP's threshold, CD/MAP weights and learning rate (JSON, or
         multipart with a `request` JSON field and a `dataset` archive to tune for)."""
-        self._authorize(credentials)
         kind = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
         if kind != "multipart/form-data":
             body = parse_tune_body(await read_body(request, 1 << 20))
@@ -230,17 +235,13 @@ class Ingress:
     async def get_search(self, job_id: str) -> api.TuneView:
         return api.TuneView(**await call(self.jobs.search.remote(job_id)))
 
-    @app.delete("/v1/tune/{job_id}", response_model=api.TuneView, responses=ERRORS)
-    async def cancel_search(self, job_id: str,
-                            credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> api.TuneView:
-        self._authorize(credentials)
+    @writes.delete("/v1/tune/{job_id}", response_model=api.TuneView, responses=ERRORS)
+    async def cancel_search(self, job_id: str) -> api.TuneView:
         return api.TuneView(**await call(self.jobs.cancel_search.remote(job_id)))
 
-    @app.post("/v1/tune/{job_id}/apply", response_model=api.TuneDefaults, responses=ERRORS)
-    async def apply_search(self, job_id: str,
-                           credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> api.TuneDefaults:
+    @writes.post("/v1/tune/{job_id}/apply", response_model=api.TuneDefaults, responses=ERRORS)
+    async def apply_search(self, job_id: str) -> api.TuneDefaults:
         """Make the search's best config the default training config of tasks submitted later."""
-        self._authorize(credentials)
         return api.TuneDefaults(**await call(self.jobs.apply_search.remote(job_id)))
 
     # --- classification --------------------------------------------------------------------------
@@ -280,11 +281,9 @@ class Ingress:
     async def get_model(self, version: int) -> api.ModelView:
         return await run_in_threadpool(lambda: self._model_view(version, self.store.active()))
 
-    @app.post("/v1/models/{version}/activate", response_model=api.ActivationResponse, responses=ERRORS)
-    async def activate(self, version: int,
-                       credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> api.ActivationResponse:
+    @writes.post("/v1/models/{version}/activate", response_model=api.ActivationResponse, responses=ERRORS)
+    async def activate(self, version: int) -> api.ActivationResponse:
         """Make a stored version active (rollback or pin) after the classifier loaded and checked it."""
-        self._authorize(credentials)
         previous = await run_in_threadpool(self.store.active)
         pointer = await call(self.jobs.activate.remote(version, "activated through the API"))
         return api.ActivationResponse(active_version=pointer["version"], previous_version=previous)
@@ -294,6 +293,7 @@ def build_app(args: dict[str, Any] | ServiceSettings | None = None) -> serve.App
     """The Serve application: Ingress -> (Classifier, JobRunner). `args` are ServiceSettings fields."""
     settings = args if isinstance(args, ServiceSettings) else ServiceSettings(**(args or {}))
     settings = settings.with_token_from_env()
+    settings.check_exposure(serve_http_host())
     classifier = Classifier.options(
         ray_actor_options={"num_cpus": settings.classifier_cpus, "num_gpus": settings.classifier_gpus},
         max_ongoing_requests=max(32, 2 * settings.max_batch_size),
@@ -305,6 +305,19 @@ def build_app(args: dict[str, Any] | ServiceSettings | None = None) -> serve.App
     return Ingress.options(num_replicas=settings.ingress_replicas, ray_actor_options={"num_cpus": 0},
                            max_ongoing_requests=INGRESS_MAX_ONGOING).bind(
         settings, classifier, jobs)
+
+
+def serve_http_host() -> str | None:
+    """The address Serve's HTTP proxies listen on when Serve already runs on the Ray this process is
+    connected to (`serve run config.yaml` starts it before building the app); None when it will be
+    started later, by `serve.run` with its default of 127.0.0.1."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    if not ray.is_initialized():
+        return None
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return client.http_config.host if client is not None else None
 
 
 def _replicas(settings: ServiceSettings) -> dict[str, Any]:

@@ -6,6 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gnsp_core.methods.registry import METHODS
+
+from service.api.task_config import TaskConfig
 from service.jobs.states import JobStatus
 
 MAX_LABEL_CHARS = 200
@@ -118,7 +121,7 @@ class TuneBody(BaseModel):
     tasks: list[str] = Field(default_factory=list, description=(
         "Built-in task names, learned in order; an uploaded dataset (multipart) is learned after them."))
     trials: int = Field(12, ge=1, le=500)
-    config: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields not searched (steps, ...).")
+    config: TaskConfig = Field(default_factory=TaskConfig, description="Training settings not searched (steps, ...).")
     space: SearchRanges | None = None
     searcher: Literal["optuna", "random"] = "optuna"
     max_concurrent: int | None = Field(None, ge=1)
@@ -155,6 +158,22 @@ class TuneList(BaseModel):
     defaults: TuneDefaults | None = None
 
 
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema with its `$defs` written in place: a request body given through
+    `openapi_extra` is not registered in the document's components, so a `#/$defs/...` reference
+    would point nowhere in it."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            rest = {key: resolve(value) for key, value in node.items() if key != "$ref"}
+            return {**resolve(defs[node["$ref"].rsplit("/", 1)[-1]]), **rest} if "$ref" in node else rest
+        return [resolve(item) for item in node] if isinstance(node, list) else node
+
+    return resolve(schema)
+
+
 # OpenAPI request bodies of the routes that parse their own body (streamed uploads, two content types).
 TASK_UPLOAD_BODY = {
     "required": True,
@@ -165,10 +184,11 @@ TASK_UPLOAD_BODY = {
             "name": {"type": "string", "minLength": 1, "maxLength": 100, "description": "Task name."},
             "dataset": {"type": "string", "format": "binary",
                         "description": "zip or tar(.gz) of an ImageFolder tree (class folders of images)."},
-            "method": {"type": "string", "description": "finetune | lwf | zscl | wise-ft | mgclip | gnsp"},
-            "config": {"type": "string", "description": "JSON object of TrainConfig fields, e.g. {\"steps\": 100}."},
+            "method": {"type": "string", "enum": sorted(METHODS), "description": "The continual-learning method."},
+            "config": {**inline_schema(TaskConfig), "description": "JSON object (a part of type application/json) "
+                       "of the training settings a client may choose, e.g. {\"steps\": 100}."},
         },
-    }}},
+    }, "encoding": {"config": {"contentType": "application/json"}}}},
 }
 
 CLASSIFY_BODY = {
@@ -191,7 +211,7 @@ CLASSIFY_BODY = {
 TUNE_BODY = {
     "required": True,
     "content": {
-        "application/json": {"schema": TuneBody.model_json_schema()},
+        "application/json": {"schema": inline_schema(TuneBody)},
         "multipart/form-data": {"schema": {
             "type": "object",
             "properties": {

@@ -33,6 +33,7 @@ from gnsp_core.data.folders import validate_image_folder
 
 from service.errors import BadRequestError, InvalidImageError, UnsupportedMediaError, UploadTooLargeError
 from service.api.schemas import MAX_LABEL_CHARS, ClassifyRequest
+from service.api.task_config import as_validation_error, parse_task_config
 from service.settings import ServiceSettings
 
 MAX_FIELD_BYTES = 64 * 1024
@@ -160,22 +161,13 @@ def validate_dataset(archive: Path, limits: ArchiveLimits, scratch_parent: str |
 
 
 def parse_config(raw: str | None) -> dict[str, Any]:
-    """The `config` form field: a JSON object (checked against TrainConfig by the caller)."""
-    if raw is None or not raw.strip():
-        return {}
-    try:
-        config = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise BadRequestError(f"config is not valid JSON ({exc.msg}); send an object like {{\"steps\": 100}}") from None
-    if not isinstance(config, dict):
-        raise BadRequestError("config must be a JSON object of training settings, e.g. {\"steps\": 100}")
-    return config
+    """The `config` form field: JSON text of the allowed training settings (service.api.task_config)."""
+    return parse_task_config(raw)
 
 
 def parse_tune_body(raw: bytes | str | None) -> dict[str, Any]:
-    """A `POST /v1/tune` request (JSON), checked against the schema; only the fields the caller set."""
-    from pydantic import ValidationError
-
+    """A `POST /v1/tune` request (JSON), checked against the schema (422 naming each bad field);
+    only the fields the caller set."""
     from service.api.schemas import TuneBody
 
     try:
@@ -187,9 +179,11 @@ def parse_tune_body(raw: bytes | str | None) -> dict[str, Any]:
     try:
         body = TuneBody.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise BadRequestError(f"invalid tune request: {problems}") from None
-    return body.model_dump(exclude_unset=True, exclude_none=False)
+        raise as_validation_error(exc, ()) from None
+    fields = body.model_dump(exclude_unset=True, exclude_none=False)
+    if "config" in fields:
+        fields["config"] = body.config.settings()  # a null setting means the default: left out
+    return fields
 
 
 def check_task_name(name: str | None) -> str:

@@ -1,12 +1,16 @@
 """`gnsp serve`: run the REST service (Ray Serve + FastAPI) until Ctrl-C or SIGTERM.
 
     gnsp serve --store ./gnsp-store                       # local Ray, 127.0.0.1:8000, gnsp-mini
-    gnsp serve --store s3://bucket/gnsp --address auto --host 0.0.0.0 --workers 4
+    GNSP_API_TOKEN=... gnsp serve --store s3://bucket/gnsp --address auto --host 0.0.0.0 --workers 4
     gnsp serve --model tiny --set heldout=none --set max_upload_bytes=10000000
 
 The first start on an empty store creates version 1 from --model/--pretrained; later starts use
 the store's versions (the flags then no longer matter). Stopping the service leaves a running job
 `running` in the store; the next start resumes it from its last checkpoint.
+
+On an address other machines can reach (anything but 127.0.0.1, ::1, localhost) the service needs
+an API token (GNSP_API_TOKEN) for its write endpoints, or it refuses to start; --insecure serves
+writes unauthenticated anyway (only behind a proxy that authenticates).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without GNSP_API_TOKEN (writes open to anyone who can reach it)")
     p.add_argument("--store", default="gnsp-store", help="store folder or pyarrow.fs URI (file://, s3://, gs://)")
     add_model_arguments(p)
     p.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a private local one")
@@ -51,6 +57,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
     fields: dict[str, Any] = {"store": args.store, "model": args.model, "pretrained": args.pretrained,
                               "workers": args.workers, "activation": args.activation}
+    if getattr(args, "insecure", False):
+        fields["insecure"] = True
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -72,6 +80,7 @@ def _parse_value(value: str) -> Any:
 def run_serve(args: argparse.Namespace) -> int:
     """Start Ray (or join it), deploy the app, serve until a signal, then shut down cleanly."""
     settings = settings_from_args(args)
+    settings.check_exposure(args.host)  # before Ray starts: a refused start costs nothing
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     import ray
     from ray import serve
@@ -104,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gnsp")
     add_serve_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
-    return run_serve(args)
+    try:
+        return run_serve(args)
+    except ConfigError as exc:
+        print(f"gnsp serve: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from ray.serve.handle import DeploymentHandle
 
 from gnsp_core.models import recommended_training
 
+from service.errors import hide_dirs
 from service.settings import ServiceSettings
 from service.store import ModelStore
 
@@ -27,6 +28,7 @@ class JobRunner:
         from service.tuning.searches import TuneJobs
         from service.versions import ensure_base_version
 
+        hide_dirs(settings.store, settings.work_dir)
         self.store = ModelStore.open(settings.store)
         self.settings, self.classifier = settings, classifier
         ensure_base_version(self.store, settings)

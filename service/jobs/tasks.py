@@ -27,7 +27,7 @@ from typing import Any, Callable, Protocol
 
 from gnsp_core.errors import GnspError
 
-from service.errors import ConflictError, UnknownTaskError, error_message
+from service.errors import ConflictError, UnknownTaskError, user_reason
 from service.jobs.queue import WorkQueue
 from service.jobs.states import ENDED, STATUSES
 from service.settings import ServiceSettings
@@ -225,10 +225,11 @@ class JobQueue:
         except JobInterrupted:
             log.info("job %s interrupted by shutdown; it resumes on the next start", task_id)
         except GnspError as exc:
-            self._end(task_id, "failed", error=error_message(exc))
+            log.warning("job %s failed: %s", task_id, exc)
+            self._end(task_id, "failed", error=user_reason(exc))
         except Exception as exc:
             log.exception("job %s failed", task_id)
-            self._end(task_id, "failed", error=f"internal error: {type(exc).__name__}: {error_message(exc)}")
+            self._end(task_id, "failed", error=user_reason(exc))
 
     def _report(self, task_id: str, fraction: float, phase: str) -> None:
         with self._lock:
@@ -258,8 +259,9 @@ class JobQueue:
             try:
                 self.check_version(version)
             except Exception as exc:
+                log.warning("job %s: version %s failed its load check: %s", task_id, version, exc)
                 self._end(task_id, "failed",
-                          error=f"version {version} failed its load check and was not activated: {error_message(exc)}")
+                          error=f"version {version} failed its load check and was not activated: {user_reason(exc)}")
                 return
             self.store.set_active(version, f"task {task_id} ({record['name']})")
         self._end(task_id, "succeeded", activated=True)

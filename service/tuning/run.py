@@ -35,6 +35,7 @@ from gnsp_core.errors import ConfigError
 from gnsp_core.models import load_model
 from gnsp_core.state import ContinualState
 
+from service.errors import user_reason
 from service.training.cluster import quiet_ray_warnings, ray_cluster
 from service.training.ray_train import WorkerResources
 from service.tuning.data import prepare_validation_tasks, validation_reference
@@ -143,7 +144,7 @@ def run_tune_job(request: TuneRequest, *, resume: bool = False, address: str | N
             write_status(out, "cancelled", "interrupted; `gnsp tune --resume` continues the search")
             raise
         except Exception as exc:
-            write_status(out, "failed", str(exc))
+            write_status(out, "failed", user_reason(exc))  # the detail goes on with the exception
             raise
     write_status(out, *_final_status(outcome, request.trials))
     return outcome

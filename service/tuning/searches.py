@@ -31,7 +31,7 @@ from gnsp_core.config import TrainConfig
 from gnsp_core.errors import ConfigError
 from gnsp_core.models import recommended_training
 
-from service.errors import BadRequestError, ConflictError, NotFoundError, error_message
+from service.errors import BadRequestError, ConflictError, NotFoundError, user_reason
 from service.jobs.queue import WorkQueue
 from service.jobs.states import ENDED
 from service.settings import ServiceSettings
@@ -237,7 +237,7 @@ class TuneJobs:
                 write_status(out, "cancelled", "cancelled by the user")
             elif read_results(out)["status"] not in ENDED:
                 log.exception("search %s failed", job_id)
-                write_status(out, "failed", f"{type(exc).__name__}: {error_message(exc)}")
+                write_status(out, "failed", user_reason(exc))
         finally:
             with self._lock:
                 self._running.pop(job_id, None)
