@@ -5,7 +5,7 @@ Accepted layouts (hidden entries such as `.DS_Store` and `__MACOSX/` are ignored
     root/<class>/<images, nested folders allowed>
     root/train/<class>/...  +  root/test/<class>/...
 either of them optionally wrapped in one top-level folder, and optionally with `classes.json`
-(folder -> class name) at the layout root.
+(folder -> class name) at the layout root. Images must be one of IMAGE_FORMATS.
 """
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ from gnsp_core.data.samples import ImageSamples, to_rgb
 from gnsp_core.errors import DatasetError
 
 CLASSES_FILE = "classes.json"
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+"""The image formats a dataset (and a classify request) may use: the common ones, each read by
+Pillow's own decoders. Others Pillow can open (TIFF with its many codecs, PSD, EPS through
+Ghostscript, ICO, ...) are refused: every extra parser is more code an uploaded file can reach.
+A GIF counts by its first frame."""
 _SPLITS = ("train", "test")
 
 
@@ -137,12 +142,12 @@ def _hidden_below(path: Path, top: Path) -> bool:
 
 
 def check_image(path: Path, limits: ArchiveLimits) -> None:
-    """Raise DatasetError unless `path` is a decodable image within the size limits."""
+    """Raise DatasetError unless `path` is a decodable image of an allowed format within the size limits."""
     size = path.stat().st_size
     if size > limits.max_file_bytes:
         raise DatasetError(f"{path} is {size} bytes, over the {limits.max_file_bytes}-byte limit; shrink it")
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=IMAGE_FORMATS) as img:
             width, height = img.size
             if width * height > limits.max_image_pixels:
                 raise DatasetError(
@@ -154,7 +159,8 @@ def check_image(path: Path, limits: ArchiveLimits) -> None:
     except Image.DecompressionBombError:
         raise DatasetError(f"{path} has too many pixels; downscale it") from None
     except Exception as e:  # PIL signals undecodable data with many exception types
-        raise DatasetError(f"{path} is not a readable image ({type(e).__name__}); remove it or re-save it") from None
+        raise DatasetError(f"{path} is not a readable {'/'.join(IMAGE_FORMATS)} image ({type(e).__name__}); "
+                           "remove it or re-save it in one of those formats") from None
 
 
 def _check_counts(splits: dict[str, dict[str, list[Path]]], limits: ArchiveLimits) -> None:
