@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.jobs.states import JobStatus
-
-MAX_LABEL_CHARS = 200
+from service.settings import ServiceSettings
 
 
 class ErrorDetail(BaseModel):
@@ -171,22 +171,50 @@ TASK_UPLOAD_BODY = {
     }}},
 }
 
-CLASSIFY_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {"schema": ClassifyRequest.model_json_schema()},
-        "multipart/form-data": {"schema": {
-            "type": "object",
-            "required": ["images", "labels"],
-            "properties": {
-                "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                "labels": {"type": "array", "items": {"type": "string"},
-                           "description": "Repeat the field once per label (or send one JSON list)."},
-                "model_version": {"type": "integer"},
-            },
-        }},
-    },
-}
+def classify_body(settings: ServiceSettings) -> dict[str, Any]:
+    """The classify request body as OpenAPI states it, with the limits `settings` enforce."""
+    pixels = (f"Each image at most {settings.max_classify_pixels} pixels (width x height, "
+              "max_classify_pixels), PNG, JPEG, WebP, BMP or GIF (first frame).")
+    images = {"minItems": 1, "maxItems": settings.max_classify_images,
+              "description": f"1 to {settings.max_classify_images} images (max_classify_images). {pixels}"}
+    label = {"type": "string", "minLength": 1, "maxLength": settings.max_label_chars,
+             "description": f"1 to {settings.max_label_chars} printable characters (max_label_chars)."}
+    labels = {"type": "array", "items": label, "minItems": 1, "maxItems": settings.max_labels, "uniqueItems": True,
+              "description": f"1 to {settings.max_labels} distinct candidate class names (max_labels); "
+                             "scores are over these labels."}
+    json_schema = ClassifyRequest.model_json_schema()
+    json_schema["properties"]["images"].update(images)
+    json_schema["properties"]["labels"].update(labels)
+    json_schema["description"] = f"At most {settings.max_classify_bytes} bytes in all (max_classify_bytes)."
+    return {
+        "required": True,
+        "content": {
+            "application/json": {"schema": json_schema},
+            "multipart/form-data": {"schema": {
+                "type": "object",
+                "required": ["images", "labels"],
+                "description": json_schema["description"],
+                "properties": {
+                    "images": {"type": "array", "items": {"type": "string", "format": "binary"}, **images},
+                    "labels": {**labels, "description": labels["description"] +
+                               " Repeat the field once per label (or send one JSON list)."},
+                    "model_version": {"type": "integer"},
+                },
+            }},
+        },
+    }
+
+
+CLASSIFY_BODY = classify_body(ServiceSettings())
+
+
+def state_classify_limits(app: FastAPI, settings: ServiceSettings) -> None:
+    """Document the classify body with the limits this service enforces (its settings may differ
+    from the defaults CLASSIFY_BODY states); the OpenAPI document is rebuilt on its next request."""
+    for route in app.routes:
+        if getattr(route, "path", None) == "/v1/classify":
+            route.openapi_extra = {"requestBody": classify_body(settings)}
+    app.openapi_schema = None
 
 TUNE_BODY = {
     "required": True,
