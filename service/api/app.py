@@ -120,7 +120,7 @@ class Ingress:
         self.store = ModelStore.open(settings.store)
         self._known_versions: set[int] = set()
         self.uploads = UploadGate(settings.max_concurrent_uploads, settings.upload_slot_wait_s)
-        api.state_classify_limits(app, settings)
+        api.state_classify_limits(settings)
 
     def _authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
         token = self.settings.token()
@@ -248,7 +248,7 @@ class Ingress:
     # --- classification --------------------------------------------------------------------------
 
     @app.post("/v1/classify", response_model=api.ClassifyResponse, responses=ERRORS,
-              openapi_extra={"requestBody": api.CLASSIFY_BODY})
+              openapi_extra=api.CLASSIFY_EXTRA)
     async def classify(self, request: Request, response: Response) -> api.ClassifyResponse:
         """Zero-shot scores of each image over the given labels, from the active or a pinned version."""
         start = time.perf_counter()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
-from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.jobs.states import JobStatus
@@ -205,16 +205,32 @@ def classify_body(settings: ServiceSettings) -> dict[str, Any]:
     }
 
 
-CLASSIFY_BODY = classify_body(ServiceSettings())
+class ClassifyExtra(Mapping):
+    """The classify operation's OpenAPI extras, made when the document is built, from the settings
+    the running service stated (`state_classify_limits`; the defaults until then). A mapping rather
+    than a dict because Serve's ingress serves a frozen copy of the app, made before any settings
+    exist: this object's class, and the module state it reads, are the replica's own."""
+
+    def __getitem__(self, key: str) -> Any:
+        if key != "requestBody":
+            raise KeyError(key)
+        return classify_body(_stated[0])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("requestBody",))
+
+    def __len__(self) -> int:
+        return 1
 
 
-def state_classify_limits(app: FastAPI, settings: ServiceSettings) -> None:
-    """Document the classify body with the limits this service enforces (its settings may differ
-    from the defaults CLASSIFY_BODY states); the OpenAPI document is rebuilt on its next request."""
-    for route in app.routes:
-        if getattr(route, "path", None) == "/v1/classify":
-            route.openapi_extra = {"requestBody": classify_body(settings)}
-    app.openapi_schema = None
+_stated = [ServiceSettings()]
+CLASSIFY_EXTRA = ClassifyExtra()
+
+
+def state_classify_limits(settings: ServiceSettings) -> None:
+    """Make the OpenAPI document of this process state `settings`' classify limits."""
+    _stated[0] = settings
+
 
 TUNE_BODY = {
     "required": True,
