@@ -400,13 +400,13 @@ def verdict(row: dict[str, Any], quiet_p99: float, idle: int, peak: int) -> dict
 def table(result: dict[str, Any]) -> str:
     lines = [f"model {result['model']}; neighbour quiet p99 {result['quiet_p99_ms']:.1f} ms "
              f"({result['quiet_requests']} requests); idle RSS {result['idle_rss_mib']:.0f} MiB", "",
-             "| attack | answer | time (s) | neighbour failed | neighbour p99 ms (x quiet) | peak RSS over idle (MiB) "
-             "| targets |", "|---|---|---|---|---|---|---|"]
+             "| attack | answer | time (s) | neighbour failed | neighbour p99 ms (x quiet) | peak RSS over idle "
+             "(over the attack's start), MiB | targets |", "|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         missed = [name for name, ok in row["checks"].items() if not ok]
         lines.append(f"| {row['attack']} | {row['answer']} | {row['answer_s']:.2f} | {row['neighbour_failures']}/"
                      f"{row['neighbour_requests']} | {row['neighbour_p99_ms']:.0f} ({row['p99_over_quiet']:.1f}x) | "
-                     f"{row['peak_rss_over_idle_mib']:.0f} | {'met' if row['met'] else 'missed: ' + ', '.join(missed)} |")
+                     f"{row['peak_rss_over_idle_mib']:.0f} ({row['peak_rss_over_start_mib']:.0f}) | {'met' if row['met'] else 'missed: ' + ', '.join(missed)} |")
     return "\n".join(lines)
 
 

@@ -175,8 +175,9 @@ async def receive_form(content_type: str | None, content_length: str | None, bod
             parser.write(chunk)
         parser.finalize()
     except MultipartParseError as exc:
-        raise BadRequestError(f"the multipart body is malformed: {exc} (each part may have {MAX_PART_HEADERS} "
-                              f"headers of at most {MAX_PART_HEADER_BYTES} bytes)") from None
+        hint = (f" (each part may have {MAX_PART_HEADERS} headers of at most {MAX_PART_HEADER_BYTES} bytes)"
+                if "header" in str(exc).lower() else "")
+        raise BadRequestError(f"the multipart body is malformed: {exc}{hint}") from None
     finally:
         receiver.close()
     return receiver.form
