@@ -27,6 +27,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import struct
 import tempfile
@@ -380,6 +381,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
     return {"model": args.model or "gnsp-mini", "quiet_p99_ms": quiet_p99, "quiet_requests": len(quiet_latencies),
             "idle_rss_mib": idle / 2**20, "rows": rows,
             "targets": {"answer_4xx_within_s": ANSWER_TARGET_S, "neighbour_failures": 0,
