@@ -82,12 +82,16 @@ class TextHeadCache:
     """Bounded LRU of zero-shot heads keyed by (model version key, class names, templates).
 
     Text heads cost one text-tower pass per class and template; a served model version answers
-    many requests with the same labels. Thread-safe; a head is built outside the lock.
+    many requests with the same labels. Bounded by count and, with `max_rows`, by the class rows
+    held in all (a head of 1,000 labels costs 1,000 times one of a single label). Thread-safe; a
+    head is built outside the lock.
     """
 
-    def __init__(self, maxsize: int = 64) -> None:
+    def __init__(self, maxsize: int = 64, max_rows: int | None = None) -> None:
         self.maxsize = maxsize
+        self.max_rows = max_rows
         self._heads: OrderedDict[tuple, Tensor] = OrderedDict()
+        self._rows = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -109,15 +113,31 @@ class TextHeadCache:
                 return self._heads[cache_key]
         head = build_text_head(model, tokenizer, classnames, templates)
         with self._lock:
+            if cache_key not in self._heads:
+                self._rows += len(head)
             self._heads[cache_key] = head
             self._heads.move_to_end(cache_key)
-            while len(self._heads) > self.maxsize:
-                self._heads.popitem(last=False)
+            while len(self._heads) > 1 and (len(self._heads) > self.maxsize or self._over_rows()):
+                self._rows -= len(self._heads.popitem(last=False)[1])
         return head
+
+    def lookup(self, key: Hashable, classnames: Sequence[str], templates: Sequence[str]) -> Tensor | None:
+        """The cached head, or None (without building it): lets a caller send only misses to a
+        bounded builder while hits answer at once."""
+        cache_key = (key, tuple(classnames), tuple(templates))
+        with self._lock:
+            if cache_key in self._heads:
+                self._heads.move_to_end(cache_key)
+                return self._heads[cache_key]
+        return None
+
+    def _over_rows(self) -> bool:
+        return self.max_rows is not None and self._rows > self.max_rows
 
     def clear(self) -> None:
         with self._lock:
             self._heads.clear()
+            self._rows = 0
 
 
 def _image_features(model: nn.Module, images: Tensor) -> Tensor:

@@ -71,6 +71,18 @@ class UploadTooLargeError(GnspError):
     code = "upload_too_large"
 
 
+class RequestTimeoutError(GnspError):
+    """The request body arrived too slowly (a pause between chunks, or the whole body, too long)."""
+
+    code = "request_timeout"
+
+
+class BusyError(GnspError):
+    """A bounded queue is full (version loads, upload slots): the request may be retried shortly."""
+
+    code = "busy"
+
+
 class ServiceFault(GnspError):
     """The service itself failed (store unreadable, model will not load): a 5xx, not the user's fault."""
 
@@ -94,6 +106,8 @@ _STATUS: dict[type[GnspError], int] = {
     NotFoundError: 404,
     ConflictError: 409,
     UploadTooLargeError: 413,
+    BusyError: 429,
+    RequestTimeoutError: 408,
     UnsupportedMediaError: 415,
     ArchiveTypeError: 415,
     BadRequestError: 400,

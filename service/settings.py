@@ -65,13 +65,33 @@ class ServiceSettings(BaseModel):
     work_dir: str | None = None
     """Local scratch for uploads being received and datasets being extracted (None: system temp)."""
     max_upload_bytes: int = Field(512 * 1024**2, ge=1)
+    """Bytes of a dataset archive upload (the whole multipart body may add the small text fields)."""
     max_files: int = Field(20_000, ge=1)
+    """Entries (files and folders) in an uploaded archive, images in a dataset."""
     max_total_bytes: int = Field(2 * 1024**3, ge=1)
     max_file_bytes: int = Field(50 * 1024**2, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
+    """Pixels of one dataset image (width x height, read from its header)."""
+    max_concurrent_uploads: int = Field(2, ge=1)
+    """Dataset uploads (POST /v1/tasks, multipart /v1/tune) received and validated at once per ingress;
+    validation runs on a pool of this many threads, off the event loop. Another upload waits for a
+    slot up to `upload_slot_wait_s`, then gets 429."""
+    upload_slot_wait_s: float = Field(10.0, ge=0)
+    body_idle_timeout_s: float = Field(5.0, gt=0)
+    """Longest pause between two chunks of a request body (classify, upload) before 408."""
     max_classify_bytes: int = Field(32 * 1024**2, ge=1)
+    """Bytes of a whole classify request body."""
+    classify_body_timeout_s: float = Field(10.0, gt=0)
+    """Time to receive a whole classify request body before 408 (a slow client cannot hold it open)."""
     max_classify_images: int = Field(64, ge=1)
+    """Images in one classify request."""
+    max_classify_pixels: int = Field(4096 * 4096, ge=1)
+    """Pixels of one image to classify (width x height, read from its header before it is decoded);
+    a JPEG is then decoded at a reduced scale near the model's input size (Pillow's draft mode)."""
     max_labels: int = Field(1000, ge=1)
+    """Candidate labels in one classify request."""
+    max_label_chars: int = Field(200, ge=1)
+    """Characters of one label."""
     classifier_replicas: int | Literal["auto"] = 1
     """Fixed replica count, or 'auto' for Serve autoscaling between min/max replicas."""
     classifier_min_replicas: int = Field(1, ge=0)
@@ -83,14 +103,25 @@ class ServiceSettings(BaseModel):
     (Ray starts actors with one thread, which halves a CPU forward on a 2-core machine.)"""
     ingress_replicas: int = Field(1, ge=1)
     max_versions_per_replica: int = Field(3, ge=1)
-    """Bounded LRU of versions each classifier replica keeps loaded (the multiplexed model ids)."""
+    """Bounded LRU of versions each classifier replica keeps loaded (the multiplexed model ids). The
+    version that unpinned requests use (the active one) is held besides and never evicted, so
+    requests pinned to old versions cannot push it out."""
+    max_version_loads_waiting: int = Field(8, ge=0)
+    """Requests a classifier replica lets wait for a version it has not loaded (loads run one at a
+    time); more get 429, so requests pinned to many old versions cannot queue loads without end."""
     max_batch_size: int = Field(16, ge=1)
+    """Images in one classifier forward (a request's images stay together: one with more images than
+    this is a batch of its own)."""
     batch_wait_timeout_s: float = Field(0.0, ge=0)
     """How long a batch waits to fill when the classifier replica is idle (0: a lone request goes at once)."""
     busy_batch_wait_max_s: float = Field(0.25, ge=0)
     """While other requests are in the replica, a batch waits about one forward's time to fill, at
     most this long; 0 keeps the idle wait always (then, under load, most batches hold one request)."""
     text_head_cache: int = Field(256, ge=1)
+    """Zero-shot heads (one per version and label set) each classifier replica keeps, LRU."""
+    text_head_cache_labels: int = Field(50_000, ge=1)
+    """Labels (head rows) those cached heads may hold in all, so the cache's memory is bounded too
+    (50,000 rows of a 512-wide head: about 100 MB)."""
     api_token: str | None = Field(None, repr=False)
     """Bearer token for write endpoints; None reads GNSP_API_TOKEN (unset: no auth)."""
     insecure: bool = False

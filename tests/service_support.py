@@ -81,8 +81,9 @@ def start_service(settings: ServiceSettings, name: str) -> str:
 
     from service.api.app import build_app
 
+    port = session_serve_port()  # first: serve.run would start Serve on its default port 8000
     serve.run(build_app(settings), name=name, route_prefix="/")
-    return f"http://127.0.0.1:{session_serve_port()}"
+    return f"http://127.0.0.1:{port}"
 
 
 def session_serve_port() -> int:

@@ -169,7 +169,7 @@ def test_hidden_files_are_ignored(tmp_path: Path) -> None:
 def test_non_image_file_is_named(tmp_path: Path) -> None:
     root = make_tree(tmp_path / "ds", {"a": 2, "b": 2})
     (root / "b" / "notes.txt").write_text("hello")
-    with pytest.raises(DatasetError, match=r"notes\.txt is not a readable image"):
+    with pytest.raises(DatasetError, match=r"notes\.txt is not a readable PNG/JPEG/WEBP/BMP/GIF image"):
         load_task(str(root))
 
 
@@ -322,8 +322,60 @@ def test_actual_bytes_are_counted_while_copying(tmp_path: Path) -> None:
 
 def test_too_many_files(tmp_path: Path) -> None:
     entries = {f"ds/a/{i}.png": b"" for i in range(51)}
-    _assert_rejected(zip_of(tmp_path / "many.zip", entries), tmp_path / "o1", "more than 50 files")
-    _assert_rejected(tar_of(tmp_path / "many.tgz", entries), tmp_path / "o2", "more than 50 files")
+    _assert_rejected(zip_of(tmp_path / "many.zip", entries), tmp_path / "o1", "declares 51 entries")
+    _assert_rejected(tar_of(tmp_path / "many.tgz", entries), tmp_path / "o2", "more than 50 entries")
+
+
+def folders_zip(path: Path, folders: int, files: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(folders):
+            zf.writestr(zipfile.ZipInfo(f"ds/empty{i}/"), b"")
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return path
+
+
+def test_folders_count_toward_the_entry_limit(tmp_path: Path) -> None:
+    files = tree_entries({"a": 2, "b": 2}, prefix="ds/")
+    _assert_rejected(folders_zip(tmp_path / "dirs.zip", 47, files), tmp_path / "o1", "declares 51 entries")
+    with tarfile.open(tmp_path / "dirs.tar", "w") as tf:
+        for i in range(51):
+            info = tarfile.TarInfo(f"ds/empty{i}")
+            info.type = tarfile.DIRTYPE
+            tf.addfile(info)
+    _assert_rejected(tmp_path / "dirs.tar", tmp_path / "o2", "more than 50 entries")
+    assert safe_extract(folders_zip(tmp_path / "fits.zip", 40, files), tmp_path / "o3", SMALL).is_dir()
+
+
+def test_a_zip_of_many_folders_is_refused_from_its_end_record(tmp_path: Path, monkeypatch) -> None:
+    """30,000 empty folders (over the default 20,000 entries): refused before zipfile parses the
+    central directory, so in milliseconds whatever the entry count."""
+    archive = folders_zip(tmp_path / "folders.zip", 30_000, {})
+    monkeypatch.setattr(zipfile, "ZipFile", None)  # constructing one would fail the test
+    with pytest.raises(DatasetError, match="declares 30000 entries"):
+        safe_extract(archive, tmp_path / "out")
+
+
+def test_an_oversized_central_directory_is_refused(tmp_path: Path) -> None:
+    """Three entries whose 20 kB comments make a 60 kB central directory, over SMALL's 50 x 512 bytes."""
+    archive = tmp_path / "comments.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name, data in tree_entries({"a": 2, "b": 1}, prefix="ds/").items():
+            info = zipfile.ZipInfo(name)
+            info.comment = b"x" * 20_000
+            zf.writestr(info, data)
+    _assert_rejected(archive, tmp_path / "out", "central directory is")
+
+
+def test_dataset_images_are_an_allow_list_of_formats(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "ds", {"a": 2, "b": 2})
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(root / "a" / "odd.tiff", format="TIFF")
+    with pytest.raises(DatasetError, match=r"odd\.tiff is not a readable PNG/JPEG/WEBP/BMP/GIF image"):
+        validate_image_folder(root)
+    (root / "a" / "odd.tiff").unlink()
+    for fmt in ("JPEG", "WEBP", "BMP", "GIF"):
+        Image.new("RGB", (8, 8), (1, 2, 3)).save(root / "b" / f"ok.{fmt.lower()}", format=fmt)
+    assert len(validate_image_folder(root).splits["all"]["b"]) == 6
 
 
 def test_corrupt_unknown_and_empty_archives(tmp_path: Path) -> None:

@@ -9,6 +9,8 @@ import os
 import stat
 import tempfile
 import tarfile
+import threading
+import time
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -28,7 +30,8 @@ JSON = "application/json"
 @pytest.fixture(scope="module")
 def service(ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad-input")
-    settings = service_settings(tmp, api_token=TOKEN, metrics_need_token=True)
+    settings = service_settings(tmp, api_token=TOKEN, metrics_need_token=True, max_classify_pixels=1_000_000,
+                                body_idle_timeout_s=1.0, max_concurrent_uploads=1, upload_slot_wait_s=0.5)
     url = start_service(settings, "gnsp-bad-input")
     auth = {"Authorization": f"Bearer {TOKEN}"}
     with httpx.Client(base_url=url, timeout=60, headers=auth) as client, httpx.Client(base_url=url, timeout=60) as anon:
@@ -101,6 +104,41 @@ def chunked_upload(client: httpx.Client, size: int) -> httpx.Response:
 
     content_type = f"multipart/form-data; boundary={boundary}"
     return client.post("/v1/tasks", content=body(), headers={"content-type": content_type})
+
+
+def stalled_body(client: httpx.Client) -> httpx.Response:
+    """A classify body that stops for longer than the service's 1 s idle limit after its first chunk."""
+    def body():
+        yield b'{"images": ['
+        time.sleep(2.5)
+        yield b"]}"
+
+    return client.post("/v1/classify", content=body(), headers={"content-type": JSON})
+
+
+def many_headers_upload(client: httpx.Client) -> httpx.Response:
+    boundary = "gnsp-test-boundary"
+    headers = "".join(f"X-Pad-{i}: {'p' * 100}\r\n" for i in range(20))
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"name\"\r\n{headers}\r\nx\r\n"
+            f"--{boundary}--\r\n").encode()
+    return client.post("/v1/tasks", content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+
+
+def empty_folders_zip() -> bytes:
+    """600 empty folders beside a valid dataset: over the test service's 500-entry limit."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for i in range(600):
+            zf.writestr(zipfile.ZipInfo(f"red/empty{i}/"), b"")
+        zf.writestr("red/0.png", png_bytes("red"))
+        zf.writestr("blue/0.png", png_bytes("blue"))
+    return buffer.getvalue()
+
+
+def tiff_b64() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(buffer, format="TIFF")
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def good_zip(tmp: Path) -> bytes:
@@ -190,6 +228,13 @@ CASES: dict[str, tuple[Case, int, str]] = {
     "multipart without labels": (lambda c, a, t: classify_files(c),
                                  400, "bad_request"),
     "unknown route": (lambda c, a, t: c.get("/v2/everything"), 404, "not_found"),
+    "too many images": (lambda c, a, t: classify(c, images=[png_b64("red")] * 65), 400, "bad_request"),
+    "too many labels": (lambda c, a, t: classify(c, labels=[f"label {i}" for i in range(1001)]), 400, "bad_request"),
+    "label too long": (lambda c, a, t: classify(c, labels=["red", "x" * 201]), 400, "bad_request"),
+    "image format off the allow-list": (lambda c, a, t: classify(c, images=[tiff_b64()]), 400, "bad_image"),
+    "stalled classify body": (lambda c, a, t: stalled_body(c), 408, "request_timeout"),
+    "too many part headers": (lambda c, a, t: many_headers_upload(c), 400, "bad_request"),
+    "empty folders over the entry limit": (lambda c, a, t: task(c, empty_folders_zip()), 400, "bad_dataset"),
 }
 
 
@@ -304,3 +349,53 @@ def test_one_bad_image_fails_only_its_own_request(service):
     assert statuses == [200, 200, 200, 400, 200, 200, 200, 200], [r.text for r in responses]
     assert responses[3].json()["error"]["code"] == "bad_image"
     assert all(r.json()["results"][0]["label"] == "red" for i, r in enumerate(responses) if i != 3)
+
+
+def test_a_request_with_more_images_than_a_batch_is_answered(service):
+    """A batch holds at most 16 images; a 20-image request is a batch of its own, not an error."""
+    client, anon, tmp, store = service
+    response = anon.post("/v1/classify", json={"images": [png_b64("red")] * 20, "labels": ["red", "blue"]})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"]) == 20
+
+
+def test_the_openapi_document_states_the_classify_limits(service):
+    client, anon, tmp, store = service
+    body = anon.get("/openapi.json").json()["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
+    properties = body["application/json"]["schema"]["properties"]
+    assert properties["images"]["maxItems"] == 64 and properties["labels"]["maxItems"] == 1000
+    assert properties["labels"]["items"]["maxLength"] == 200
+    assert "1000000 pixels" in properties["images"]["description"]  # this service's setting, not the default
+
+
+def test_an_upload_in_progress_neither_stalls_classify_nor_lets_a_second_upload_in(service):
+    """One upload trickles in for about 3 s (its slot held, the only one): classify requests answer
+    meanwhile, and a second upload is refused with 429 within the 0.5 s slot wait."""
+    client, anon, tmp, store = service
+    boundary = "gnsp-test-boundary"
+
+    def trickle():
+        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nslow\r\n"
+               f"--{boundary}\r\nContent-Disposition: form-data; name=\"dataset\"; filename=\"d.zip\"\r\n"
+               "Content-Type: application/zip\r\n\r\n").encode()
+        for _ in range(10):
+            time.sleep(0.3)
+            yield b"PK" * 10
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    slow: dict[str, httpx.Response] = {}
+    uploader = threading.Thread(target=lambda: slow.update(r=client.post("/v1/tasks", content=trickle(),
+                                                                          headers=headers)))
+    uploader.start()
+    time.sleep(0.8)
+    latencies = []
+    for _ in range(5):
+        started = time.perf_counter()
+        assert classify(anon).status_code == 200
+        latencies.append(time.perf_counter() - started)
+    second = task(client, good_zip(tmp))
+    uploader.join(timeout=30)
+    assert second.status_code == 429 and second.json()["error"]["code"] == "busy", second.text
+    assert max(latencies) < 2.0, latencies
+    assert uploader.is_alive() is False and slow["r"].status_code == 400  # a corrupt archive, refused after

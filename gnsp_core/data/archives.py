@@ -3,8 +3,11 @@
 Uploads come from users over HTTP, so an archive is untrusted: every entry name is checked for
 path escapes, links and device files are refused, and sizes are bounded twice, once from what
 the archive declares (before anything is written) and once by counting the bytes actually
-decompressed (a lying header cannot get past the second check). The type is detected from the
-content, not the file name.
+decompressed (a lying header cannot get past the second check). Every entry counts toward the
+entry limit, folders included (100,000 empty folders are as costly to create as files), and a
+zip's declared entry count and central directory size are checked from its end record before the
+directory itself is parsed; a tar's members are counted as they are read. The type is detected
+from the content, not the file name.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from typing import IO
 from gnsp_core.errors import ArchiveTypeError, DatasetError
 
 _CHUNK = 1 << 20
+CENTRAL_DIRECTORY_BYTES_PER_ENTRY = 512
+"""A zip's central directory may hold this many bytes per allowed entry (46 bytes of record plus a
+name and extras: a 20,000-image dataset with 100-character paths needs about 3 MB of the 10 MB)."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,7 @@ class ArchiveLimits:
     """Bounds on what an uploaded dataset may contain."""
 
     max_files: int = 20_000
+    """Entries (files and folders) an archive may hold; images in a dataset folder."""
     max_total_bytes: int = 2 * 1024**3
     max_file_bytes: int = 50 * 1024**2
     max_image_pixels: int = 40_000_000
@@ -46,18 +53,21 @@ def _safe_relpath(name: str) -> PurePosixPath:
 
 
 class _Budget:
-    """Running file count and byte total, checked against the limits."""
+    """Running entry count (files and folders) and byte total, checked against the limits."""
 
     def __init__(self, limits: ArchiveLimits) -> None:
         self.limits = limits
+        self.entries = 0
         self.files = 0
         self.total = 0
 
     def entry(self, name: str, size: int) -> None:
-        """Count one file with its size (declared in pass 1, 0 in pass 2 where bytes are counted)."""
-        self.files += 1
-        if self.files > self.limits.max_files:
-            raise DatasetError(f"archive has more than {self.limits.max_files} files; split the dataset or drop images")
+        """Count one entry (a file or a folder) with its size (declared in pass 1, 0 in pass 2 where
+        bytes are counted)."""
+        self.entries += 1
+        if self.entries > self.limits.max_files:
+            raise DatasetError(f"archive has more than {self.limits.max_files} entries (files and folders); "
+                               "split the dataset or drop images")
         self.data(name, size, size)
 
     def data(self, name: str, n: int, file_bytes: int) -> None:
@@ -76,6 +86,7 @@ class _Budget:
 def _copy_counted(src: IO[bytes], dest: Path, name: str, budget: _Budget) -> None:
     """Copy one entry, counting real bytes so a lying size header cannot exhaust the disk."""
     budget.entry(name, 0)
+    budget.files += 1
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         out = open(dest, "xb")
@@ -100,18 +111,38 @@ def _check_zip(zf: zipfile.ZipFile, limits: ArchiveLimits) -> list[tuple[zipfile
             raise DatasetError(f"archive entry {info.filename!r} is {kind}; only regular files are allowed")
         if info.flag_bits & 0x1:
             raise DatasetError(f"archive entry {info.filename!r} is encrypted; upload an archive without a password")
-        if not info.is_dir():
-            budget.entry(info.filename, info.file_size)
+        budget.entry(info.filename, 0 if info.is_dir() else info.file_size)
         entries.append((info, rel))
     return entries
 
 
+def check_zip_directory(archive: Path, limits: ArchiveLimits) -> None:
+    """Refuse a zip whose end record declares more entries, or a larger central directory, than the
+    limits allow, before zipfile parses that directory (it builds one object per entry)."""
+    with open(archive, "rb") as handle:
+        # zipfile's own reader of the end record (zip64 included); ZipFile() offers no step between
+        # reading it and parsing the whole central directory.
+        end = zipfile._EndRecData(handle)  # noqa: SLF001
+    if end is None:
+        raise DatasetError(f"{archive.name} has no zip end record (truncated or corrupt); re-create the archive")
+    entries, directory_bytes = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]  # noqa: SLF001
+    if entries > limits.max_files:
+        raise DatasetError(f"archive declares {entries} entries (files and folders), more than the limit of "
+                           f"{limits.max_files}; split the dataset or drop images")
+    if directory_bytes > limits.max_files * CENTRAL_DIRECTORY_BYTES_PER_ENTRY:
+        raise DatasetError(f"archive's central directory is {directory_bytes} bytes, more than "
+                           f"{limits.max_files * CENTRAL_DIRECTORY_BYTES_PER_ENTRY}; shorten the entry names "
+                           "and drop comments and extra fields")
+
+
 def _extract_zip(archive: Path, dest: Path, limits: ArchiveLimits) -> int:
+    check_zip_directory(archive, limits)
     with zipfile.ZipFile(archive) as zf:
         entries = _check_zip(zf, limits)
         budget = _Budget(limits)
         for info, rel in entries:
             if info.is_dir():
+                budget.entry(info.filename, 0)
                 (dest / rel).mkdir(parents=True, exist_ok=True)
                 continue
             with zf.open(info) as src:
@@ -120,7 +151,8 @@ def _extract_zip(archive: Path, dest: Path, limits: ArchiveLimits) -> int:
 
 
 def _tar_members(tf: tarfile.TarFile, limits: ArchiveLimits) -> Iterator[tuple[tarfile.TarInfo, PurePosixPath]]:
-    """Members with their safe relative paths; raises on links, devices and limit overruns."""
+    """Members with their safe relative paths, counted as they are read (a tar has no directory to
+    check first); raises on links, devices and limit overruns."""
     budget = _Budget(limits)
     for m in tf:
         rel = _safe_relpath(m.name)
@@ -128,8 +160,7 @@ def _tar_members(tf: tarfile.TarFile, limits: ArchiveLimits) -> Iterator[tuple[t
             raise DatasetError(f"archive entry {m.name!r} is a link; only regular files are allowed")
         if not (m.isfile() or m.isdir()):
             raise DatasetError(f"archive entry {m.name!r} is a special file; only regular files are allowed")
-        if m.isfile():
-            budget.entry(m.name, m.size)
+        budget.entry(m.name, m.size if m.isfile() else 0)
         yield m, rel
 
 
@@ -141,6 +172,7 @@ def _extract_tar(archive: Path, dest: Path, limits: ArchiveLimits) -> int:
     with tarfile.open(archive, "r:*") as tf:
         for m, rel in _tar_members(tf, limits):
             if m.isdir():
+                budget.entry(m.name, 0)
                 (dest / rel).mkdir(parents=True, exist_ok=True)
                 continue
             src = tf.extractfile(m)

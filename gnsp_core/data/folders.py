@@ -11,6 +11,7 @@ the layout root, in one of two forms:
     {"classes": {"n01": "tabby cat"}, "templates": ["a photo of a {}, a type of pet.", "..."]}
 The second adds the task's prompt templates (`{}` = the class name): the first is the training
 prompt, all of them make the zero-shot head the task is scored with. Both keys are optional there.
+Images must be one of IMAGE_FORMATS.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ from gnsp_core.data.samples import DEFAULT_TEMPLATES, ImageSamples, check_templa
 from gnsp_core.errors import DatasetError
 
 CLASSES_FILE = "classes.json"
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+"""The image formats a dataset (and a classify request) may use: the common ones, each read by
+Pillow's own decoders. Others Pillow can open (TIFF with its many codecs, PSD, EPS through
+Ghostscript, ICO, ...) are refused: every extra parser is more code an uploaded file can reach.
+A GIF counts by its first frame."""
 _SPLITS = ("train", "test")
 
 
@@ -181,7 +187,7 @@ def check_image(path: Path, limits: ArchiveLimits, top: Path | None = None) -> N
     if size > limits.max_file_bytes:
         raise DatasetError(f"{name} is {size} bytes, over the {limits.max_file_bytes}-byte limit; shrink it")
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=IMAGE_FORMATS) as img:
             width, height = img.size
             if width * height > limits.max_image_pixels:
                 raise DatasetError(
@@ -193,7 +199,8 @@ def check_image(path: Path, limits: ArchiveLimits, top: Path | None = None) -> N
     except Image.DecompressionBombError:
         raise DatasetError(f"{name} has too many pixels; downscale it") from None
     except Exception as e:  # PIL signals undecodable data with many exception types
-        raise DatasetError(f"{name} is not a readable image ({type(e).__name__}); remove it or re-save it") from None
+        raise DatasetError(f"{name} is not a readable {'/'.join(IMAGE_FORMATS)} image ({type(e).__name__}); "
+                           "remove it or re-save it in one of those formats") from None
 
 
 def _check_counts(splits: dict[str, dict[str, list[Path]]], limits: ArchiveLimits) -> None:

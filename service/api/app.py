@@ -42,8 +42,8 @@ from service.tuning.searches import new_search_id
 from service.api.metrics import MetricsMiddleware
 from service.settings import ServiceSettings
 from service.store import ModelStore
-from service.api.uploads import (archive_filename, check_task_name, parse_config, parse_tune_body, read_body,
-                      read_classify_request, received_dataset_form, validate_dataset)
+from service.api.uploads import (UploadGate, archive_filename, check_task_name, parse_config, parse_tune_body,
+                                 read_body, read_classify_request, received_dataset_form, validate_dataset)
 
 
 class GnspAPI(FastAPI):
@@ -64,7 +64,7 @@ writes = APIRouter(dependencies=[Depends(auth.require_token)])
 app.include_router(writes)
 log = logging.getLogger(__name__)
 INGRESS_MAX_ONGOING = 256
-ERRORS = {status: {"model": api.ErrorResponse} for status in (400, 401, 404, 409, 413, 415, 422)}
+ERRORS = {status: {"model": api.ErrorResponse} for status in (400, 401, 404, 408, 409, 413, 415, 422, 429)}
 
 
 @app.exception_handler(GnspError)
@@ -137,6 +137,8 @@ class Ingress:
         hide_dirs(settings.store, settings.work_dir)
         self.store = ModelStore.open(settings.store)
         self._known_versions: set[int] = set()
+        self.uploads = UploadGate(settings.max_concurrent_uploads, settings.upload_slot_wait_s)
+        api.state_classify_limits(settings)
 
     def _resolve_version(self, pinned: int | None) -> int:
         """A concrete version for this request: the pinned one (checked) or the active one now."""
@@ -170,7 +172,7 @@ class Ingress:
                openapi_extra={"requestBody": api.TASK_UPLOAD_BODY})
     async def add_task(self, request: Request) -> api.TaskAccepted:
         """Upload a dataset (streamed, size-limited, validated) and queue a job that learns it."""
-        async with received_dataset_form(request, self.settings) as form:
+        async with received_dataset_form(request, self.settings, self.uploads) as form:
             name = check_task_name(form.fields.get("name"))
             if form.file is None:
                 raise BadRequestError("the form has no 'dataset' file; attach a .zip or .tar.gz of class folders")
@@ -179,8 +181,8 @@ class Ingress:
             method = check_method(chosen) if chosen else config.pop("method", None) or self.settings.default_method
             config.pop("method", None)
             await call(self.jobs.check_config.remote(method, config, name))
-            summary = await run_in_threadpool(validate_dataset, form.file, self.settings.archive_limits(),
-                                              self.settings.work_dir)
+            summary = await self.uploads.run(validate_dataset, form.file, self.settings.archive_limits(),
+                                             self.settings.work_dir)
             return await self._queue(name, method, config, form.file, summary)
 
     async def _queue(self, name: str, method: str, config: dict, archive: Path, summary: dict) -> api.TaskAccepted:
@@ -215,14 +217,14 @@ class Ingress:
         multipart with a `request` JSON field and a `dataset` archive to tune for)."""
         kind = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
         if kind != "multipart/form-data":
-            body = parse_tune_body(await read_body(request, 1 << 20))
+            body = parse_tune_body(await read_body(request, 1 << 20, self.settings.body_idle_timeout_s))
             return api.TuneView(**await call(self.jobs.submit_search.remote(body, None)))
-        async with received_dataset_form(request, self.settings) as form:
+        async with received_dataset_form(request, self.settings, self.uploads) as form:
             body = parse_tune_body(form.fields.get("request"))
             upload = None
             if form.file is not None:
-                await run_in_threadpool(validate_dataset, form.file, self.settings.archive_limits(),
-                                        self.settings.work_dir)
+                await self.uploads.run(validate_dataset, form.file, self.settings.archive_limits(),
+                                       self.settings.work_dir)
                 upload = await run_in_threadpool(self.store.put_upload, new_search_id(), form.file,
                                                  archive_filename(form.file))
             return api.TuneView(**await call(self.jobs.submit_search.remote(body, upload)))
@@ -247,14 +249,14 @@ class Ingress:
     # --- classification --------------------------------------------------------------------------
 
     @app.post("/v1/classify", response_model=api.ClassifyResponse, responses=ERRORS,
-              openapi_extra={"requestBody": api.CLASSIFY_BODY})
+              openapi_extra=api.CLASSIFY_EXTRA)
     async def classify(self, request: Request, response: Response) -> api.ClassifyResponse:
         """Zero-shot scores of each image over the given labels, from the active or a pinned version."""
         start = time.perf_counter()
         images, labels, pinned = await read_classify_request(request, self.settings)
         version = await run_in_threadpool(self._resolve_version, pinned)
         handle = self.classifier.options(multiplexed_model_id=str(version))
-        answer = await call(handle.classify.remote({"images": images, "labels": labels}))
+        answer = await call(handle.classify.remote({"images": images, "labels": labels, "pinned": pinned is not None}))
         response.headers["Server-Timing"] = server_timing(answer.pop("timing"), 1000 * (time.perf_counter() - start))
         return api.ClassifyResponse(**answer)
 

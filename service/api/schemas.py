@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -10,8 +11,7 @@ from gnsp_core.methods.registry import METHODS
 
 from service.api.task_config import TaskConfig
 from service.jobs.states import JobStatus
-
-MAX_LABEL_CHARS = 200
+from service.settings import ServiceSettings
 
 
 class ErrorDetail(BaseModel):
@@ -191,22 +191,66 @@ TASK_UPLOAD_BODY = {
     }, "encoding": {"config": {"contentType": "application/json"}}}},
 }
 
-CLASSIFY_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {"schema": ClassifyRequest.model_json_schema()},
-        "multipart/form-data": {"schema": {
-            "type": "object",
-            "required": ["images", "labels"],
-            "properties": {
-                "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                "labels": {"type": "array", "items": {"type": "string"},
-                           "description": "Repeat the field once per label (or send one JSON list)."},
-                "model_version": {"type": "integer"},
-            },
-        }},
-    },
-}
+def classify_body(settings: ServiceSettings) -> dict[str, Any]:
+    """The classify request body as OpenAPI states it, with the limits `settings` enforce."""
+    pixels = (f"Each image at most {settings.max_classify_pixels} pixels (width x height, "
+              "max_classify_pixels), PNG, JPEG, WebP, BMP or GIF (first frame).")
+    images = {"minItems": 1, "maxItems": settings.max_classify_images,
+              "description": f"1 to {settings.max_classify_images} images (max_classify_images). {pixels}"}
+    label = {"type": "string", "minLength": 1, "maxLength": settings.max_label_chars,
+             "description": f"1 to {settings.max_label_chars} printable characters (max_label_chars)."}
+    labels = {"type": "array", "items": label, "minItems": 1, "maxItems": settings.max_labels, "uniqueItems": True,
+              "description": f"1 to {settings.max_labels} distinct candidate class names (max_labels); "
+                             "scores are over these labels."}
+    json_schema = ClassifyRequest.model_json_schema()
+    json_schema["properties"]["images"].update(images)
+    json_schema["properties"]["labels"].update(labels)
+    json_schema["description"] = f"At most {settings.max_classify_bytes} bytes in all (max_classify_bytes)."
+    return {
+        "required": True,
+        "content": {
+            "application/json": {"schema": json_schema},
+            "multipart/form-data": {"schema": {
+                "type": "object",
+                "required": ["images", "labels"],
+                "description": json_schema["description"],
+                "properties": {
+                    "images": {"type": "array", "items": {"type": "string", "format": "binary"}, **images},
+                    "labels": {**labels, "description": labels["description"] +
+                               " Repeat the field once per label (or send one JSON list)."},
+                    "model_version": {"type": "integer"},
+                },
+            }},
+        },
+    }
+
+
+class ClassifyExtra(Mapping):
+    """The classify operation's OpenAPI extras, made when the document is built, from the settings
+    the running service stated (`state_classify_limits`; the defaults until then). A mapping rather
+    than a dict because Serve's ingress serves a frozen copy of the app, made before any settings
+    exist: this object's class, and the module state it reads, are the replica's own."""
+
+    def __getitem__(self, key: str) -> Any:
+        if key != "requestBody":
+            raise KeyError(key)
+        return classify_body(_stated[0])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("requestBody",))
+
+    def __len__(self) -> int:
+        return 1
+
+
+_stated = [ServiceSettings()]
+CLASSIFY_EXTRA = ClassifyExtra()
+
+
+def state_classify_limits(settings: ServiceSettings) -> None:
+    """Make the OpenAPI document of this process state `settings`' classify limits."""
+    _stated[0] = settings
+
 
 TUNE_BODY = {
     "required": True,

@@ -2,22 +2,28 @@
 
 A dataset upload is parsed as it arrives (python-multipart's streaming parser), the archive part
 written straight to a local scratch file and counted, so an oversized upload is refused (413) as
-soon as it crosses the limit, never buffered whole in memory. The archive is then checked with
-gnsp_core's own safe_extract and validate_image_folder before anything reaches the store.
+soon as it crosses the limit, never buffered whole in memory; the whole body, the number of parts
+and each part's headers are bounded too, and a body that pauses too long is refused (408). The
+archive is then checked with gnsp_core's own safe_extract and validate_image_folder before
+anything reaches the store, on the UploadGate's few threads: a bounded number of uploads at once,
+none of it on the event loop that answers classify requests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import binascii
 import io
 import json
 import tempfile
+import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -29,16 +35,22 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from gnsp_core.data.archives import ArchiveLimits, safe_extract
-from gnsp_core.data.folders import validate_image_folder
+from gnsp_core.data.folders import IMAGE_FORMATS, validate_image_folder
 
-from service.errors import BadRequestError, InvalidImageError, UnsupportedMediaError, UploadTooLargeError
-from service.api.schemas import MAX_LABEL_CHARS, ClassifyRequest
+from service.errors import (BadRequestError, BusyError, InvalidImageError, RequestTimeoutError,
+                            UnsupportedMediaError, UploadTooLargeError)
+from service.api.schemas import ClassifyRequest
 from service.api.task_config import as_validation_error, parse_task_config
 from service.settings import ServiceSettings
 
 MAX_FIELD_BYTES = 64 * 1024
+"""Bytes of one text field of a dataset upload form (name, method, config, request)."""
 MAX_PARTS = 16
-IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
+"""Parts of a dataset upload form."""
+MAX_PART_HEADERS = 8
+MAX_PART_HEADER_BYTES = 4096
+"""Each part of a dataset upload form may have MAX_PART_HEADERS headers of this many bytes each."""
+T = TypeVar("T")
 
 
 @dataclass
@@ -118,34 +130,98 @@ class _FormReceiver:
             self._out.close()
 
 
+def form_body_limit(max_file_bytes: int) -> int:
+    """Bytes a whole upload body may have: the file, plus every part's bounded text and headers."""
+    return max_file_bytes + (MAX_FIELD_BYTES + MAX_PART_HEADERS * MAX_PART_HEADER_BYTES) * MAX_PARTS
+
+
+async def paced(body: AsyncIterator[bytes], idle_timeout_s: float, total_timeout_s: float | None = None,
+                ) -> AsyncIterator[bytes]:
+    """The body's chunks, refused (408) when one takes longer than `idle_timeout_s` to come or the
+    whole body longer than `total_timeout_s`: a client that trickles bytes cannot hold a request open."""
+    deadline = None if total_timeout_s is None else time.monotonic() + total_timeout_s
+    chunks = body.__aiter__()
+    while True:
+        wait = idle_timeout_s if deadline is None else min(idle_timeout_s, deadline - time.monotonic())
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), max(wait, 0.0))
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(f"the request body arrived too slowly (over {idle_timeout_s:g} s without "
+                                      "data, or too long in all); send it at once") from None
+        yield chunk
+
+
 async def receive_form(content_type: str | None, content_length: str | None, body: AsyncIterator[bytes],
                        file_field: str, target: Path, max_bytes: int) -> ReceivedForm:
-    """Stream a multipart body: its `file_field` part to `target`, at most `max_bytes` in all."""
+    """Stream a multipart body: its `file_field` part to `target` (at most `max_bytes`), the whole
+    body at most `form_body_limit(max_bytes)`."""
     kind, options = parse_options_header(content_type or "")
     if kind != b"multipart/form-data" or not options.get(b"boundary"):
         raise UnsupportedMediaError("send the task as multipart/form-data (fields name, dataset, method, config)")
-    if content_length and content_length.isdigit() and int(content_length) > max_bytes + MAX_FIELD_BYTES * MAX_PARTS:
+    limit = form_body_limit(max_bytes)
+    if content_length and content_length.isdigit() and int(content_length) > limit:
         raise UploadTooLargeError(f"the upload ({content_length} bytes) is larger than the {max_bytes}-byte limit")
     receiver = _FormReceiver(file_field, target, max_bytes)
-    parser = MultipartParser(options[b"boundary"], receiver.callbacks())
+    parser = MultipartParser(options[b"boundary"], receiver.callbacks(), max_header_count=MAX_PART_HEADERS,
+                             max_header_size=MAX_PART_HEADER_BYTES)
+    received = 0
     try:
         async for chunk in body:
+            received += len(chunk)
+            if received > limit:
+                raise UploadTooLargeError(f"the upload body is larger than {limit} bytes (the archive's limit is "
+                                          f"{max_bytes} bytes, the form's other parts are small)")
             parser.write(chunk)
         parser.finalize()
     except MultipartParseError as exc:
-        raise BadRequestError(f"the multipart body is malformed: {exc}") from None
+        hint = (f" (each part may have {MAX_PART_HEADERS} headers of at most {MAX_PART_HEADER_BYTES} bytes)"
+                if "header" in str(exc).lower() else "")
+        raise BadRequestError(f"the multipart body is malformed: {exc}{hint}") from None
     finally:
         receiver.close()
     return receiver.form
 
 
+class UploadGate:
+    """At most `slots` dataset uploads received and checked at once, their checks on a pool of that
+    many threads: uploads never run on the event loop, and never more of them than the pool allows.
+    An upload that finds no slot within `wait_s` is refused (429)."""
+
+    def __init__(self, slots: int, wait_s: float) -> None:
+        self.slots, self.wait_s = slots, wait_s
+        self._free = asyncio.Semaphore(slots)
+        self._pool = ThreadPoolExecutor(slots, thread_name_prefix="upload-check")
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        try:
+            await asyncio.wait_for(self._free.acquire(), self.wait_s)
+        except asyncio.TimeoutError:
+            raise BusyError(f"{self.slots} dataset uploads are already being received or checked; "
+                            "retry in a few seconds") from None
+        try:
+            yield
+        finally:
+            self._free.release()
+
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
+        """`function(*args)` on the gate's threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
+
+
 @contextlib.asynccontextmanager
-async def received_dataset_form(request: Request, settings: ServiceSettings) -> AsyncIterator[ReceivedForm]:
+async def received_dataset_form(request: Request, settings: ServiceSettings,
+                                gate: UploadGate) -> AsyncIterator[ReceivedForm]:
     """The request's multipart form, its `dataset` part streamed into a scratch folder under
-    `work_dir` that is removed when the block ends (whatever the job does with the file, it copies it)."""
-    with tempfile.TemporaryDirectory(prefix="gnsp-upload-", dir=settings.work_dir) as scratch:
-        yield await receive_form(request.headers.get("content-type"), request.headers.get("content-length"),
-                                 request.stream(), "dataset", Path(scratch) / "upload", settings.max_upload_bytes)
+    `work_dir` that is removed when the block ends (whatever the job does with the file, it copies
+    it); the block holds one of the gate's slots."""
+    async with gate.slot():
+        with tempfile.TemporaryDirectory(prefix="gnsp-upload-", dir=settings.work_dir) as scratch:
+            yield await receive_form(request.headers.get("content-type"), request.headers.get("content-length"),
+                                     paced(request.stream(), settings.body_idle_timeout_s), "dataset",
+                                     Path(scratch) / "upload", settings.max_upload_bytes)
 
 
 def archive_filename(archive: Path) -> str:
@@ -193,15 +269,17 @@ def check_task_name(name: str | None) -> str:
     return name
 
 
-def check_labels(labels: list[str], max_labels: int) -> list[str]:
-    labels = [label.strip() if isinstance(label, str) else label for label in labels]
+def check_labels(labels: list[str], max_labels: int, max_chars: int) -> list[str]:
     if not labels:
         raise BadRequestError("labels is empty; send at least one candidate label")
     if len(labels) > max_labels:
-        raise BadRequestError(f"too many labels ({len(labels)}); the limit is {max_labels}")
+        raise BadRequestError(f"too many labels ({len(labels)}); the limit is {max_labels} (max_labels): "
+                              "split the labels over several requests")
+    labels = [label.strip() if isinstance(label, str) else label for label in labels]
     for label in labels:
-        if not isinstance(label, str) or not label or len(label) > MAX_LABEL_CHARS or not label.isprintable():
-            raise BadRequestError(f"every label must be 1 to {MAX_LABEL_CHARS} printable characters, got {label!r:.60}")
+        if not isinstance(label, str) or not label or len(label) > max_chars or not label.isprintable():
+            raise BadRequestError(f"every label must be 1 to {max_chars} printable characters (max_label_chars), "
+                                  f"got {label!r:.60}")
     if len(set(labels)) != len(labels):
         raise BadRequestError("labels must be unique (scores are keyed by label)")
     return labels
@@ -219,30 +297,37 @@ def decode_base64_image(text: str, index: int) -> bytes:
 
 
 def check_image(raw: bytes, index: int, max_pixels: int) -> None:
-    """Refuse what the classifier should never try to decode: non-images, odd formats, huge images."""
+    """Refuse what the classifier should never try to decode: non-images, formats off the allow-list,
+    images whose header declares more than `max_pixels` (read before any pixel is decoded)."""
     if not raw:
         raise InvalidImageError(f"images[{index}] is empty")
+    formats = "/".join(IMAGE_FORMATS)
     try:
-        with Image.open(io.BytesIO(raw)) as image:
-            if image.format not in IMAGE_FORMATS:
-                raise InvalidImageError(f"images[{index}] is {image.format}; send PNG or JPEG")
+        with Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS) as image:
             width, height = image.size
             if width * height > max_pixels:
-                raise InvalidImageError(f"images[{index}] is {width}x{height}, over the {max_pixels}-pixel limit")
+                raise InvalidImageError(f"images[{index}] is {width}x{height}, over the {max_pixels}-pixel limit "
+                                        "(max_classify_pixels); downscale it before sending")
             image.verify()
     except InvalidImageError:
         raise
+    except Image.DecompressionBombError:
+        raise InvalidImageError(f"images[{index}] declares more pixels than the {max_pixels}-pixel limit "
+                                "(max_classify_pixels); downscale it before sending") from None
     except Exception:  # PIL reports undecodable data with many exception types
-        raise InvalidImageError(f"images[{index}] is not a readable PNG/JPEG image") from None
+        raise InvalidImageError(f"images[{index}] is not a readable {formats} image; send one of those formats") \
+            from None
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused (413) as soon as it passes `limit`; later readers see it via the request."""
+async def read_body(request: Request, limit: int, idle_timeout_s: float = 5.0,
+                    total_timeout_s: float | None = None) -> bytes:
+    """The whole body, refused (413) as soon as it passes `limit` and (408) when it comes too slowly
+    (see `paced`); later readers see it via the request."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise UploadTooLargeError(f"the request body ({declared} bytes) is larger than the {limit}-byte limit")
     body = bytearray()
-    async for chunk in request.stream():
+    async for chunk in paced(request.stream(), idle_timeout_s, total_timeout_s):
         body += chunk
         if len(body) > limit:
             raise UploadTooLargeError(f"the request body is larger than the {limit}-byte limit")
@@ -255,7 +340,8 @@ ClassifyInput = tuple[list[bytes], list[str], int | None]
 
 async def read_classify_request(request: Request, settings: ServiceSettings) -> ClassifyInput:
     """Images (raw bytes, checked), labels (checked) and the pinned version of a classify request."""
-    body = await read_body(request, settings.max_classify_bytes)
+    body = await read_body(request, settings.max_classify_bytes, settings.body_idle_timeout_s,
+                           settings.classify_body_timeout_s)
     kind, _ = parse_options_header(request.headers.get("content-type", ""))
     if kind == b"application/json" or kind.endswith(b"+json"):
         try:
@@ -269,9 +355,11 @@ async def read_classify_request(request: Request, settings: ServiceSettings) -> 
     else:
         raise UnsupportedMediaError("send application/json or multipart/form-data")
     if not images or len(images) > settings.max_classify_images:
-        raise BadRequestError(f"send 1 to {settings.max_classify_images} images, got {len(images)}")
-    labels = check_labels(labels, settings.max_labels)
-    await run_in_threadpool(lambda: [check_image(raw, i, settings.max_image_pixels) for i, raw in enumerate(images)])
+        raise BadRequestError(f"send 1 to {settings.max_classify_images} images (max_classify_images), "
+                              f"got {len(images)}; split them over several requests")
+    labels = check_labels(labels, settings.max_labels, settings.max_label_chars)
+    await run_in_threadpool(lambda: [check_image(raw, i, settings.max_classify_pixels)
+                                     for i, raw in enumerate(images)])
     return images, labels, pinned
 
 

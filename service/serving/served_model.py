@@ -1,4 +1,9 @@
-"""One stored version loaded in a classifier replica: decode images, answer a batch, smoke-test a version."""
+"""One stored version loaded in a classifier replica: decode images, answer a batch, smoke-test a version.
+
+An image is decoded only after its header says it is within the pixel limit, and a JPEG is decoded
+at the smallest DCT scale that still covers the model's input (Pillow's draft mode): a 6000x6000
+photo costs a 750x750 decode, not 36 million pixels, for a model that looks at 224x224.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from gnsp_core.data import to_rgb
+from gnsp_core.data.folders import IMAGE_FORMATS
 from gnsp_core.models import LoadedModel
 from gnsp_core.models.loading import resolve_device
 from gnsp_core.state import ContinualState
@@ -39,7 +45,9 @@ class ServedModel:
         """Answer several requests with one image-tower pass; each request has its own labels.
 
         A request brings its images as `pixels` (already decoded by `pixels`: the classifier does
-        that per request, so one bad image fails only its own request) or as encoded `images`."""
+        that per request, so one bad image fails only its own request) or as encoded `images`, and
+        may bring its zero-shot `head` (the classifier builds it before the batch, so a new label
+        set never holds up the requests batched with it)."""
         tensors = [r["pixels"] if "pixels" in r else self.pixels(r["images"], pool) for r in requests]
         features = F.normalize(self.loaded.model.encode_image(torch.cat(tensors).to(model_device(self.loaded.model)))
                                .float(), dim=-1)
@@ -47,11 +55,15 @@ class ServedModel:
         for request, pixels in zip(requests, tensors):
             labels = request["labels"]
             count = len(pixels)
-            head = heads.get(self.loaded.model, self.loaded.tokenizer, labels, TEMPLATES, key=self.version)
+            head = request["head"] if "head" in request else self.head(labels, heads)
             probs = (LOGIT_SCALE * features[start:start + count] @ head.T).softmax(dim=-1)
             start += count
             answers.append({"model_version": self.version, "results": [_result(labels, row) for row in probs.tolist()]})
         return answers
+
+    def head(self, labels: list[str], heads: TextHeadCache) -> torch.Tensor:
+        """The zero-shot head of this version over `labels` (cached per version and label set)."""
+        return heads.get(self.loaded.model, self.loaded.tokenizer, labels, TEMPLATES, key=self.version)
 
     def pixels(self, raws: list[bytes], pool: Executor | None = None) -> torch.Tensor:
         """Decode and preprocess one request's images; InvalidImageError names what failed. With a
@@ -59,8 +71,8 @@ class ServedModel:
         tensors = pool.map(self.pixel, raws) if pool is not None and len(raws) > 1 else map(self.pixel, raws)
         return torch.stack(list(tensors))
 
-    def pixel(self, raw: bytes) -> torch.Tensor:
-        return self.loaded.preprocess_val(decode_image(raw))
+    def pixel(self, raw: bytes, max_pixels: int | None = None) -> torch.Tensor:
+        return self.loaded.preprocess_val(decode_image(raw, self.loaded.image_size, max_pixels))
 
     def check(self, heads: TextHeadCache) -> dict[str, Any]:
         """A smoke test before a version is served: one image, two labels, finite probabilities."""
@@ -78,13 +90,27 @@ def _result(labels: list[str], probs: list[float]) -> dict[str, Any]:
     return {"label": labels[best], "scores": {label: round(p, 6) for label, p in zip(labels, probs)}}
 
 
-def decode_image(raw: bytes) -> Image.Image:
+def decode_image(raw: bytes, size: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """An RGB image from encoded bytes of an allowed format, refused before decoding when its header
+    declares more than `max_pixels`; a JPEG is decoded at a reduced scale no smaller than `size`."""
     try:
-        with Image.open(io.BytesIO(raw)) as image:
+        with Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise InvalidImageError(f"an image is {width}x{height}, over the {max_pixels}-pixel limit; "
+                                        "downscale it before sending")
+            if size and image.format == "JPEG":
+                image.draft("RGB", (size, size))
             image.load()
             return to_rgb(image)
+    except InvalidImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise InvalidImageError(f"an image declares more pixels than the {max_pixels}-pixel limit; "
+                                "downscale it before sending") from None
     except Exception as exc:  # PIL signals undecodable data with many exception types
-        raise InvalidImageError(f"an image could not be decoded ({type(exc).__name__})") from None
+        raise InvalidImageError(f"an image could not be decoded ({type(exc).__name__}); "
+                                f"send a complete {'/'.join(IMAGE_FORMATS)} image") from None
 
 
 def load_served_model(store: ModelStore, version: int, cache_dir: Path, device: str = "auto") -> ServedModel:
