@@ -105,6 +105,7 @@ def test_cancel_a_search_and_bad_requests(service):
         assert response.status_code == status and words in response.json()["error"]["message"], (body, response.text)
     garbage = client.post("/v1/tune", content=b"{not json", headers={"content-type": "application/json"})
     assert garbage.status_code == 400 and "not valid JSON" in garbage.json()["error"]["message"]
-    assert client.get("/v1/tune/tune-nope").status_code == 404
+    assert client.get("/v1/tune/tune-20250101-120000-abcdef").status_code == 404
+    assert client.get("/v1/tune/tune-nope").status_code == 422  # not a search id
     assert client.delete("/v1/tune/../../etc").status_code == 404
     assert [s["job_id"] for s in client.get("/v1/tune").json()["searches"]][-1] == job_id

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from gnsp_core.data.builtin import BUILTIN_TASKS
+from gnsp_core.methods.registry import METHODS
 
 from service.jobs.states import JobStatus
 
@@ -103,20 +106,33 @@ class Health(BaseModel):
     active_version: int | None = None
 
 
+def _range(low: dict[str, float], high: dict[str, float] | None = None, description: str | None = None) -> Any:
+    """A search range `[low, high]` (low < high) whose two ends obey the bounds the search checks."""
+    bounds = {"type": "number", **low, **(high or {})}
+    return Field(None, description=description, json_schema_extra={"prefixItems": [bounds, bounds]})
+
+
 class SearchRanges(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    threshold: tuple[float, float] | None = Field(None, description="Energy-tail ρ range (log scale).")
-    cd_weight: tuple[float, float] | None = None
-    map_weight: tuple[float, float] | None = None
-    lr: tuple[float, float] | None = Field(None, description="Learning-rate range (log scale).")
+    threshold: tuple[float, float] | None = _range(
+        {"exclusiveMinimum": 0}, description="Energy-tail ρ range, low < high (log scale); below 1 with the energy rule.")
+    cd_weight: tuple[float, float] | None = _range({"minimum": 0}, description="low < high")
+    map_weight: tuple[float, float] | None = _range({"minimum": 0}, description="low < high")
+    lr: tuple[float, float] | None = _range({"exclusiveMinimum": 0}, description="Learning-rate range, low < high (log scale).")
+
+
+BUILTIN_TASK_NAMES = sorted(BUILTIN_TASKS)
+Version = Annotated[int, Field(ge=1)]
 
 
 class TuneBody(BaseModel):
     """`POST /v1/tune`: what to search. The service picks the model, the hardware and where results go."""
 
     model_config = ConfigDict(extra="forbid")
-    tasks: list[str] = Field(default_factory=list, description=(
-        "Built-in task names, learned in order; an uploaded dataset (multipart) is learned after them."))
+    tasks: list[str] = Field(default_factory=list, json_schema_extra={"items": {"enum": BUILTIN_TASK_NAMES}},
+                             description=("Built-in task names, learned in order; an uploaded dataset (multipart) is "
+                                          "learned after them. A search needs at least one task: name one here or "
+                                          "upload a dataset."))
     trials: int = Field(12, ge=1, le=500)
     config: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields not searched (steps, ...).")
     space: SearchRanges | None = None
@@ -125,7 +141,7 @@ class TuneBody(BaseModel):
     max_train_per_class: int | None = Field(None, ge=1)
     val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each task's train split used to validate.")
     seed: int = 0
-    base_version: int | Literal["active"] | None = Field(
+    base_version: Version | Literal["active"] | None = Field(
         "active", description="Trials start from this stored version; null: from the bare model.")
     apply_best: bool = Field(False, description="When it succeeds, its best config becomes the default for new tasks.")
 
@@ -155,26 +171,53 @@ class TuneList(BaseModel):
     defaults: TuneDefaults | None = None
 
 
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema with its `$defs` written in place: a request body embedded in the
+    OpenAPI document cannot point at `#/$defs/...` (that would be the document's root)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[1]])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
+
+
 # OpenAPI request bodies of the routes that parse their own body (streamed uploads, two content types).
+ARCHIVE_MEDIA_TYPES = "application/zip, application/x-tar, application/gzip"
+"""What a dataset part may be (the server reads its bytes: zip, tar or tar.gz, whatever the part says)."""
+DATASET_PART = {"type": "string", "format": "binary",
+                "description": "zip, tar or tar.gz of an ImageFolder tree (class folders of images, optional "
+                               "train/ and test/ splits)."}
+
 TASK_UPLOAD_BODY = {
     "required": True,
-    "content": {"multipart/form-data": {"schema": {
-        "type": "object",
-        "required": ["name", "dataset"],
-        "properties": {
-            "name": {"type": "string", "minLength": 1, "maxLength": 100, "description": "Task name."},
-            "dataset": {"type": "string", "format": "binary",
-                        "description": "zip or tar(.gz) of an ImageFolder tree (class folders of images)."},
-            "method": {"type": "string", "description": "finetune | lwf | zscl | wise-ft | mgclip | gnsp"},
-            "config": {"type": "string", "description": "JSON object of TrainConfig fields, e.g. {\"steps\": 100}."},
+    "content": {"multipart/form-data": {
+        "schema": {
+            "type": "object",
+            "required": ["name", "dataset"],
+            "properties": {
+                "name": {"type": "string", "minLength": 1, "maxLength": 100, "description": "Task name."},
+                "dataset": DATASET_PART,
+                "method": {"type": "string", "enum": sorted(METHODS),
+                           "description": "The continual-learning method (default: the service's)."},
+                "config": {"type": "string", "description": "JSON object of TrainConfig fields, e.g. {\"steps\": 100}."},
+            },
         },
-    }}},
+        "encoding": {"dataset": {"contentType": ARCHIVE_MEDIA_TYPES}},
+    }},
 }
 
 CLASSIFY_BODY = {
     "required": True,
     "content": {
-        "application/json": {"schema": ClassifyRequest.model_json_schema()},
+        "application/json": {"schema": inline_schema(ClassifyRequest)},
         "multipart/form-data": {"schema": {
             "type": "object",
             "required": ["images", "labels"],
@@ -188,17 +231,54 @@ CLASSIFY_BODY = {
     },
 }
 
+
+def _tune_json_schema() -> dict[str, Any]:
+    """TuneBody for a JSON request: with no dataset to upload, `tasks` must name at least one task."""
+    schema = inline_schema(TuneBody)
+    schema["required"] = ["tasks"]
+    schema["properties"]["tasks"]["minItems"] = 1
+    return schema
+
+
 TUNE_BODY = {
     "required": True,
     "content": {
-        "application/json": {"schema": TuneBody.model_json_schema()},
-        "multipart/form-data": {"schema": {
-            "type": "object",
-            "properties": {
-                "request": {"type": "string", "description": "The JSON request (as for application/json)."},
-                "dataset": {"type": "string", "format": "binary",
-                            "description": "zip or tar(.gz) of an ImageFolder tree: the task to tune for."},
+        "application/json": {"schema": _tune_json_schema()},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["dataset"],
+                "properties": {
+                    "request": {**inline_schema(TuneBody),
+                                "description": "The search (as for application/json; `tasks` may be empty: the "
+                                               "dataset is a task)."},
+                    "dataset": {**DATASET_PART, "description": "The task to tune for: " + DATASET_PART["description"]},
+                },
             },
-        }},
+            "encoding": {"request": {"contentType": "application/json"},
+                         "dataset": {"contentType": ARCHIVE_MEDIA_TYPES}},
+        },
     },
+}
+
+# OpenAPI links: what a client (or a stateful fuzzer) does next with an answer's ids.
+TASK_LINKS = {
+    "GetTask": {"operationId": "getTask", "parameters": {"task_id": "$response.body#/task_id"},
+                "description": "Follow the job: status, progress, the version it produced."},
+    "CancelTask": {"operationId": "cancelTask", "parameters": {"task_id": "$response.body#/task_id"},
+                   "description": "Cancel the job."},
+    "Classify": {"operationId": "classify", "description": "Classify with the active version."},
+}
+TASK_VIEW_LINKS = {
+    "ClassifyWithVersion": {"operationId": "classify", "requestBody": {"model_version": "$response.body#/model_version"},
+                            "description": "Classify with the version this job produced (null: the active one)."},
+    "CancelTask": TASK_LINKS["CancelTask"],
+}
+SEARCH_LINKS = {
+    "GetSearch": {"operationId": "getSearch", "parameters": {"job_id": "$response.body#/job_id"},
+                  "description": "Follow the search: status, progress, trials table, best trial."},
+    "CancelSearch": {"operationId": "cancelSearch", "parameters": {"job_id": "$response.body#/job_id"},
+                     "description": "Cancel the search."},
+    "ApplySearch": {"operationId": "applySearch", "parameters": {"job_id": "$response.body#/job_id"},
+                    "description": "Make its best config the default for new tasks (once it has one)."},
 }

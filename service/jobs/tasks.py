@@ -68,6 +68,10 @@ class Runner(Protocol):
                  report: Callable[[float, str], None]) -> AttemptOutcome: ...
 
 
+TASK_ID_PATTERN = r"^task-[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$"
+"""Every id `new_task_id` makes matches this (the API states it for its `{task_id}` paths)."""
+
+
 def new_task_id() -> str:
     """Readable and sortable: task-20250101-120000-1a2b3c."""
     return f"task-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"

@@ -63,6 +63,10 @@ def _run_search(request: dict[str, Any], resume: bool) -> dict[str, Any] | None:
     return outcome.best_config.to_dict() if outcome.best_config is not None else None
 
 
+SEARCH_ID_PATTERN = r"^tune-[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$"
+"""Every id `new_search_id` makes matches this (the API states it for its `{job_id}` paths)."""
+
+
 def new_search_id() -> str:
     return f"tune-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
