@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from gnsp_core.data.builtin import BUILTIN_TASKS
 from gnsp_core.methods.registry import METHODS
@@ -12,6 +12,8 @@ from gnsp_core.methods.registry import METHODS
 from service.jobs.states import JobStatus
 
 MAX_LABEL_CHARS = 200
+TASK_NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+"""A task name: 1 to 100 characters, not all blank, no control characters (kept without its outer blanks)."""
 
 
 class ErrorDetail(BaseModel):
@@ -106,42 +108,49 @@ class Health(BaseModel):
     active_version: int | None = None
 
 
-def _range(low: dict[str, float], high: dict[str, float] | None = None, description: str | None = None) -> Any:
+def _integral(value: Any) -> Any:
+    """JSON has one number type: 12.0 is the integer 12 (as JSON Schema says), 12.5 is not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _range(bounds: dict[str, float], description: str) -> Any:
     """A search range `[low, high]` (low < high) whose two ends obey the bounds the search checks."""
-    bounds = {"type": "number", **low, **(high or {})}
-    return Field(None, description=description, json_schema_extra={"prefixItems": [bounds, bounds]})
+    end = {"type": "number", **bounds}
+    return Field(None, min_length=2, max_length=2, description=description,
+                 json_schema_extra={"items": end, "prefixItems": [end, end]})
 
 
 class SearchRanges(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    threshold: tuple[float, float] | None = _range(
-        {"exclusiveMinimum": 0}, description="Energy-tail ρ range, low < high (log scale); below 1 with the energy rule.")
-    cd_weight: tuple[float, float] | None = _range({"minimum": 0}, description="low < high")
-    map_weight: tuple[float, float] | None = _range({"minimum": 0}, description="low < high")
-    lr: tuple[float, float] | None = _range({"exclusiveMinimum": 0}, description="Learning-rate range, low < high (log scale).")
+    model_config = ConfigDict(extra="forbid", strict=True)
+    threshold: list[float] | None = _range(
+        {"exclusiveMinimum": 0}, "Energy-tail ρ range, low < high (log scale); below 1 with the energy rule.")
+    cd_weight: list[float] | None = _range({"minimum": 0}, "CD weight range, low < high.")
+    map_weight: list[float] | None = _range({"minimum": 0}, "MAP weight range, low < high.")
+    lr: list[float] | None = _range({"exclusiveMinimum": 0}, "Learning-rate range, low < high (log scale).")
 
 
 BUILTIN_TASK_NAMES = sorted(BUILTIN_TASKS)
-Version = Annotated[int, Field(ge=1)]
 
 
 class TuneBody(BaseModel):
-    """`POST /v1/tune`: what to search. The service picks the model, the hardware and where results go."""
+    """`POST /v1/tune`: what to search. The service picks the model, the hardware and where results go.
 
-    model_config = ConfigDict(extra="forbid")
+    Strict: a value of another JSON type than the schema's is refused, never coerced (0 is no boolean)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
     tasks: list[str] = Field(default_factory=list, json_schema_extra={"items": {"enum": BUILTIN_TASK_NAMES}},
                              description=("Built-in task names, learned in order; an uploaded dataset (multipart) is "
                                           "learned after them. A search needs at least one task: name one here or "
                                           "upload a dataset."))
-    trials: int = Field(12, ge=1, le=500)
+    trials: Annotated[int, Field(ge=1, le=500), BeforeValidator(_integral)] = 12
     config: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields not searched (steps, ...).")
     space: SearchRanges | None = None
     searcher: Literal["optuna", "random"] = "optuna"
-    max_concurrent: int | None = Field(None, ge=1)
-    max_train_per_class: int | None = Field(None, ge=1)
+    max_concurrent: Annotated[int, Field(ge=1), BeforeValidator(_integral)] | None = None
+    max_train_per_class: Annotated[int, Field(ge=1), BeforeValidator(_integral)] | None = None
     val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each task's train split used to validate.")
-    seed: int = 0
-    base_version: Version | Literal["active"] | None = Field(
+    seed: Annotated[int, BeforeValidator(_integral)] = 0
+    base_version: Annotated[int, Field(ge=1), BeforeValidator(_integral)] | Literal["active"] | None = Field(
         "active", description="Trials start from this stored version; null: from the bare model.")
     apply_best: bool = Field(False, description="When it succeeds, its best config becomes the default for new tasks.")
 
@@ -203,7 +212,8 @@ TASK_UPLOAD_BODY = {
             "type": "object",
             "required": ["name", "dataset"],
             "properties": {
-                "name": {"type": "string", "minLength": 1, "maxLength": 100, "description": "Task name."},
+                "name": {"type": "string", "minLength": 1, "maxLength": 100, "pattern": TASK_NAME_PATTERN,
+                         "description": "Task name: not blank, no control characters."},
                 "dataset": DATASET_PART,
                 "method": {"type": "string", "enum": sorted(METHODS),
                            "description": "The continual-learning method (default: the service's)."},

@@ -13,6 +13,7 @@ import contextlib
 import binascii
 import io
 import json
+import re
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from gnsp_core.data.archives import ArchiveLimits, safe_extract
 from gnsp_core.data.folders import validate_image_folder
 
 from service.errors import BadRequestError, InvalidImageError, UnsupportedMediaError, UploadTooLargeError
-from service.api.schemas import MAX_LABEL_CHARS, ClassifyRequest
+from service.api.schemas import MAX_LABEL_CHARS, TASK_NAME_PATTERN, ClassifyRequest
 from service.settings import ServiceSettings
 
 MAX_FIELD_BYTES = 64 * 1024
@@ -182,6 +183,8 @@ def parse_tune_body(raw: bytes | str | None) -> dict[str, Any]:
         data = json.loads(raw or "{}")
     except json.JSONDecodeError as exc:
         raise BadRequestError(f"the tune request is not valid JSON ({exc.msg}); send e.g. {{\"tasks\": [\"digits\"]}}") from None
+    except UnicodeDecodeError:
+        raise BadRequestError("the tune request is not valid JSON (not UTF-8 text)") from None
     if not isinstance(data, dict):
         raise BadRequestError('the tune request must be a JSON object, e.g. {"tasks": ["digits"], "trials": 12}')
     try:
@@ -193,10 +196,10 @@ def parse_tune_body(raw: bytes | str | None) -> dict[str, Any]:
 
 
 def check_task_name(name: str | None) -> str:
-    name = (name or "").strip()
-    if not name or len(name) > 100 or not name.isprintable():
-        raise BadRequestError("name must be 1 to 100 printable characters")
-    return name
+    """The name as the schema states it (TASK_NAME_PATTERN), without its outer blanks."""
+    if name is None or len(name) > 100 or not re.fullmatch(TASK_NAME_PATTERN, name):
+        raise BadRequestError("name must be 1 to 100 characters, not all blank, without control characters")
+    return name.strip()
 
 
 def check_labels(labels: list[str], max_labels: int) -> list[str]:

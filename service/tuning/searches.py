@@ -146,6 +146,9 @@ class TuneJobs:
         tasks = [*tasks, *([str(dataset)] if dataset is not None else [])]
         if not tasks:
             raise BadRequestError("a search needs tasks: name built-in tasks or upload a dataset")
+        space = body.pop("space", None) or {}  # null (the whole space or one range): the default ranges
+        if any(v is not None for v in space.values()):
+            body["space"] = {k: v for k, v in space.items() if v is not None}
         config = body.pop("config", {})
         if not isinstance(config, dict):
             raise BadRequestError("config must be a JSON object of training settings")
