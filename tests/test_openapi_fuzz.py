@@ -44,7 +44,9 @@ def schemathesis_run(base_url: str, report_dir: Path) -> subprocess.CompletedPro
                "--report", "ndjson", "--report-dir", str(report_dir)]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks",
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=TIME_LIMIT_S)
+    # In its own folder: schemathesis keeps a cache of past failures in the working directory and
+    # replays them first, which would make this run depend on earlier ones.
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=TIME_LIMIT_S, cwd=report_dir)
 
 
 def reported_events(report_dir: Path) -> list[dict]:
@@ -56,9 +58,8 @@ def test_schemathesis_all_checks_all_phases_no_failures(base_url, tmp_path):
     result = schemathesis_run(base_url, tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-12000:]
-    assert "stateful" in output.lower(), output[-4000:]  # the links were followed
-    events = reported_events(tmp_path)
-    assert events, "schemathesis wrote no report"
+    assert "API Links:" in output, output[-4000:]  # the stateful phase ran and followed the links
+    assert reported_events(tmp_path), "schemathesis wrote no report"
 
 
 def test_service_is_healthy_after_fuzzing(base_url):
