@@ -123,7 +123,9 @@ def test_cancel_queued_never_runs_and_cancel_running_stops(store, tmp_path):
     queued = submit(queue, store, "task-b", tmp_path)["task_id"]
     until(lambda: queue.view(running)["progress"] == 0.5)  # live progress from the runner
     assert queue.cancel(queued)["status"] == "cancelled"
-    assert queue.cancel(running)["status"] == "cancelled"
+    cancelling = queue.cancel(running)  # asks the trainer to stop; never waits for it
+    assert cancelling["status"] == "running" and cancelling["cancel_requested"] is True
+    assert until(lambda: queue.view(running)["status"] == "cancelled")
     with pytest.raises(ConflictError):
         queue.cancel(running)
     with pytest.raises(UnknownTaskError):

@@ -158,6 +158,7 @@ def classify(client: httpx.Client, **body) -> httpx.Response:
 
 
 Case = Callable[[httpx.Client, httpx.Client, Path], httpx.Response]
+UNKNOWN_TASK = "task-20250101-120000-abcdef"  # well formed, never created
 CASES: dict[str, tuple[Case, int, str]] = {
     "corrupt archive": (lambda c, a, t: task(c, b"PK\x03\x04" + os.urandom(2000)), 400, "bad_dataset"),
     "not an archive": (lambda c, a, t: task(c, png_bytes("red")), 415, "unsupported_media_type"),
@@ -206,13 +207,15 @@ CASES: dict[str, tuple[Case, int, str]] = {
     "missing token": (lambda c, a, t: task(a, good_zip(t)), 401, "unauthorized"),
     "wrong token": (lambda c, a, t: a.post("/v1/models/1/activate", headers={"Authorization": "Bearer nope"}),
                     401, "unauthorized"),
-    "cancel without token": (lambda c, a, t: a.delete("/v1/tasks/task-x"), 401, "unauthorized"),
+    "cancel without token": (lambda c, a, t: a.delete(f"/v1/tasks/{UNKNOWN_TASK}"), 401, "unauthorized"),
     "unknown version": (lambda c, a, t: classify(c, model_version=99), 404, "unknown_version"),
     "unknown version info": (lambda c, a, t: c.get("/v1/models/99"), 404, "unknown_version"),
     "activate unknown version": (lambda c, a, t: c.post("/v1/models/99/activate"), 404, "unknown_version"),
     "version not a number": (lambda c, a, t: c.get("/v1/models/latest"), 422, "invalid_request"),
-    "unknown task": (lambda c, a, t: c.get("/v1/tasks/task-nope"), 404, "unknown_task"),
-    "cancel unknown task": (lambda c, a, t: c.delete("/v1/tasks/task-nope"), 404, "unknown_task"),
+    "unknown task": (lambda c, a, t: c.get(f"/v1/tasks/{UNKNOWN_TASK}"), 404, "unknown_task"),
+    "cancel unknown task": (lambda c, a, t: c.delete(f"/v1/tasks/{UNKNOWN_TASK}"), 404, "unknown_task"),
+    "not a task id": (lambda c, a, t: c.get("/v1/tasks/task-nope"), 422, "invalid_request"),
+    "version 0": (lambda c, a, t: c.get("/v1/models/0"), 422, "invalid_request"),
     "bad base64": (lambda c, a, t: classify(c, images=["not base64!!"]), 400, "bad_image"),
     "base64 of text": (lambda c, a, t: classify(c, images=[base64.b64encode(b"hello").decode()]), 400, "bad_image"),
     "huge image to classify": (lambda c, a, t: classify(c, images=[base64.b64encode(huge_png()).decode()]),

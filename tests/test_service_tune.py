@@ -83,9 +83,9 @@ def test_cancel_a_search_and_bad_requests(service):
                                     "config": {**SEARCH_CONFIG, "steps": 50}})
     assert response.status_code == 202, response.text
     job_id = response.json()["job_id"]
-    cancelled = client.delete(f"/v1/tune/{job_id}")
-    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
-    assert client.get(f"/v1/tune/{job_id}").json()["cancelled"] is True
+    cancelled = client.delete(f"/v1/tune/{job_id}")  # answers once it ended, or after a few seconds
+    assert cancelled.status_code == 200 and cancelled.json()["cancelled"] is True, cancelled.text
+    assert wait_search(client, job_id)[-1]["status"] == "cancelled"
     again = client.delete(f"/v1/tune/{job_id}")
     assert again.status_code == 409 and "already ended" in again.json()["error"]["message"]
     assert client.post(f"/v1/tune/{job_id}/apply").status_code == 409
@@ -106,6 +106,7 @@ def test_cancel_a_search_and_bad_requests(service):
         assert response.status_code == status and words in response.json()["error"]["message"], (body, response.text)
     garbage = client.post("/v1/tune", content=b"{not json", headers={"content-type": "application/json"})
     assert garbage.status_code == 400 and "not valid JSON" in garbage.json()["error"]["message"]
-    assert client.get("/v1/tune/tune-nope").status_code == 404
+    assert client.get("/v1/tune/tune-20250101-120000-abcdef").status_code == 404
+    assert client.get("/v1/tune/tune-nope").status_code == 422  # not a search id
     assert client.delete("/v1/tune/../../etc").status_code == 404
     assert [s["job_id"] for s in client.get("/v1/tune").json()["searches"]][-1] == job_id

@@ -16,8 +16,9 @@ through Serve's class-based view.
 import logging
 import time
 from pathlib import Path
-from typing import Any, Awaitable
+from typing import Annotated, Any, Awaitable
 
+import fastapi
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -25,6 +26,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from gnsp_core.errors import GnspError
 from gnsp_core.models import recommended_training
@@ -37,8 +39,8 @@ from service.serving.classifier import Classifier
 from service.errors import (BadRequestError, NotReadyError, UnauthorizedError, UnknownVersionError, error_body,
                      error_message, hide_dirs, http_status, unwrap)
 from service.api.task_config import check_method
-from service.jobs.tasks import new_task_id
-from service.tuning.searches import new_search_id
+from service.jobs.tasks import TASK_ID_PATTERN, new_task_id
+from service.tuning.searches import SEARCH_ID_PATTERN, new_search_id
 from service.api.metrics import MetricsMiddleware
 from service.settings import ServiceSettings
 from service.store import ModelStore
@@ -65,6 +67,15 @@ app.include_router(writes)
 log = logging.getLogger(__name__)
 INGRESS_MAX_ONGOING = 256
 ERRORS = {status: {"model": api.ErrorResponse} for status in (400, 401, 404, 408, 409, 413, 415, 422, 429)}
+TaskId = Annotated[str, fastapi.Path(pattern=TASK_ID_PATTERN, description="As POST /v1/tasks returned it.")]
+SearchId = Annotated[str, fastapi.Path(pattern=SEARCH_ID_PATTERN, description="As POST /v1/tune returned it.")]
+HTTP_METHODS = {"GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE"}
+Version = Annotated[int, fastapi.Path(ge=1, description="A stored model version (GET /v1/models lists them).")]
+
+
+def with_links(status: int, links: dict[str, Any]) -> dict[int, Any]:
+    """The error answers plus the OpenAPI links of the success answer."""
+    return {**ERRORS, status: {"links": links}}
 
 
 @app.exception_handler(GnspError)
@@ -86,7 +97,22 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     message = str(exc.detail)
     if exc.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed"):
         message = f"{message}: {request.method} {request.url.path}; the API is described at /docs"
-    return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = allowed_methods(request, headers.get("Allow", ""))
+    return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=headers or None)
+
+
+def allowed_methods(request: Request, fallback: str) -> str:
+    """Every method the OpenAPI document gives the request's path (HEAD with GET, as Starlette
+    serves it). Starlette's own 405 names only the first route that matched the path, and a path
+    served by two routes (GET and DELETE /v1/tasks/{task_id}) has both."""
+    path = request.scope.get("path", "")
+    for template, operations in request.app.openapi()["paths"].items():
+        if compile_path(template)[0].match(path):
+            methods = {method.upper() for method in operations} & HTTP_METHODS
+            return ", ".join(sorted(methods | ({"HEAD"} if "GET" in methods else set())))
+    return fallback  # a route outside the document (/docs, /openapi.json)
 
 
 @app.exception_handler(Exception)
@@ -155,11 +181,13 @@ class Ingress:
 
     # --- service ---------------------------------------------------------------------------------
 
-    @app.get("/healthz", response_model=api.Health)
+    @app.get("/healthz", response_model=api.Health, operation_id="health")
     async def healthz(self) -> api.Health:
         return api.Health(active_version=await run_in_threadpool(self.store.active))
 
-    @app.get("/metrics", response_class=Response, dependencies=[Depends(auth.require_metrics_token)])
+    @app.get("/metrics", response_class=Response, operation_id="metrics",
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+             dependencies=[Depends(auth.require_metrics_token)])
     async def metrics(self) -> Response:
         counts = await call(self.jobs.counts.remote())
         # Through the module: the deployment class is pickled by value, so a global instance would be copied.
@@ -168,8 +196,8 @@ class Ingress:
 
     # --- tasks -----------------------------------------------------------------------------------
 
-    @writes.post("/v1/tasks", status_code=202, response_model=api.TaskAccepted, responses=ERRORS,
-               openapi_extra={"requestBody": api.TASK_UPLOAD_BODY})
+    @writes.post("/v1/tasks", status_code=202, response_model=api.TaskAccepted, operation_id="addTask",
+                 responses=with_links(202, api.TASK_LINKS), openapi_extra={"requestBody": api.TASK_UPLOAD_BODY})
     async def add_task(self, request: Request) -> api.TaskAccepted:
         """Upload a dataset (streamed, size-limited, validated) and queue a job that learns it."""
         async with received_dataset_form(request, self.settings, self.uploads) as form:
@@ -195,23 +223,26 @@ class Ingress:
             raise
         return api.TaskAccepted(task_id=record["task_id"], status=record["status"])
 
-    @app.get("/v1/tasks", response_model=api.TaskList)
+    @app.get("/v1/tasks", response_model=api.TaskList, operation_id="listTasks")
     async def list_tasks(self) -> api.TaskList:
         return api.TaskList(tasks=[api.TaskView(**r) for r in await call(self.jobs.list.remote())])
 
-    @app.get("/v1/tasks/{task_id}", response_model=api.TaskView, responses=ERRORS)
-    async def get_task(self, task_id: str) -> api.TaskView:
+    @app.get("/v1/tasks/{task_id}", response_model=api.TaskView, operation_id="getTask",
+             responses=with_links(200, api.TASK_VIEW_LINKS))
+    async def get_task(self, task_id: TaskId) -> api.TaskView:
         return api.TaskView(**await call(self.jobs.get.remote(task_id)))
 
-    @writes.delete("/v1/tasks/{task_id}", response_model=api.TaskView, responses=ERRORS)
-    async def cancel_task(self, task_id: str) -> api.TaskView:
-        """Cancel: a queued job never runs; a running job's trainer is stopped."""
+    @writes.delete("/v1/tasks/{task_id}", response_model=api.TaskView, operation_id="cancelTask", responses=ERRORS)
+    async def cancel_task(self, task_id: TaskId) -> api.TaskView:
+        """Cancel: a queued job never runs; a running job's trainer is stopped. The job's record stays
+        (GET shows it `cancelled`); the answer comes once the job has ended, or after 5 s with
+        `cancel_requested` set."""
         return api.TaskView(**await call(self.jobs.cancel.remote(task_id)))
 
     # --- searches (Ray Tune) ---------------------------------------------------------------------
 
-    @writes.post("/v1/tune", status_code=202, response_model=api.TuneView, responses=ERRORS,
-               openapi_extra={"requestBody": api.TUNE_BODY})
+    @writes.post("/v1/tune", status_code=202, response_model=api.TuneView, operation_id="startSearch",
+                 responses=with_links(202, api.SEARCH_LINKS), openapi_extra={"requestBody": api.TUNE_BODY})
     async def start_search(self, request: Request) -> api.TuneView:
         """Queue a Ray Tune search of GNSP's threshold, CD/MAP weights and learning rate (JSON, or
         multipart with a `request` JSON field and a `dataset` archive to tune for)."""
@@ -221,34 +252,37 @@ class Ingress:
             return api.TuneView(**await call(self.jobs.submit_search.remote(body, None)))
         async with received_dataset_form(request, self.settings, self.uploads) as form:
             body = parse_tune_body(form.fields.get("request"))
-            upload = None
-            if form.file is not None:
-                await self.uploads.run(validate_dataset, form.file, self.settings.archive_limits(),
-                                       self.settings.work_dir)
-                upload = await run_in_threadpool(self.store.put_upload, new_search_id(), form.file,
-                                                 archive_filename(form.file))
+            if form.file is None:
+                raise BadRequestError("the form has no 'dataset' file; attach a .zip or .tar.gz of class folders, "
+                                      "or send a search of built-in tasks as application/json")
+            await self.uploads.run(validate_dataset, form.file, self.settings.archive_limits(), self.settings.work_dir)
+            upload = await run_in_threadpool(self.store.put_upload, new_search_id(), form.file,
+                                             archive_filename(form.file))
             return api.TuneView(**await call(self.jobs.submit_search.remote(body, upload)))
 
-    @app.get("/v1/tune", response_model=api.TuneList)
+    @app.get("/v1/tune", response_model=api.TuneList, operation_id="listSearches")
     async def list_searches(self) -> api.TuneList:
         return api.TuneList(**await call(self.jobs.searches_list.remote()))
 
-    @app.get("/v1/tune/{job_id}", response_model=api.TuneView, responses=ERRORS)
-    async def get_search(self, job_id: str) -> api.TuneView:
+    @app.get("/v1/tune/{job_id}", response_model=api.TuneView, operation_id="getSearch", responses=ERRORS)
+    async def get_search(self, job_id: SearchId) -> api.TuneView:
         return api.TuneView(**await call(self.jobs.search.remote(job_id)))
 
-    @writes.delete("/v1/tune/{job_id}", response_model=api.TuneView, responses=ERRORS)
-    async def cancel_search(self, job_id: str) -> api.TuneView:
+    @writes.delete("/v1/tune/{job_id}", response_model=api.TuneView, operation_id="cancelSearch", responses=ERRORS)
+    async def cancel_search(self, job_id: SearchId) -> api.TuneView:
+        """Cancel: a queued search never starts; a running one stops its trials. Its record and
+        results stay (GET shows it `cancelled`); the answer comes once it has ended, or after 5 s."""
         return api.TuneView(**await call(self.jobs.cancel_search.remote(job_id)))
 
-    @writes.post("/v1/tune/{job_id}/apply", response_model=api.TuneDefaults, responses=ERRORS)
-    async def apply_search(self, job_id: str) -> api.TuneDefaults:
+    @writes.post("/v1/tune/{job_id}/apply", response_model=api.TuneDefaults, operation_id="applySearch",
+                 responses=ERRORS)
+    async def apply_search(self, job_id: SearchId) -> api.TuneDefaults:
         """Make the search's best config the default training config of tasks submitted later."""
         return api.TuneDefaults(**await call(self.jobs.apply_search.remote(job_id)))
 
     # --- classification --------------------------------------------------------------------------
 
-    @app.post("/v1/classify", response_model=api.ClassifyResponse, responses=ERRORS,
+    @app.post("/v1/classify", response_model=api.ClassifyResponse, operation_id="classify", responses=ERRORS,
               openapi_extra=api.CLASSIFY_EXTRA)
     async def classify(self, request: Request, response: Response) -> api.ClassifyResponse:
         """Zero-shot scores of each image over the given labels, from the active or a pinned version."""
@@ -262,7 +296,7 @@ class Ingress:
 
     # --- versions --------------------------------------------------------------------------------
 
-    @app.get("/v1/models", response_model=api.ModelList)
+    @app.get("/v1/models", response_model=api.ModelList, operation_id="listModels")
     async def list_models(self) -> api.ModelList:
         return await run_in_threadpool(self._model_list)
 
@@ -279,12 +313,13 @@ class Ingress:
                              recommended_training=recommended_training((manifest.get("spec") or {}).get("name")),
                              **fields)
 
-    @app.get("/v1/models/{version}", response_model=api.ModelView, responses=ERRORS)
-    async def get_model(self, version: int) -> api.ModelView:
+    @app.get("/v1/models/{version}", response_model=api.ModelView, operation_id="getModel", responses=ERRORS)
+    async def get_model(self, version: Version) -> api.ModelView:
         return await run_in_threadpool(lambda: self._model_view(version, self.store.active()))
 
-    @writes.post("/v1/models/{version}/activate", response_model=api.ActivationResponse, responses=ERRORS)
-    async def activate(self, version: int) -> api.ActivationResponse:
+    @writes.post("/v1/models/{version}/activate", response_model=api.ActivationResponse,
+                 operation_id="activateModel", responses=ERRORS)
+    async def activate(self, version: Version) -> api.ActivationResponse:
         """Make a stored version active (rollback or pin) after the classifier loaded and checked it."""
         previous = await run_in_threadpool(self.store.active)
         pointer = await call(self.jobs.activate.remote(version, "activated through the API"))

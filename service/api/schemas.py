@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from gnsp_core.data.builtin import BUILTIN_TASKS
 from gnsp_core.methods.registry import METHODS
 
 from service.api.task_config import TaskConfig
 from service.jobs.states import JobStatus
 from service.settings import ServiceSettings
+
+TASK_NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+"""A task name: 1 to 100 characters, not all blank, no control characters (kept without its outer blanks)."""
 
 
 class ErrorDetail(BaseModel):
@@ -106,29 +110,49 @@ class Health(BaseModel):
     active_version: int | None = None
 
 
+def _integral(value: Any) -> Any:
+    """JSON has one number type: 12.0 is the integer 12 (as JSON Schema says), 12.5 is not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _range(bounds: dict[str, float], description: str) -> Any:
+    """A search range `[low, high]` (low < high) whose two ends obey the bounds the search checks."""
+    end = {"type": "number", **bounds}
+    return Field(None, min_length=2, max_length=2, description=description,
+                 json_schema_extra={"items": end, "prefixItems": [end, end]})
+
+
 class SearchRanges(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    threshold: tuple[float, float] | None = Field(None, description="Energy-tail ρ range (log scale).")
-    cd_weight: tuple[float, float] | None = None
-    map_weight: tuple[float, float] | None = None
-    lr: tuple[float, float] | None = Field(None, description="Learning-rate range (log scale).")
+    model_config = ConfigDict(extra="forbid", strict=True)
+    threshold: list[float] | None = _range(
+        {"exclusiveMinimum": 0}, "Energy-tail ρ range, low < high (log scale); below 1 with the energy rule.")
+    cd_weight: list[float] | None = _range({"minimum": 0}, "CD weight range, low < high.")
+    map_weight: list[float] | None = _range({"minimum": 0}, "MAP weight range, low < high.")
+    lr: list[float] | None = _range({"exclusiveMinimum": 0}, "Learning-rate range, low < high (log scale).")
+
+
+BUILTIN_TASK_NAMES = sorted(BUILTIN_TASKS)
 
 
 class TuneBody(BaseModel):
-    """`POST /v1/tune`: what to search. The service picks the model, the hardware and where results go."""
+    """`POST /v1/tune`: what to search. The service picks the model, the hardware and where results go.
 
-    model_config = ConfigDict(extra="forbid")
-    tasks: list[str] = Field(default_factory=list, description=(
-        "Built-in task names, learned in order; an uploaded dataset (multipart) is learned after them."))
-    trials: int = Field(12, ge=1, le=500)
+    Strict: a value of another JSON type than the schema's is refused, never coerced (0 is no boolean)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    tasks: list[str] = Field(default_factory=list, json_schema_extra={"items": {"enum": BUILTIN_TASK_NAMES}},
+                             description=("Built-in task names, learned in order; an uploaded dataset (multipart) is "
+                                          "learned after them. A search needs at least one task: name one here or "
+                                          "upload a dataset."))
+    trials: Annotated[int, Field(ge=1, le=500), BeforeValidator(_integral)] = 12
     config: TaskConfig = Field(default_factory=TaskConfig, description="Training settings not searched (steps, ...).")
     space: SearchRanges | None = None
     searcher: Literal["optuna", "random"] = "optuna"
-    max_concurrent: int | None = Field(None, ge=1)
-    max_train_per_class: int | None = Field(None, ge=1)
+    max_concurrent: Annotated[int, Field(ge=1), BeforeValidator(_integral)] | None = None
+    max_train_per_class: Annotated[int, Field(ge=1), BeforeValidator(_integral)] | None = None
     val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each task's train split used to validate.")
-    seed: int = 0
-    base_version: int | Literal["active"] | None = Field(
+    seed: Annotated[int, BeforeValidator(_integral)] = 0
+    base_version: Annotated[int, Field(ge=1), BeforeValidator(_integral)] | Literal["active"] | None = Field(
         "active", description="Trials start from this stored version; null: from the bare model.")
     apply_best: bool = Field(False, description="When it succeeds, its best config becomes the default for new tasks.")
 
@@ -175,20 +199,27 @@ def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 
 # OpenAPI request bodies of the routes that parse their own body (streamed uploads, two content types).
+ARCHIVE_MEDIA_TYPES = "application/zip, application/x-tar, application/gzip"
+"""What a dataset part may be (the server reads its bytes: zip, tar or tar.gz, whatever the part says)."""
+DATASET_PART = {"type": "string", "format": "binary",
+                "description": "zip, tar or tar.gz of an ImageFolder tree (class folders of images, optional "
+                               "train/ and test/ splits)."}
+
 TASK_UPLOAD_BODY = {
     "required": True,
     "content": {"multipart/form-data": {"schema": {
         "type": "object",
         "required": ["name", "dataset"],
         "properties": {
-            "name": {"type": "string", "minLength": 1, "maxLength": 100, "description": "Task name."},
-            "dataset": {"type": "string", "format": "binary",
-                        "description": "zip or tar(.gz) of an ImageFolder tree (class folders of images)."},
-            "method": {"type": "string", "enum": sorted(METHODS), "description": "The continual-learning method."},
+            "name": {"type": "string", "minLength": 1, "maxLength": 100, "pattern": TASK_NAME_PATTERN,
+                     "description": "Task name: not blank, no control characters."},
+            "dataset": DATASET_PART,
+            "method": {"type": "string", "enum": sorted(METHODS),
+                       "description": "The continual-learning method (default: the service's)."},
             "config": {**inline_schema(TaskConfig), "description": "JSON object (a part of type application/json) "
                        "of the training settings a client may choose, e.g. {\"steps\": 100}."},
         },
-    }, "encoding": {"config": {"contentType": "application/json"}}}},
+    }, "encoding": {"config": {"contentType": "application/json"}, "dataset": {"contentType": ARCHIVE_MEDIA_TYPES}}}},
 }
 
 def classify_body(settings: ServiceSettings) -> dict[str, Any]:
@@ -252,17 +283,54 @@ def state_classify_limits(settings: ServiceSettings) -> None:
     _stated[0] = settings
 
 
+
+def _tune_json_schema() -> dict[str, Any]:
+    """TuneBody for a JSON request: with no dataset to upload, `tasks` must name at least one task."""
+    schema = inline_schema(TuneBody)
+    schema["required"] = ["tasks"]
+    schema["properties"]["tasks"]["minItems"] = 1
+    return schema
+
+
 TUNE_BODY = {
     "required": True,
     "content": {
-        "application/json": {"schema": inline_schema(TuneBody)},
-        "multipart/form-data": {"schema": {
-            "type": "object",
-            "properties": {
-                "request": {"type": "string", "description": "The JSON request (as for application/json)."},
-                "dataset": {"type": "string", "format": "binary",
-                            "description": "zip or tar(.gz) of an ImageFolder tree: the task to tune for."},
+        "application/json": {"schema": _tune_json_schema()},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["dataset"],
+                "properties": {
+                    "request": {**inline_schema(TuneBody),
+                                "description": "The search (as for application/json; `tasks` may be empty: the "
+                                               "dataset is a task)."},
+                    "dataset": {**DATASET_PART, "description": "The task to tune for: " + DATASET_PART["description"]},
+                },
             },
-        }},
+            "encoding": {"request": {"contentType": "application/json"},
+                         "dataset": {"contentType": ARCHIVE_MEDIA_TYPES}},
+        },
     },
+}
+
+# OpenAPI links: what a client (or a stateful fuzzer) does next with an answer's ids.
+TASK_LINKS = {
+    "GetTask": {"operationId": "getTask", "parameters": {"task_id": "$response.body#/task_id"},
+                "description": "Follow the job: status, progress, the version it produced."},
+    "CancelTask": {"operationId": "cancelTask", "parameters": {"task_id": "$response.body#/task_id"},
+                   "description": "Cancel the job."},
+    "Classify": {"operationId": "classify", "description": "Classify with the active version."},
+}
+TASK_VIEW_LINKS = {
+    "ClassifyWithVersion": {"operationId": "classify", "requestBody": {"model_version": "$response.body#/model_version"},
+                            "description": "Classify with the version this job produced (null: the active one)."},
+    "CancelTask": TASK_LINKS["CancelTask"],
+}
+SEARCH_LINKS = {
+    "GetSearch": {"operationId": "getSearch", "parameters": {"job_id": "$response.body#/job_id"},
+                  "description": "Follow the search: status, progress, trials table, best trial."},
+    "CancelSearch": {"operationId": "cancelSearch", "parameters": {"job_id": "$response.body#/job_id"},
+                     "description": "Cancel the search."},
+    "ApplySearch": {"operationId": "applySearch", "parameters": {"job_id": "$response.body#/job_id"},
+                    "description": "Make its best config the default for new tasks (once it has one)."},
 }

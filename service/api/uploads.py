@@ -17,6 +17,7 @@ import contextlib
 import binascii
 import io
 import json
+import re
 import tempfile
 import time
 import zipfile
@@ -39,7 +40,7 @@ from gnsp_core.data.folders import IMAGE_FORMATS, validate_image_folder
 
 from service.errors import (BadRequestError, BusyError, InvalidImageError, RequestTimeoutError,
                             UnsupportedMediaError, UploadTooLargeError)
-from service.api.schemas import ClassifyRequest
+from service.api.schemas import TASK_NAME_PATTERN, ClassifyRequest
 from service.api.task_config import as_validation_error, parse_task_config
 from service.settings import ServiceSettings
 
@@ -250,6 +251,8 @@ def parse_tune_body(raw: bytes | str | None) -> dict[str, Any]:
         data = json.loads(raw or "{}")
     except json.JSONDecodeError as exc:
         raise BadRequestError(f"the tune request is not valid JSON ({exc.msg}); send e.g. {{\"tasks\": [\"digits\"]}}") from None
+    except UnicodeDecodeError:
+        raise BadRequestError("the tune request is not valid JSON (not UTF-8 text)") from None
     if not isinstance(data, dict):
         raise BadRequestError('the tune request must be a JSON object, e.g. {"tasks": ["digits"], "trials": 12}')
     try:
@@ -263,10 +266,10 @@ def parse_tune_body(raw: bytes | str | None) -> dict[str, Any]:
 
 
 def check_task_name(name: str | None) -> str:
-    name = (name or "").strip()
-    if not name or len(name) > 100 or not name.isprintable():
-        raise BadRequestError("name must be 1 to 100 printable characters")
-    return name
+    """The name as the schema states it (TASK_NAME_PATTERN), without its outer blanks."""
+    if name is None or len(name) > 100 or not re.fullmatch(TASK_NAME_PATTERN, name):
+        raise BadRequestError("name must be 1 to 100 characters, not all blank, without control characters")
+    return name.strip()
 
 
 def check_labels(labels: list[str], max_labels: int, max_chars: int) -> list[str]:

@@ -26,7 +26,7 @@ from gnsp_core.data.folders import validate_image_folder
 from gnsp_core.methods.registry import uses_reference
 
 from service.errors import ServiceFault, unwrap
-from service.jobs.tasks import AttemptOutcome, JobCancelled, JobInterrupted
+from service.jobs.tasks import AttemptOutcome, JobCancelled, JobInterrupted, published_by
 from service.training.progress import JobProgress, open_board
 from service.settings import ServiceSettings
 from service.store import ModelStore
@@ -88,7 +88,7 @@ def execute_attempt(plan: AttemptPlan, board: ActorHandle | None) -> AttemptOutc
 
     settings = plan.settings
     store = ModelStore.open(settings.store)
-    published = _published_by(store, plan.task_id)
+    published = published_by(store, plan.task_id)
     if published is not None:
         return published
     with tempfile.TemporaryDirectory(prefix=f"gnsp-{plan.task_id}-", dir=settings.work_dir) as scratch_name:
@@ -110,15 +110,6 @@ def execute_attempt(plan: AttemptPlan, board: ActorHandle | None) -> AttemptOutc
                     "spec": parent.get("spec"), "metrics": metrics, "gate": gate}
         version = store.publish_version(scratch / "state", manifest)
     return AttemptOutcome(version, metrics, gate)
-
-
-def _published_by(store: ModelStore, task_id: str) -> AttemptOutcome | None:
-    """A version this job published before a crash cut it short (so a resumed job never publishes twice)."""
-    for version in reversed(store.versions()):
-        manifest = store.manifest(version)
-        if manifest.get("task_id") == task_id:
-            return AttemptOutcome(version, manifest.get("metrics", {}), manifest.get("gate", {}))
-    return None
 
 
 def _train_summary(metrics: dict[str, Any]) -> dict[str, Any]:

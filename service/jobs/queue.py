@@ -2,8 +2,8 @@
 
 Task jobs and searches both need exactly this: jobs run one at a time in submission order (version
 N+1 trains from version N), a queued job can be taken out before it starts, shutdown stops the
-worker between jobs, and an unexpected error in one job is logged without killing the worker, so
-the jobs queued behind it still run.
+worker between jobs, and an unexpected error in one job is logged and handed to `on_error` (which
+records that job as failed) without killing the worker, so the jobs queued behind it still run.
 """
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[str], bool]
 """Runs one job; returns False when the worker must stop (the job is then put back at the front)."""
+ErrorHandler = Callable[[str, BaseException], None]
+"""Records that a job ended with an error its handler did not expect (it must not raise either)."""
 
 
 class WorkQueue:
     """FIFO of job ids and the one thread that hands them to `handler`."""
 
-    def __init__(self, name: str, handler: Handler) -> None:
-        self.name, self.handler = name, handler
+    def __init__(self, name: str, handler: Handler, on_error: ErrorHandler | None = None) -> None:
+        self.name, self.handler, self.on_error = name, handler, on_error
         self._wake = threading.Condition()
         self._ids: deque[str] = deque()
         self._stopping = threading.Event()
@@ -72,10 +74,19 @@ class WorkQueue:
         while (job_id := self._next()) is not None:
             try:
                 keep_going = self.handler(job_id)
-            except Exception:  # the worker must survive anything a job does
-                log.exception("%s: unexpected error while running %s", self.name, job_id)
+            except BaseException as exc:  # the worker must survive anything a job does
+                self._report(job_id, exc)
                 continue
             if keep_going is False:
                 with self._wake:
                     self._ids.appendleft(job_id)
                 return
+
+    def _report(self, job_id: str, error: BaseException) -> None:
+        if self.on_error is None:
+            log.error("%s: unexpected error while running %s", self.name, job_id, exc_info=error)
+            return
+        try:
+            self.on_error(job_id, error)
+        except Exception:
+            log.exception("%s: could not record the failure of %s", self.name, job_id)

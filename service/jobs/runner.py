@@ -1,12 +1,19 @@
 """The job runner deployment: exactly one replica, which owns every write to the store except
-uploads (versions, the active pointer, job records) and runs the task jobs and the searches."""
+uploads (versions, the active pointer, job records) and runs the task jobs and the searches.
+
+Its event loop only awaits: every method is async, store I/O and the queues' locks are taken in
+a thread (`asyncio.to_thread`), the classifier is awaited on the loop (the job worker's load check
+waits for that from its own thread), and a cancel waits for the job's end by polling, never
+blocking, for at most `CANCEL_WAIT_S`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -14,36 +21,58 @@ from ray.serve.handle import DeploymentHandle
 from gnsp_core.models import recommended_training
 
 from service.errors import hide_dirs
+from service.jobs.states import ENDED
 from service.settings import ServiceSettings
 from service.store import ModelStore
 
 log = logging.getLogger(__name__)
 
+CANCEL_WAIT_S = 5.0
+"""A cancel answers once the job has ended, or after this long with `cancel_requested` (it ends soon after)."""
+CANCEL_POLL_S = 0.2
+CHECK_TIMEOUT_S = 600.0
+"""The longest a version's load check in the classifier may take."""
+
 
 @serve.deployment(name="JobRunner", num_replicas=1, max_ongoing_requests=64, graceful_shutdown_timeout_s=90)
 class JobRunner:
-    def __init__(self, settings: ServiceSettings, classifier: DeploymentHandle) -> None:
+    async def __init__(self, settings: ServiceSettings, classifier: DeploymentHandle) -> None:  # type: ignore[misc]
+        self.settings, self.classifier = settings, classifier
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self._open)
+
+    def _open(self) -> None:
         from service.jobs.attempt import RayTrainRunner
         from service.jobs.tasks import JobQueue
         from service.tuning.searches import TuneJobs
         from service.versions import ensure_base_version
 
-        hide_dirs(settings.store, settings.work_dir)
-        self.store = ModelStore.open(settings.store)
-        self.settings, self.classifier = settings, classifier
-        ensure_base_version(self.store, settings)
-        self.queue = JobQueue(self.store, settings, RayTrainRunner(settings), self._check_version)
-        self.searches = TuneJobs(self.store, settings)
+        hide_dirs(self.settings.store, self.settings.work_dir)
+        self.store = ModelStore.open(self.settings.store)
+        ensure_base_version(self.store, self.settings)
+        self.queue = JobQueue(self.store, self.settings, RayTrainRunner(self.settings), self._check_version)
+        self.searches = TuneJobs(self.store, self.settings)
         for note in [*self.queue.recover(), *self.searches.recover()]:
             log.warning("recovery: %s", note)
         self.queue.start()
         self.searches.start()
 
-    def _check_version(self, version: int) -> dict[str, Any]:
+    async def _check_version_on_loop(self, version: int) -> dict[str, Any]:
         handle = self.classifier.options(multiplexed_model_id=str(version))
-        return handle.check_version.remote(version).result(timeout_s=600)
+        return await handle.check_version.remote(version)
 
-    def check_config(self, method: str, config: dict[str, Any], name: str | None = None) -> None:
+    def _check_version(self, version: int) -> dict[str, Any]:
+        """The job queue's load check, called from a thread (the job worker, an activation): the
+        classifier's answer is awaited on the replica's loop while this thread waits for it."""
+        if _running_loop() is self._loop:  # it would wait for itself
+            raise RuntimeError("the load check must be called from a thread, not the replica's event loop")
+        future = asyncio.run_coroutine_threadsafe(self._check_version_on_loop(version), self._loop)
+        try:
+            return future.result(timeout=CHECK_TIMEOUT_S)
+        finally:
+            future.cancel()
+
+    async def check_config(self, method: str, config: dict[str, Any], name: str | None = None) -> None:
         """Raise ConfigError for an unknown method, a bad training setting, an unknown schedule or a
         task `name` the schedule has no row for (before the upload is stored)."""
         from gnsp_core.config import TrainConfig
@@ -60,34 +89,41 @@ class JobRunner:
         except (TypeError, ValueError, AttributeError) as exc:  # a value of the wrong type
             raise ConfigError(f"invalid training config: {exc}") from None
 
-    def submit(self, task_id: str, name: str, method: str, config: dict[str, Any], upload: str,
-               dataset: dict[str, Any]) -> dict[str, Any]:
+    async def submit(self, task_id: str, name: str, method: str, config: dict[str, Any], upload: str,
+                     dataset: dict[str, Any]) -> dict[str, Any]:
         """Queue a job; a `"schedule": NAME` in its config becomes the lr and steps of the task's row."""
         from gnsp_core.schedules import resolve_schedule
 
-        own = resolve_schedule(config, name)
-        config = {**recommended_training(self.settings.model), **self.searches.task_config(method, own)}
-        return self.queue.submit(task_id, name, method, config, upload, dataset)
+        def queue() -> dict[str, Any]:
+            own = resolve_schedule(config, name)
+            full = {**recommended_training(self.settings.model), **self.searches.task_config(method, own)}
+            return self.queue.submit(task_id, name, method, full, upload, dataset)
 
-    def get(self, task_id: str) -> dict[str, Any]:
-        return self.queue.view(task_id)
+        return await asyncio.to_thread(queue)
 
-    def list(self) -> list[dict[str, Any]]:
-        return self.queue.list()
+    async def get(self, task_id: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self.queue.view, task_id)
 
-    def cancel(self, task_id: str) -> dict[str, Any]:
-        return self.queue.cancel(task_id)
+    async def list(self) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.queue.list)
 
-    def activate(self, version: int, reason: str) -> dict[str, Any]:
-        return self.queue.activate(version, reason)
+    async def cancel(self, task_id: str) -> dict[str, Any]:
+        view = await asyncio.to_thread(self.queue.cancel, task_id)
+        return await settled(view, lambda: self.queue.view(task_id))
 
-    def counts(self) -> dict[str, int]:
-        return self.queue.counts()
+    async def activate(self, version: int, reason: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self.queue.activate, version, reason)
+
+    async def counts(self) -> dict[str, int]:
+        return await asyncio.to_thread(self.queue.counts)
 
     # --- searches (service.tuning.searches) -------------------------------------------------------------
 
-    def submit_search(self, body: dict[str, Any], upload: str | None) -> dict[str, Any]:
+    async def submit_search(self, body: dict[str, Any], upload: str | None) -> dict[str, Any]:
         """Queue a search; `upload` is a validated dataset the ingress put in the store (moved out of it here)."""
+        return await asyncio.to_thread(self._submit_search, body, upload)
+
+    def _submit_search(self, body: dict[str, Any], upload: str | None) -> dict[str, Any]:
         if upload is None:
             return self.searches.submit(body)
         try:
@@ -96,19 +132,38 @@ class JobRunner:
         finally:
             self.store.delete_job_files(Path(upload).parent.name)
 
-    def search(self, job_id: str) -> dict[str, Any]:
-        return self.searches.view(job_id)
+    async def search(self, job_id: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self.searches.view, job_id)
 
-    def searches_list(self) -> dict[str, Any]:
-        return {"searches": self.searches.list(), "defaults": self.searches.defaults()}
+    async def searches_list(self) -> dict[str, Any]:
+        return await asyncio.to_thread(lambda: {"searches": self.searches.list(), "defaults": self.searches.defaults()})
 
-    def cancel_search(self, job_id: str) -> dict[str, Any]:
-        return self.searches.cancel(job_id)
+    async def cancel_search(self, job_id: str) -> dict[str, Any]:
+        view = await asyncio.to_thread(self.searches.cancel, job_id)
+        return await settled(view, lambda: self.searches.view(job_id))
 
-    def apply_search(self, job_id: str) -> dict[str, Any]:
-        return self.searches.apply(job_id)
+    async def apply_search(self, job_id: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self.searches.apply, job_id)
 
     def __del__(self) -> None:
         for worker in (getattr(self, "queue", None), getattr(self, "searches", None)):
             if worker is not None:
                 worker.stop()
+
+
+async def settled(view: dict[str, Any], fetch: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`view` once its job has ended, polling `fetch` in a thread for at most `CANCEL_WAIT_S` (the
+    loop goes on serving meanwhile); the latest view when it has not ended by then."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CANCEL_WAIT_S
+    while view["status"] not in ENDED and loop.time() < deadline:
+        await asyncio.sleep(CANCEL_POLL_S)
+        view = await asyncio.to_thread(fetch)
+    return view
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

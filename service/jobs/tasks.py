@@ -14,6 +14,11 @@ A finished attempt has published a new version (service.jobs.attempt). Then the 
 activation policy decide: a version whose held-out accuracy dropped more than allowed is kept but
 not activated and the job fails with both numbers; otherwise, with activation `auto` and the base
 still active, the classifier loads and checks the version and only then is the pointer moved.
+
+A job always ends: an error the worker did not expect, or a store write that fails, ends it
+`failed` (in memory at least, when the store refuses even that write; a restart then finds it
+`running` and resumes or fails it), and a version published just before a cancel took effect is
+recorded on the cancelled job, stored but not activated.
 """
 
 from __future__ import annotations
@@ -63,9 +68,23 @@ class Runner(Protocol):
                  report: Callable[[float, str], None]) -> AttemptOutcome: ...
 
 
+TASK_ID_PATTERN = r"^task-[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$"
+"""Every id `new_task_id` makes matches this (the API states it for its `{task_id}` paths)."""
+
+
 def new_task_id() -> str:
     """Readable and sortable: task-20250101-120000-1a2b3c."""
     return f"task-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def published_by(store: ModelStore, task_id: str) -> AttemptOutcome | None:
+    """The version this job published, if any (newest first): a resumed job never publishes twice,
+    and a cancelled one records what it published before the cancel took effect."""
+    for version in reversed(store.versions()):
+        manifest = store.manifest(version)
+        if manifest.get("task_id") == task_id:
+            return AttemptOutcome(version, manifest.get("metrics", {}), manifest.get("gate", {}))
+    return None
 
 
 def gate_message(gate: dict[str, Any], version: int) -> str:
@@ -83,9 +102,8 @@ class JobQueue:
         self._lock = threading.RLock()
         self._activation = threading.Lock()
         self._records: dict[str, dict[str, Any]] = {}
-        self._queue = WorkQueue("gnsp-jobs", self._take)
+        self._queue = WorkQueue("gnsp-jobs", self._take, on_error=self._unexpected)
         self._cancel: dict[str, threading.Event] = {}
-        self._ended: dict[str, threading.Event] = {}
         self._live: dict[str, tuple[float, str]] = {}
         self._owner = uuid.uuid4().hex
         self._seq = 0
@@ -166,8 +184,9 @@ class JobQueue:
                 counts[record["status"]] += 1
             return counts
 
-    def cancel(self, task_id: str, wait_s: float = 15.0) -> dict[str, Any]:
-        """Queued: it never runs. Running: its trainer is stopped (waits up to `wait_s` for that)."""
+    def cancel(self, task_id: str) -> dict[str, Any]:
+        """Queued: it never runs. Running: its trainer is asked to stop, and the job ends `cancelled`
+        once it has; this call never waits."""
         with self._lock:
             status = self.view(task_id)["status"]
             if status in ENDED:
@@ -175,10 +194,7 @@ class JobQueue:
             self._cancel.setdefault(task_id, threading.Event()).set()
             if status == "queued" and self._queue.remove(task_id):  # not yet taken by the worker
                 self._end(task_id, "cancelled", error="cancelled before it started")
-                return self.view(task_id)
-            ended = self._ended.setdefault(task_id, threading.Event())
-        ended.wait(wait_s)
-        return self.view(task_id)
+            return self.view(task_id)
 
     def activate(self, version: int, reason: str) -> dict[str, Any]:
         """Load-check `version` in the classifier, then move the pointer (rollback or pin)."""
@@ -207,29 +223,59 @@ class JobQueue:
             if cancel.is_set():  # cancelled between leaving the queue and starting
                 self._end(task_id, "cancelled", error="cancelled before it started")
                 return
-            base = record.get("base_version") or self.store.active()
-            self._save(record, status="running", started=time.time(), attempts=record.get("attempts", 0) + 1,
-                       base_version=base, phase="starting")
-            self._live[task_id] = (record.get("progress") or 0.0, "starting")
 
         def should_stop() -> str | None:
             return "cancel" if cancel.is_set() else "stop" if self._queue.stopping else None
 
         try:
+            self._start(record)
             outcome = self.runner(dict(record), should_stop, lambda f, p: self._report(task_id, f, p))
             if cancel.is_set():
-                raise JobCancelled()
+                self._cancelled(task_id, outcome)
+                return
             self._finish(task_id, outcome)
         except JobCancelled:
-            self._end(task_id, "cancelled", error="cancelled while running")
+            self._cancelled(task_id, None)
         except JobInterrupted:
             log.info("job %s interrupted by shutdown; it resumes on the next start", task_id)
         except GnspError as exc:
             log.warning("job %s failed: %s", task_id, exc)
             self._end(task_id, "failed", error=user_reason(exc))
         except Exception as exc:
-            log.exception("job %s failed", task_id)
-            self._end(task_id, "failed", error=user_reason(exc))
+            self._unexpected(task_id, exc)
+
+    def _start(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            base = record.get("base_version") or self.store.active()
+            self._save(record, status="running", started=time.time(), attempts=record.get("attempts", 0) + 1,
+                       base_version=base, phase="starting")
+            self._live[record["task_id"]] = (record.get("progress") or 0.0, "starting")
+
+    def _unexpected(self, task_id: str, error: BaseException) -> None:
+        """End a job on an error nobody planned for (the queue's error handler too): `failed`, the
+        detail in the service log."""
+        log.error("job %s failed", task_id, exc_info=error)
+        with self._lock:
+            if task_id not in self._records or self._records[task_id]["status"] in ENDED:
+                return
+        self._end(task_id, "failed", error=user_reason(error))
+
+    def _cancelled(self, task_id: str, outcome: AttemptOutcome | None) -> None:
+        """End a cancelled job, recording the version it published if the cancel came too late to
+        prevent that (stored, never activated)."""
+        if outcome is None:
+            try:
+                outcome = published_by(self.store, task_id)
+            except Exception:
+                log.exception("job %s: could not look for a version it published before the cancel", task_id)
+        if outcome is None:
+            self._end(task_id, "cancelled", error="cancelled while running")
+            return
+        version = outcome.version
+        self._end(task_id, "cancelled", error="cancelled while running", model_version=version,
+                  metrics=outcome.metrics, activated=False,
+                  note=(f"version {version} was published before the cancel took effect; it is stored, not "
+                        f"activated: activate it with POST /v1/models/{version}/activate"))
 
     def _report(self, task_id: str, fraction: float, phase: str) -> None:
         with self._lock:
@@ -239,8 +285,14 @@ class JobQueue:
     def _finish(self, task_id: str, outcome: AttemptOutcome) -> None:
         record = self._records[task_id]
         version, gate = outcome.version, outcome.gate
-        with self._lock:
-            self._save(record, model_version=version, metrics=outcome.metrics)
+        try:
+            with self._lock:
+                self._save(record, model_version=version, metrics=outcome.metrics)
+        except Exception:
+            log.exception("job %s: the store refused its record of version %s", task_id, version)
+            self._end(task_id, "failed", model_version=version, metrics=outcome.metrics,
+                      error=f"the store could not record version {version} on this job; see the service log")
+            return
         if gate and not gate.get("passed", True):
             self._end(task_id, "failed", error=gate_message(gate, version))
             return
@@ -267,13 +319,29 @@ class JobQueue:
         self._end(task_id, "succeeded", activated=True)
 
     def _end(self, task_id: str, status: str, **changes: Any) -> None:
+        """Record the job's end; it ends `failed` if the store refuses the write (in memory at least)."""
         with self._lock:
             record = self._records[task_id]
             progress = 1.0 if status == "succeeded" else self._live.get(task_id, (record.get("progress", 0.0), ""))[0]
-            self._save(record, status=status, finished=time.time(), progress=progress, phase=status, **changes)
+            end = {"status": status, "finished": time.time(), "progress": progress, "phase": status, **changes}
+            try:
+                self._save(record, **end)
+            except Exception:
+                log.exception("job %s: the store refused its end record (%s)", task_id, status)
+                self._save_failed_end(record, end)
             self._live.pop(task_id, None)
-            self._ended.setdefault(task_id, threading.Event()).set()
-        self.store.delete_job_files(task_id)
+        try:
+            self.store.delete_job_files(task_id)
+        except Exception:  # left for recover() to remove on the next start
+            log.exception("job %s: could not delete its upload", task_id)
+
+    def _save_failed_end(self, record: dict[str, Any], end: dict[str, Any]) -> None:
+        reason = f"the store could not record this job's end ({end['status']}); see the service log"
+        record.update({**end, "status": "failed", "phase": "failed", "error": reason})
+        try:
+            self.store.save_job(record)
+        except Exception:  # memory says failed; a restart finds it running and resumes or fails it
+            log.exception("job %s: the store refused the failed record too", record["task_id"])
 
     def _save(self, record: dict[str, Any], **changes: Any) -> None:
         """Persist first, then publish in memory: what the API shows is always on disk."""

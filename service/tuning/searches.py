@@ -5,7 +5,9 @@ remote), holding exactly what `gnsp tune --out` writes (request.json, status.jso
 the plot, best.json) plus `job.json`: when it was asked for, whether its winner becomes the default
 training config for later tasks, and whether a user cancelled it. The search runs in a Ray task so
 `DELETE` can stop it; a search the service was running when it stopped is continued with
-`Tuner.restore` on the next start, a search a user cancelled is not.
+`Tuner.restore` on the next start, a search a user cancelled is not. Whatever goes wrong around a
+search (its Ray task dies, its folder cannot be read) ends that search `failed`; the searches
+queued behind it still run.
 
 Over REST the tasks are built-in names or one uploaded dataset (never a path on the server), and
 trials start from a stored model version (the active one unless `base_version` says otherwise).
@@ -47,7 +49,6 @@ DEFAULTS_FILE = "defaults.json"
 """Store file with the training config that tasks submitted without one start from."""
 SERVICE_KEYS = ("out_dir", "job_id", "model", "base_state", "workers", "gpus_per_worker")
 """TuneRequest fields the service sets itself (where results go, what model, what hardware)."""
-CANCEL_WAIT_S = 60.0
 
 
 class UnknownSearchError(NotFoundError):
@@ -60,6 +61,10 @@ def _run_search(request: dict[str, Any], resume: bool) -> dict[str, Any] | None:
 
     outcome = run_tune_job(TuneRequest.from_dict(request), resume=resume)
     return outcome.best_config.to_dict() if outcome.best_config is not None else None
+
+
+SEARCH_ID_PATTERN = r"^tune-[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$"
+"""Every id `new_search_id` makes matches this (the API states it for its `{job_id}` paths)."""
 
 
 def new_search_id() -> str:
@@ -75,8 +80,10 @@ class TuneJobs:
         self.root = local if local is not None else Path(settings.work_dir or tempfile.gettempdir()) / "gnsp-tune"
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._queue = WorkQueue("gnsp-tune", self._take)
+        self._queue = WorkQueue("gnsp-tune", self._take, on_error=self._unexpected)
         self._running: dict[str, ray.ObjectRef] = {}
+        self._unrecorded: dict[str, str] = {}
+        """Searches that ended failed when even their status file could not be written: job id -> reason."""
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -139,6 +146,9 @@ class TuneJobs:
         tasks = [*tasks, *([str(dataset)] if dataset is not None else [])]
         if not tasks:
             raise BadRequestError("a search needs tasks: name built-in tasks or upload a dataset")
+        space = body.pop("space", None) or {}  # null (the whole space or one range): the default ranges
+        if any(v is not None for v in space.values()):
+            body["space"] = {k: v for k, v in space.items() if v is not None}
         config = body.pop("config", {})
         if not isinstance(config, dict):
             raise BadRequestError("config must be a JSON object of training settings")
@@ -170,6 +180,8 @@ class TuneJobs:
                    for r in results["trials"])
         progress = 1.0 if results["status"] == "succeeded" else round(min(done / trials, 0.99), 4)
         visible = {k: v for k, v in request.items() if k not in ("out_dir", "base_state")}
+        if job_id in self._unrecorded:
+            results.update(status="failed", error=self._unrecorded[job_id])
         return {**record, **results, "progress": progress, "request": visible,
                 "applied": (self.defaults() or {}).get("source") == job_id}
 
@@ -177,6 +189,8 @@ class TuneJobs:
         return [self.view(j) for j in sorted(self._job_ids(), key=lambda j: self._record(j).get("created", 0))]
 
     def cancel(self, job_id: str) -> dict[str, Any]:
+        """A queued search never starts; a running one is asked to stop (Tune stops its trials) and
+        ends `cancelled` once its Ray task has returned. This call never waits for that."""
         status = self.view(job_id)["status"]
         if status in ENDED:
             raise ConflictError(f"search {job_id!r} already ended ({status}); nothing to cancel")
@@ -186,11 +200,7 @@ class TuneJobs:
                 write_status(self.root / job_id, "cancelled", "cancelled before it started")
             ref = self._running.get(job_id)
         if ref is not None:
-            ray.cancel(ref)  # KeyboardInterrupt in the search: Tune stops its trials
-            try:
-                ray.wait([ref], timeout=CANCEL_WAIT_S)
-            finally:
-                write_status(self.root / job_id, "cancelled", "cancelled by the user")
+            ray.cancel(ref)  # KeyboardInterrupt in the search; the worker records the end
         return self.view(job_id)
 
     def apply(self, job_id: str) -> dict[str, Any]:
@@ -230,17 +240,39 @@ class TuneJobs:
         out = self.root / job_id
         try:
             best = ray.get(ref)
-            if best is not None and self._record(job_id).get("apply_best"):
-                self.apply(job_id)
         except Exception as exc:  # the search wrote its own status; this covers what happened around it
             if self._record(job_id).get("cancelled"):
                 write_status(out, "cancelled", "cancelled by the user")
             elif read_results(out)["status"] not in ENDED:
-                log.exception("search %s failed", job_id)
-                write_status(out, "failed", user_reason(exc))
+                self._unexpected(job_id, exc)
+            return
         finally:
             with self._lock:
                 self._running.pop(job_id, None)
+        record = self._record(job_id)
+        if record.get("cancelled"):
+            if read_results(out)["status"] != "succeeded":
+                write_status(out, "cancelled", "cancelled by the user")
+        elif best is not None and record.get("apply_best"):
+            try:
+                self.apply(job_id)
+            except Exception:
+                log.exception("search %s succeeded but its best config could not be applied", job_id)
+
+    def _unexpected(self, job_id: str, error: BaseException) -> None:
+        """End a search on an error nobody planned for (the queue's error handler too): `failed`
+        (`cancelled` if a user cancelled it), the detail in the service log."""
+        log.error("search %s failed", job_id, exc_info=error)
+        with self._lock:
+            self._running.pop(job_id, None)
+        try:
+            if read_results(self.root / job_id)["status"] not in ENDED:
+                cancelled = bool(self._record(job_id).get("cancelled"))
+                reason = "cancelled by the user" if cancelled else user_reason(error)
+                write_status(self.root / job_id, "cancelled" if cancelled else "failed", reason)
+        except Exception:
+            log.exception("search %s: could not record its end", job_id)
+            self._unrecorded[job_id] = "the service could not record this search's end; see the service log"
 
     # --- records ---------------------------------------------------------------------------------
 

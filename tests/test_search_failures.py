@@ -1,0 +1,123 @@
+"""The search queue when things go wrong around a search: its Ray task cannot start or dies, its
+winner cannot be applied, a user cancels it while it runs. Each search ends with a status that
+says so and the searches behind it still run. A fake stands in for Ray here (test_service_tune.py
+runs real searches)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import ray.exceptions
+
+from service.settings import ServiceSettings
+from service.tuning import searches as searches_module
+from service.tuning.report import write_status
+from service.tuning.searches import TuneJobs
+from test_jobs import store, until  # noqa: F401 (fixture)
+
+
+class FakeRef:
+    def __init__(self, request: dict[str, Any], behaviour: str) -> None:
+        self.request, self.behaviour = request, behaviour
+        self.cancelled = threading.Event()
+
+
+class FakeRay:
+    """`_run_search.remote` and the `ray.get` / `ray.cancel` the search queue calls, scripted per search."""
+
+    def __init__(self, behaviours: list[str]) -> None:
+        self.behaviours, self.started = list(behaviours), []
+
+    def remote(self, request: dict[str, Any], resume: bool) -> FakeRef:
+        behaviour = self.behaviours.pop(0)
+        self.started.append(request["job_id"])
+        if behaviour == "cannot start":
+            raise ConnectionError("the Ray cluster is unreachable")
+        return FakeRef(request, behaviour)
+
+    def get(self, ref: FakeRef) -> dict[str, Any] | None:
+        if ref.behaviour == "dies":  # the process died: no status written by the search itself
+            raise ray.exceptions.WorkerCrashedError()
+        if ref.behaviour == "runs until cancelled":
+            write_status(Path(ref.request["out_dir"]), "running")
+            assert ref.cancelled.wait(20)
+            raise ray.exceptions.TaskCancelledError()
+        write_status(Path(ref.request["out_dir"]), "succeeded")
+        return {"method": "gnsp"}  # a best config, but no best.json: applying it fails
+
+    def cancel(self, ref: FakeRef) -> None:
+        ref.cancelled.set()
+
+
+@pytest.fixture()
+def searches(store, monkeypatch):
+    def make(behaviours: list[str]) -> tuple[TuneJobs, FakeRay]:
+        fake = FakeRay(behaviours)
+        monkeypatch.setattr(searches_module, "_run_search", fake)
+        monkeypatch.setattr(searches_module, "ray", SimpleNamespace(get=fake.get, cancel=fake.cancel))
+        jobs = TuneJobs(store, ServiceSettings(store=store.uri))
+        jobs.recover()
+        jobs.start()
+        made.append(jobs)
+        return jobs, fake
+
+    made: list[TuneJobs] = []
+    yield make
+    for jobs in made:
+        jobs.stop()
+
+
+def submit(jobs: TuneJobs, **extra: Any) -> str:
+    return jobs.submit({"tasks": ["digits"], "trials": 2, **extra})["job_id"]
+
+
+def final(jobs: TuneJobs, job_id: str) -> dict[str, Any]:
+    return until(lambda: jobs.view(job_id)["status"] in ("succeeded", "failed", "cancelled") and jobs.view(job_id))
+
+
+def test_any_error_around_a_search_fails_that_search_and_later_ones_run(searches):
+    jobs, fake = searches(["runs until cancelled", "cannot start", "dies", "succeeds", "succeeds"])
+    running = submit(jobs)
+    until(lambda: jobs.view(running)["status"] == "running")
+    cannot_start, dies = submit(jobs), submit(jobs)
+    unappliable, last = submit(jobs, apply_best=True), submit(jobs)
+
+    started = time.monotonic()
+    cancelling = jobs.cancel(running)
+    assert time.monotonic() - started < 2  # asks the search to stop; never waits for it
+    assert cancelling["cancelled"] is True
+
+    assert final(jobs, running)["status"] == "cancelled"
+    assert final(jobs, running)["error"] == "cancelled by the user"
+    failed = final(jobs, cannot_start)
+    assert failed["status"] == "failed" and failed["error"] == "internal error (ConnectionError); see the service log"
+    assert final(jobs, dies)["status"] == "failed" and "WorkerCrashedError" in jobs.view(dies)["error"]
+    assert final(jobs, unappliable)["status"] == "succeeded" and jobs.view(unappliable)["applied"] is False
+    assert final(jobs, last)["status"] == "succeeded"
+    assert fake.started == [running, cannot_start, dies, unappliable, last]
+
+
+def test_a_search_whose_folder_breaks_fails_even_when_its_status_cannot_be_written(searches, monkeypatch):
+    jobs, fake = searches(["runs until cancelled", "succeeds"])
+    blocker = submit(jobs)
+    until(lambda: jobs.view(blocker)["status"] == "running")
+    broken, after = submit(jobs), submit(jobs)
+
+    def refuse(out_dir, status, error=None):
+        if str(out_dir).endswith(broken):
+            raise OSError("disk full")
+        return real_write_status(out_dir, status, error)
+
+    real_write_status = searches_module.write_status
+    monkeypatch.setattr(searches_module, "write_status", refuse)
+    monkeypatch.setattr(jobs, "_started", lambda job_id: 1 / 0 if job_id == broken else False)
+    jobs.cancel(blocker)
+    record = final(jobs, broken)
+    assert record["status"] == "failed" and "could not record this search's end" in record["error"]
+    assert final(jobs, after)["status"] == "succeeded"
+    assert fake.started == [blocker, after]
