@@ -87,8 +87,13 @@ def step_times(s: dict[str, Any]) -> list[dict[str, Any]]:
                 torch.cuda.reset_peak_memory_stats()
             stamps: list[float] = []
             _sync(s["device"])
-            learn_task(first, loaded, task2, config, reference=reference,
-                       progress=lambda p: (_sync(s["device"]), stamps.append(time.perf_counter())))
+
+            def stamp(progress) -> None:
+                if progress.phase == "train":
+                    _sync(s["device"])
+                    stamps.append(time.perf_counter())
+
+            learn_task(first, loaded, task2, config, reference=reference, progress=stamp)
             _sync(s["device"])
             end = time.perf_counter()
             steps = [b - a for a, b in zip(stamps[:-1], stamps[1:])][min(5, len(stamps) // 2):]

@@ -161,3 +161,24 @@ def test_a_torn_blob_upload_is_never_taken_for_the_blob(store, tmp_path):
     store.publish_version(state_with_shared(tmp_path / "a", "a", {"h1.safetensors": "one"}), {})
     assert (store.fetch_version(1, tmp_path / "cache") / "stats" / "h1.safetensors").read_text() == "one"
     assert [Path(r).name for r in store.discard_incomplete()] == ["h1.safetensors.tmp-dead"]
+
+
+def test_versions_of_real_states_keep_unchanged_statistics_once(tiny, tmp_path):
+    import torch
+
+    from gnsp_core.projection import ProjectorStatistics
+    from gnsp_core.state import ContinualState
+
+    store = ModelStore.open(str(tmp_path / "store"))
+    state = ContinualState.initial(tiny.model, tiny.spec)
+    state.stats = ProjectorStatistics(storage="float32")
+    x = torch.randn(40, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    state.stats.add_task({"visual.proj": x.T @ x, "visual.transformer.resblocks.0.mlp.c_fc": x.T @ x / 2})
+    store.publish_version(state.save(tmp_path / "a"), {})
+    one_version = store.blob_bytes()
+    state.weights = {k: v + 1 if v.is_floating_point() else v for k, v in state.weights.items()}  # a task of another method
+    store.publish_version(state.save(tmp_path / "b"), {})
+    assert store.blob_bytes() == one_version > 0
+    again = ContinualState.load(store.fetch_version(2, tmp_path / "cache"))
+    assert again.stats.storage == "float32"
+    assert all(torch.equal(again.stats.covariances[k], state.stats.covariances[k]) for k in state.stats.covariances)
