@@ -182,6 +182,8 @@ def null_space_effect(steps: int) -> list[dict[str, Any]]:
             loaded.model.load_state_dict(after.weights)
             rows.append({
                 "variant": label, "storage": storage, "energy_kept": energy, "stats_bytes": size,
+                "eigenvectors_kept": (sum(stats.spectra[n].vectors.shape[1] for n in stats.spectra)
+                                      / sum(stats.spectra[n].dim for n in stats.spectra)) if storage == "eigen" else 1.0,
                 "null_dims": {n: int(torch.trace(p[n]).round()) for n in p},
                 "projector_diff_2norm_max": max(float(torch.linalg.matrix_norm(p[n] - reference_p[n], 2)) for n in p),
                 "old_output_change_max": max(changes.values()),
@@ -204,13 +206,14 @@ def markdown(storage: list[dict], effect: list[dict]) -> str:
         eig = " | ".join(gb(r[f"eigen_r{f}"]) for f in EIGEN_FRACTIONS)
         lines.append(f"| {r['model']} | {r['scope']} | {r['maps']} | {gb(r['float64_full'])} | "
                      f"{gb(r['float32_triangle'])} | {eig} |")
-    lines += ["", "| variant | storage | energy kept | stats bytes | null dims | max ‖P₆₄ − P‖₂ | "
+    lines += ["", "| variant | storage | energy kept | eigenvectors kept | stats bytes | null dims | max ‖P₆₄ − P‖₂ | "
               "old-output change max / mean | weights vs float64 run | old-task accuracy |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in effect:
         dims = "/".join(str(d) for d in r["null_dims"].values())
         acc = ", ".join(f"{a:.1f}" for a in r["old_task_accuracy"])
-        lines.append(f"| {r['variant']} | {r['storage']} | {r['energy_kept']} | {r['stats_bytes']} | {dims} | "
+        lines.append(f"| {r['variant']} | {r['storage']} | {r['energy_kept']} | {r['eigenvectors_kept']:.2f} | "
+                     f"{r['stats_bytes']:,} | {dims} | "
                      f"{r['projector_diff_2norm_max']:.2e} | {r['old_output_change_max']:.2e} / "
                      f"{r['old_output_change_mean']:.2e} | {r['weights_vs_float64_run']:.2e} | {acc} |")
     return "\n".join(lines)
