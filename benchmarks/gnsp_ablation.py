@@ -30,8 +30,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "finetune": ("plain fine-tuning of the heads (reference point)", dict(method="finetune")),
     "finetune-lr3e-3": ("plain fine-tuning at learning rate 3e-3", dict(method="finetune", lr=3e-3)),
     "gnsp": ("paper recipe: ρ=0.15, vision MLP maps, CD 1.0, MAP 0.75", {}),
-    "gnsp-no-projection": ("ρ=1.01: the null space is the whole space (projection off)",
-                           dict(projection_threshold=1.01)),
+    "gnsp-no-projection": ("cut-off a=1e12, above every eigenvalue ratio: the null space is the whole space "
+                           "(projection off)", dict(projection_rule="cutoff", projection_threshold=1e12)),
     "gnsp-rho0.5": ("ρ=0.5: a larger null space", dict(projection_threshold=0.5)),
     "gnsp-no-distill": ("CD and MAP weights 0 (projection only)", dict(cd_weight=0.0, map_weight=0.0)),
     "gnsp-text-proj": ("the text projection trains too, projected like the vision maps",

@@ -3,15 +3,18 @@
 1. collect: after a task, one pass over its training data records, for every protected linear
    map, the uncentered covariance XᵀX of the map's inputs (`CovarianceCollector`);
 2. accumulate: each task's matrix is normalised and added to the running sum over tasks
-   (`ProjectorStatistics`), which is saved with the weights because version N+1 needs it;
-3. eigendecompose the running matrix and choose the null space by a threshold rule
-   (`null_space_basis`);
+   (`ProjectorStatistics`; the paper first rescales the old `visual.proj` sum to unit norm),
+   which is saved with the weights because version N+1 needs it (`stats_storage`);
+3. eigendecompose the running matrix once (`spectra`) and choose the null space by a threshold
+   rule (`split_spectrum`);
 4. project: restrict the raw gradient (paper) or the optimiser's whole step (exact with AdamW)
    to that null space (`NullSpaceProjector`).
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Literal
 
@@ -19,10 +22,14 @@ import torch
 
 from gnsp_core.errors import ConfigError
 from gnsp_core.linear_maps import LinearMap, LinearMapSet
+from gnsp_core.spectra import Spectrum, eigendecompose
 
 Rule = Literal["energy", "cutoff"]
+Storage = Literal["float32", "eigen", "float64"]
+STORAGES = ("auto", "float32", "eigen", "float64")
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 _EIG_FLOOR = 1e-10  # numerically zero eigenvalues are floored at this fraction of λ_max
+PAPER_RENORMALISED = r"^visual\.proj$"
 
 
 @dataclass(frozen=True)
@@ -34,14 +41,63 @@ class ProjectionConfig:
     target: Literal["gradient", "update"] = "gradient"
     """Project the raw gradient (paper) or the optimiser's final update (exact with AdamW)."""
     rule: Rule = "energy"
-    """`energy`: null space = largest eigen-tail holding < threshold of the energy (paper, ρ = 0.15).
-    `cutoff`: eigenvalues ≤ threshold · λ_min (Adam-NSCL)."""
+    """`energy`: null space = largest eigen-tail holding < threshold of the energy (paper, ρ = 0.15;
+    0 < ρ < 1). `cutoff`: eigenvalues ≤ threshold · λ_min (Adam-NSCL; threshold ≥ 1)."""
     threshold: float = 0.15
     stat_norm: Literal["batch", "task"] = "batch"
     """`batch`: each batch's XᵀX is divided by its Frobenius norm before summing (paper);
     `task`: only the task total is normalised (independent of batching, so N workers = 1 process)."""
     seed_with_reference: bool = False
     """Before the first task, add the reference data's statistics so pre-trained knowledge is protected too."""
+    renormalise_old: str = PAPER_RENORMALISED
+    """Regex of maps whose running statistics are scaled to unit Frobenius norm before a new task's
+    are added (paper: `visual.proj`, so the old tasks together weigh as much as the new one); the
+    other maps add as-is. Empty: every map is a plain sum."""
+    storage: Literal["auto", "float32", "eigen", "float64"] = "auto"
+    """How a saved state keeps the running statistics: `float32` (the symmetric matrix's upper
+    triangle in float32, a quarter of float64), `eigen` (the leading eigenvectors holding
+    `storage_energy` of each map's energy, float32; energy rule only), `float64` (lossless, the
+    cut-off rule's exactness needs it: float32 rounding lifts zero eigenvalues to ~1e-7·λ_max);
+    `auto`: float32 with the energy rule, float64 with the cut-off rule."""
+    storage_energy: float = 0.9999
+    """`eigen` storage: fraction of each map's energy kept (the rest is dropped into the null space)."""
+
+    def __post_init__(self) -> None:
+        validate_projection(self)
+
+    @property
+    def stored_as(self) -> Storage:
+        """The storage form `auto` stands for under this rule."""
+        if self.storage != "auto":
+            return self.storage
+        return "float64" if self.rule == "cutoff" else "float32"
+
+
+def validate_projection(cfg: ProjectionConfig) -> None:
+    """Refuse thresholds and storage settings that have no meaning under the chosen rule."""
+    if cfg.rule not in ("energy", "cutoff"):
+        raise ConfigError(f"projection.rule must be 'energy' or 'cutoff', not {cfg.rule!r}")
+    if cfg.storage not in STORAGES:
+        raise ConfigError(f"projection.storage must be one of {', '.join(STORAGES)}, not {cfg.storage!r}")
+    finite = isinstance(cfg.threshold, (int, float)) and math.isfinite(cfg.threshold)
+    if cfg.rule == "energy" and not (finite and 0 < cfg.threshold < 1):
+        raise ConfigError(f"projection.threshold {cfg.threshold!r} is out of range for the energy rule: "
+                          "it is the fraction ρ of energy in the null space, 0 < ρ < 1 (paper: 0.15)")
+    if cfg.rule == "cutoff" and not (finite and cfg.threshold >= 1):
+        raise ConfigError(f"projection.threshold {cfg.threshold!r} is out of range for the cut-off rule: "
+                          "the null space holds eigenvalues ≤ a·λ_min, so a ≥ 1 (e.g. 10)")
+    if not 0 < cfg.storage_energy <= 1:
+        raise ConfigError(f"projection.storage_energy must be in (0, 1], not {cfg.storage_energy!r}")
+    if cfg.storage == "eigen" and cfg.rule == "cutoff":
+        raise ConfigError("projection.storage 'eigen' drops the smallest eigenvalues the cut-off rule "
+                          "measures against; use storage 'float32' or 'float64' with rule 'cutoff'")
+    if cfg.storage == "eigen" and 1 - cfg.storage_energy >= cfg.threshold:
+        raise ConfigError(f"projection.storage_energy {cfg.storage_energy} drops {1 - cfg.storage_energy:.3g} "
+                          f"of the energy, not less than ρ = {cfg.threshold}: keep more (e.g. 0.9999)")
+    try:
+        re.compile(cfg.renormalise_old)
+    except re.error as exc:
+        raise ConfigError(f"projection.renormalise_old is not a regex: {exc}") from exc
 
 
 class CovarianceCollector:
@@ -101,60 +157,113 @@ class CovarianceCollector:
 
 
 class ProjectorStatistics:
-    """The running covariance per protected map, summed over every task learned so far."""
+    """The running covariance per protected map, summed over every task learned so far.
 
-    def __init__(self, covariances: dict[str, torch.Tensor] | None = None, num_tasks: int = 0) -> None:
+    `storage` is the form a saved state keeps (see `ProjectionConfig.storage`). It is applied as
+    each task is added, so the statistics in memory always equal what a save and load would give:
+    a run of several tasks in one process protects exactly as a run resumed from saved versions.
+    """
+
+    def __init__(self, covariances: dict[str, torch.Tensor] | None = None, num_tasks: int = 0,
+                 storage: Storage = "float64", storage_energy: float = 1.0,
+                 spectra: dict[str, Spectrum] | None = None) -> None:
         self.covariances = dict(covariances or {})
         self.num_tasks = num_tasks
+        self.storage, self.storage_energy = storage, storage_energy
+        self.spectra: dict[str, Spectrum] = dict(spectra or {})
+        """Eigendecompositions already known (computed this task, or read from `eigen` storage)."""
 
-    def add_task(self, task_matrices: dict[str, torch.Tensor]) -> None:
+    def copy(self, storage: Storage | None = None, storage_energy: float | None = None) -> "ProjectorStatistics":
+        """A copy to accumulate into (the matrices are shared until a task replaces them)."""
+        return ProjectorStatistics(self.covariances, self.num_tasks, storage or self.storage,
+                                   self.storage_energy if storage_energy is None else storage_energy, self.spectra)
+
+    def add_task(self, task_matrices: dict[str, torch.Tensor], renormalise_old: str = "") -> None:
+        """Add one task's normalised covariances; maps matching `renormalise_old` first scale their
+        running sum to unit norm (the paper's `visual.proj`). Collective under torch.distributed
+        with `eigen` storage (rank 0 decomposes, every rank receives)."""
+        pattern = re.compile(renormalise_old) if renormalise_old else None
         for name, mat in task_matrices.items():
-            mat = mat.detach().to("cpu", torch.float64)
-            self.covariances[name] = self.covariances[name] + mat if name in self.covariances else mat
+            mat = mat.detach().to(torch.float64)
+            old = self.covariances.get(name)
+            if old is not None:
+                old = old.to(mat.device)
+                if pattern is not None and pattern.match(name):
+                    old = old / old.norm().clamp_min(1e-30)
+                mat = old + mat
+            self.covariances[name] = self._stored_form(name, mat)
         self.num_tasks += 1
+
+    def _stored_form(self, name: str, running: torch.Tensor) -> torch.Tensor:
+        self.spectra.pop(name, None)
+        if self.storage == "float32":
+            return running.to("cpu", torch.float32).to(torch.float64)
+        if self.storage == "eigen":
+            spectrum = eigendecompose(running).truncated(self.storage_energy)
+            spectrum.vectors = spectrum.vectors.float()
+            self.spectra[name] = spectrum
+            return spectrum.matrix()
+        return running.to("cpu")
+
+    def spectrum(self, name: str, device: torch.device | str | None = None) -> Spectrum:
+        """The eigendecomposition of a map's running covariance, computed once (rank 0, broadcast)."""
+        if name not in self.spectra:
+            self.spectra[name] = eigendecompose(self.covariances[name], device)
+        return self.spectra[name]
 
     def is_empty(self) -> bool:
         return not self.covariances
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {f"cov.{k}": v.contiguous() for k, v in self.covariances.items()}
-
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], num_tasks: int) -> "ProjectorStatistics":
+        """Statistics of the first state format: float64 matrices named `cov.<map>` among the extras."""
         covs = {k[len("cov."):]: v.to(torch.float64) for k, v in tensors.items() if k.startswith("cov.")}
-        return cls(covs, num_tasks)
+        return cls(covs, num_tasks, storage="float64")
+
+
+def split_spectrum(spectrum: Spectrum, rule: Rule, threshold: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(V₁ range, V₂ null space) of a spectrum by `rule`; V₂ is None when the spectrum is truncated
+    (the null space then also holds every eigenvector not kept, so it is used as I − V₁V₁ᵀ)."""
+    values, vectors = spectrum.values.double(), spectrum.vectors.double()
+    if rule == "energy":
+        tail = values.flip(0).cumsum(0).flip(0) + spectrum.residual  # tail[k] = Σ_{i ≥ k} λ_i
+        if spectrum.residual >= threshold * spectrum.total() > 0:
+            raise ConfigError(f"these statistics were stored keeping less than {1 - threshold:.4g} of the energy; "
+                              f"ρ = {threshold} needs a larger projection.threshold or statistics stored with more")
+        inside = (tail < threshold * spectrum.total()).nonzero()
+        split = int(inside[0]) if len(inside) else len(values)
+    elif rule == "cutoff":
+        if not spectrum.complete:
+            raise ConfigError("the cut-off rule needs every eigenvalue, but these statistics were stored "
+                              "eigen-truncated; use the energy rule with them")
+        lam_min = values[-1].clamp_min(_EIG_FLOOR * values[0])
+        split = int((values > threshold * lam_min).sum())
+    else:
+        raise ConfigError(f"unknown null-space rule {rule!r}; use 'energy' or 'cutoff'")
+    return vectors[:, :split], (vectors[:, split:] if spectrum.complete else None)
 
 
 def null_space_basis(covariance: torch.Tensor, rule: Rule, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Split the eigenvectors of a covariance into (V₁ range, V₂ null space), by `rule`."""
-    eigvals, eigvecs = torch.linalg.eigh(covariance.double())
-    eigvals, eigvecs = eigvals.flip(0).clamp_min(0), eigvecs.flip(1)  # descending
-    if rule == "energy":
-        tail = eigvals.flip(0).cumsum(0).flip(0)  # tail[k] = Σ_{i ≥ k} λ_i
-        inside = (tail < threshold * eigvals.sum()).nonzero()
-        split = int(inside[0]) if len(inside) else len(eigvals)
-    elif rule == "cutoff":
-        lam_min = eigvals[-1].clamp_min(_EIG_FLOOR * eigvals[0])
-        split = int((eigvals > threshold * lam_min).sum())
-    else:
-        raise ValueError(f"unknown null-space rule {rule!r}; use 'energy' or 'cutoff'")
-    return eigvecs[:, :split], eigvecs[:, split:]
+    range_basis, null_basis = split_spectrum(eigendecompose(covariance, broadcast=False), rule, threshold)
+    assert null_basis is not None
+    return range_basis, null_basis
 
 
 class _MapProjector:
     """Projects one map's matrices onto its null space with the cheaper factorisation.
 
     Keeping k columns costs O(k) per projection: with V₂ (k₂ columns) it is V₂V₂ᵀ; with V₁ it is
-    I − V₁V₁ᵀ. Whichever basis is smaller is stored.
+    I − V₁V₁ᵀ. Whichever basis is smaller is stored (V₁ when V₂ is not known explicitly).
     """
 
-    def __init__(self, linear_map: LinearMap, range_basis: torch.Tensor, null_basis: torch.Tensor) -> None:
+    def __init__(self, linear_map: LinearMap, range_basis: torch.Tensor, null_basis: torch.Tensor | None) -> None:
         self.map = linear_map
         device, dtype = linear_map.weight.device, linear_map.weight.dtype
-        self.use_null = null_basis.shape[1] <= range_basis.shape[1]
+        self.use_null = null_basis is not None and null_basis.shape[1] <= range_basis.shape[1]
         basis = null_basis if self.use_null else range_basis
         self.basis = basis.to(device, dtype)
-        self.null_dim = null_basis.shape[1]
+        self.null_dim = range_basis.shape[0] - range_basis.shape[1]
 
     def __call__(self, mat: torch.Tensor) -> torch.Tensor:
         v = self.basis.to(mat.dtype)
@@ -172,10 +281,10 @@ class NullSpaceProjector:
         self.maps, self.config = maps, config
         self.layers: list[_MapProjector] = []
         for m in maps:
-            cov = stats.covariances.get(m.name)
-            if cov is None:
+            if m.name not in stats.covariances:
                 raise KeyError(f"no statistics for {m.name}; were they collected with the same scope?")
-            range_basis, null_basis = null_space_basis(cov, config.rule, config.threshold)
+            spectrum = stats.spectrum(m.name, m.weight.device)
+            range_basis, null_basis = split_spectrum(spectrum, config.rule, config.threshold)
             self.layers.append(_MapProjector(m, range_basis, null_basis))
         self._before: list[torch.Tensor] = []
 

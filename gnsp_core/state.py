@@ -2,8 +2,11 @@
 
 Weights alone are not enough: GNSP needs the running input covariances of every task learned so
 far, MG-CLIP its LoRA factors and compensation heads, and every method the task history. A state
-is a folder of three files, written atomically: `weights.safetensors`, `extras.safetensors`
-(projector statistics and method tensors) and `state.json` (spec, config, history).
+is a folder, written atomically: `weights.safetensors`, `extras.safetensors` (method tensors),
+`stats/<sha256>.safetensors` (one content-addressed file per protected map's projector
+statistics, see `stats_storage`) and `state.json` (spec, config, history, which statistics file
+belongs to which map). States of the first format (float64 matrices `cov.<map>` inside
+`extras.safetensors`) still load.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from gnsp_core.atomic_files import fsync_dir, fsync_file
 from gnsp_core.errors import StateError
 from gnsp_core.models.spec import ModelSpec
 from gnsp_core.projection import ProjectorStatistics
+from gnsp_core.stats_storage import read_statistics, write_statistics
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 
 
 @dataclass
@@ -65,17 +70,21 @@ class ContinualState:
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
             save_file(_contiguous(self.weights), str(tmp / "weights.safetensors"))
-            save_file(_contiguous({**self.stats.tensors(), **self.extras}), str(tmp / "extras.safetensors"))
+            save_file(_contiguous(self.extras), str(tmp / "extras.safetensors"))
             meta = {
                 "format": FORMAT_VERSION,
                 "spec": self.spec.to_dict(),
                 "num_stat_tasks": self.stats.num_tasks,
+                "stats": {"storage": self.stats.storage, "storage_energy": self.stats.storage_energy,
+                          "files": write_statistics(self.stats, tmp)},
                 "history": [asdict(r) for r in self.history],
                 "config": self.config,
             }
             (tmp / "state.json").write_text(json.dumps(meta, indent=2))
-            for path in tmp.iterdir():
-                fsync_file(path)
+            for path in tmp.rglob("*"):
+                if path.is_file():
+                    fsync_file(path)
+            fsync_dir(tmp / "stats") if (tmp / "stats").is_dir() else None
             if directory.exists():
                 old = directory.with_name(f".{directory.name}.old")
                 shutil.rmtree(old, ignore_errors=True)
@@ -97,10 +106,15 @@ class ContinualState:
         if missing:
             raise StateError(f"{directory} is not a continual state (missing {', '.join(missing)})")
         meta = json.loads(files[0].read_text())
-        if meta.get("format") != FORMAT_VERSION:
-            raise StateError(f"{directory} has state format {meta.get('format')}, expected {FORMAT_VERSION}")
+        if meta.get("format") not in READABLE_FORMATS:
+            raise StateError(f"{directory} has state format {meta.get('format')}; this version reads {READABLE_FORMATS}")
         extras = load_file(str(files[2]))
-        stats = ProjectorStatistics.from_tensors(extras, meta["num_stat_tasks"])
+        if meta["format"] == 1:
+            stats = ProjectorStatistics.from_tensors(extras, meta["num_stat_tasks"])
+        else:
+            saved = meta["stats"]
+            stats = read_statistics(directory, saved["files"], meta["num_stat_tasks"], saved["storage"],
+                                    saved["storage_energy"])
         return cls(
             spec=ModelSpec.from_dict(meta["spec"]),
             weights=load_file(str(files[1])),

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
 
+from gnsp_core.config import TrainConfig
+from gnsp_core.errors import ConfigError
 from gnsp_core.linear_maps import LinearMapSet, input_tap
 from gnsp_core.projection import (
     NullSpaceProjector, ProjectionConfig, ProjectorStatistics, collect_statistics, null_space_basis,
@@ -110,13 +114,63 @@ def test_cheaper_factorisation_gives_the_same_projection():
     assert torch.allclose(g @ v2 @ v2.T, g - g @ v1 @ v1.T, atol=1e-10)
 
 
-def test_statistics_sum_over_tasks_and_round_trip():
+def test_statistics_sum_over_tasks():
     a, b = torch.eye(3, dtype=torch.float64), 2 * torch.eye(3, dtype=torch.float64)
     stats = ProjectorStatistics()
     stats.add_task({"m": a})
     stats.add_task({"m": b})
-    again = ProjectorStatistics.from_tensors(stats.tensors(), stats.num_tasks)
-    assert again.num_tasks == 2 and torch.equal(again.covariances["m"], 3 * a)
+    assert stats.num_tasks == 2 and torch.equal(stats.covariances["m"], 3 * a)
+
+
+def test_renormalise_old_scales_only_matching_maps_before_adding():
+    """Paper: running(visual.proj) = old / ‖old‖_F + task; every other map adds as-is."""
+    old = torch.diag(torch.tensor([3.0, 4.0], dtype=torch.float64))  # ‖old‖_F = 5
+    new = torch.diag(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    stats = ProjectorStatistics({"visual.proj": old, "visual.mlp": old}, 1)
+    stats.add_task({"visual.proj": new, "visual.mlp": new}, renormalise_old=ProjectionConfig().renormalise_old)
+    assert torch.equal(stats.covariances["visual.proj"], torch.diag(torch.tensor([0.6, 1.8], dtype=torch.float64)))
+    assert torch.equal(stats.covariances["visual.mlp"], torch.diag(torch.tensor([3.0, 5.0], dtype=torch.float64)))
+    plain = ProjectorStatistics({"visual.proj": old}, 1)
+    plain.add_task({"visual.proj": new}, renormalise_old="")
+    assert torch.equal(plain.covariances["visual.proj"], old + new)
+
+
+def test_renormalisation_is_on_by_default_for_visual_proj_only():
+    pattern = re.compile(ProjectionConfig().renormalise_old)
+    assert pattern.match("visual.proj")
+    assert not pattern.match("visual.transformer.resblocks.0.mlp.c_fc") and not pattern.match("text_projection")
+
+
+@pytest.mark.parametrize("rule,threshold", [("energy", 0.0), ("energy", 1.0), ("energy", 1.01), ("energy", -0.1),
+                                            ("energy", float("nan")), ("cutoff", 0.5), ("cutoff", 0.0),
+                                            ("cutoff", float("inf"))])
+def test_thresholds_outside_their_rule_are_refused(rule, threshold):
+    with pytest.raises(ConfigError, match=f"out of range for the {'energy' if rule == 'energy' else 'cut-off'} rule"):
+        ProjectionConfig(rule=rule, threshold=threshold)
+
+
+@pytest.mark.parametrize("rule,threshold", [("energy", 1e-6), ("energy", 0.15), ("energy", 0.999),
+                                            ("cutoff", 1.0), ("cutoff", 10.0)])
+def test_thresholds_inside_their_rule_are_accepted(rule, threshold):
+    assert ProjectionConfig(rule=rule, threshold=threshold).threshold == threshold
+
+
+def test_train_config_reports_a_bad_threshold_as_a_config_error():
+    with pytest.raises(ConfigError, match="0 < ρ < 1"):
+        TrainConfig().replace(projection_threshold=1.5)
+    with pytest.raises(ConfigError, match="a ≥ 1"):
+        TrainConfig.from_dict({"projection": {"rule": "cutoff", "threshold": 0.5}})
+    assert TrainConfig().replace(projection_rule="cutoff", projection_threshold=10.0).projection.stored_as == "float64"
+
+
+def test_storage_settings_are_checked():
+    assert ProjectionConfig().stored_as == "float32"
+    with pytest.raises(ConfigError, match="cut-off rule"):
+        ProjectionConfig(rule="cutoff", threshold=10, storage="eigen")
+    with pytest.raises(ConfigError, match="keep more"):
+        ProjectionConfig(storage="eigen", storage_energy=0.8, threshold=0.15)
+    with pytest.raises(ConfigError, match="storage must be"):
+        ProjectionConfig(storage="float16")
 
 
 def test_tiny_clip_maps_and_scopes(tiny):

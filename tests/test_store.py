@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from service.errors import UnknownVersionError
-from service.store import ACTIVE, MANIFEST, ModelStore, STATE_FILES, version_dir
+from service.store import ACTIVE, BLOBS, MANIFEST, SHARED_DIR, STATE_FILES, ModelStore, version_dir
 
 
 def fake_state(folder: Path, tag: str) -> Path:
@@ -125,3 +125,60 @@ def test_store_written_files_are_plain_json(tmp_path):
     assert manifest["metrics"] == {"heldout_accuracy": 50.0}
     assert json.loads((tmp_path / "store" / ACTIVE).read_text())["version"] == 1
     assert not [p for p in (tmp_path / "store").rglob("*") if ".tmp-" in p.name]
+
+
+def state_with_shared(folder: Path, tag: str, shared: dict[str, str]) -> Path:
+    """A state folder whose `stats/` holds content-addressed files (name -> content)."""
+    fake_state(folder, tag)
+    (folder / SHARED_DIR).mkdir()
+    for name, content in shared.items():
+        (folder / SHARED_DIR / name).write_text(content)
+    return folder
+
+
+def test_versions_share_unchanged_statistics_and_stay_readable_alone(store, tmp_path):
+    store.publish_version(state_with_shared(tmp_path / "a", "a", {"h1.safetensors": "one", "h2.safetensors": "two"}), {})
+    store.publish_version(state_with_shared(tmp_path / "b", "b", {"h1.safetensors": "one", "h3.safetensors": "three"}), {})
+    assert store.manifest(2)["shared"] == ["stats/h1.safetensors", "stats/h3.safetensors"]
+    assert sorted(i.base_name for i in store.listdir(BLOBS)) == ["h1.safetensors", "h2.safetensors", "h3.safetensors"]
+    assert store.blob_bytes() == len("one") + len("two") + len("three"), "h1 is kept once for both versions"
+    local = store.local_path(version_dir(2))
+    if local is not None:  # a local version folder is complete by itself, through hard links to the blobs
+        assert (local / "stats" / "h1.safetensors").samefile(store.local_path(f"{BLOBS}/h1.safetensors"))
+    store.delete_dir(version_dir(1))  # even if the parent's folder goes, version 2 reads alone
+    folder = store.fetch_version(2, tmp_path / "cache")
+    assert (folder / "stats" / "h1.safetensors").read_text() == "one"
+    assert (folder / "stats" / "h3.safetensors").read_text() == "three"
+    removed = store.discard_incomplete()  # h2 is named by no committed version any more
+    assert [Path(r).name for r in removed] == ["h2.safetensors"]
+    assert sorted(i.base_name for i in store.listdir(BLOBS)) == ["h1.safetensors", "h3.safetensors"]
+
+
+def test_a_torn_blob_upload_is_never_taken_for_the_blob(store, tmp_path):
+    store.fs.create_dir(store.path(BLOBS))
+    with store.fs.open_output_stream(store.path(f"{BLOBS}/h1.safetensors.tmp-dead")) as stream:
+        stream.write(b"o")
+    store.publish_version(state_with_shared(tmp_path / "a", "a", {"h1.safetensors": "one"}), {})
+    assert (store.fetch_version(1, tmp_path / "cache") / "stats" / "h1.safetensors").read_text() == "one"
+    assert [Path(r).name for r in store.discard_incomplete()] == ["h1.safetensors.tmp-dead"]
+
+
+def test_versions_of_real_states_keep_unchanged_statistics_once(tiny, tmp_path):
+    import torch
+
+    from gnsp_core.projection import ProjectorStatistics
+    from gnsp_core.state import ContinualState
+
+    store = ModelStore.open(str(tmp_path / "store"))
+    state = ContinualState.initial(tiny.model, tiny.spec)
+    state.stats = ProjectorStatistics(storage="float32")
+    x = torch.randn(40, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    state.stats.add_task({"visual.proj": x.T @ x, "visual.transformer.resblocks.0.mlp.c_fc": x.T @ x / 2})
+    store.publish_version(state.save(tmp_path / "a"), {})
+    one_version = store.blob_bytes()
+    state.weights = {k: v + 1 if v.is_floating_point() else v for k, v in state.weights.items()}  # a task of another method
+    store.publish_version(state.save(tmp_path / "b"), {})
+    assert store.blob_bytes() == one_version > 0
+    again = ContinualState.load(store.fetch_version(2, tmp_path / "cache"))
+    assert again.stats.storage == "float32"
+    assert all(torch.equal(again.stats.covariances[k], state.stats.covariances[k]) for k in state.stats.covariances)

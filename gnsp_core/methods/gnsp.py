@@ -31,7 +31,7 @@ class GNSP(Method):
     def begin_task(self) -> None:
         proj = self.cfg.projection
         self.maps = LinearMapSet(self.model, proj.scope)
-        self.stats = ProjectorStatistics(dict(self.ctx.state.stats.covariances), self.ctx.state.stats.num_tasks)
+        self.stats = self.ctx.state.stats.copy(proj.stored_as, proj.storage_energy)
         if self.stats.is_empty() and proj.seed_with_reference and self.ctx.reference is not None:
             self.stats.add_task(self._reference_statistics())
         self.projector = None
@@ -67,7 +67,7 @@ class GNSP(Method):
             self.projector.project_updates()
 
     def end_task(self) -> None:
-        self.stats.add_task(self._task_statistics())
+        self.stats.add_task(self._task_statistics(), self.cfg.projection.renormalise_old)
 
     def statistics(self) -> ProjectorStatistics:
         return self.stats

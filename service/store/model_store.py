@@ -2,8 +2,11 @@
 
 Layout under the root:
 
-    models/v000001/          an immutable version: weights.safetensors, extras.safetensors
-                             (projector statistics), state.json (spec, history), manifest.json
+    models/v000001/          an immutable version: weights.safetensors, extras.safetensors,
+                             state.json (spec, history), manifest.json, and on a local disk
+                             stats/<sha256>.safetensors as hard links to the blobs
+    blobs/<sha256>.safetensors   projector statistics, content-addressed: stored once however
+                             many versions use them (a version's manifest lists its `shared`)
     active.json              the pointer to the active version, with its history
     jobs/<task_id>.json      one record per job
     uploads/<task_id>/       the uploaded dataset, kept until its job ends
@@ -15,6 +18,13 @@ replaced atomically (temp file + rename, fsync'd on a local disk). So a crash at
 complete versions, an intact pointer, and at worst a version folder without a manifest, which
 readers ignore and `discard_incomplete` removes. One process (the job runner) writes versions,
 the pointer and job records; any number may read.
+
+Versions share statistics: a state's `stats/` files are named by their content's hash, so a map
+whose statistics did not change since the parent (every map, after a task of a method other
+than GNSP) is uploaded once, as a blob. Blobs live outside every version folder and are never
+removed while a committed version's manifest names them, so a version stays readable alone
+whatever happens to its parent's folder; on a local disk its folder is complete by itself (hard
+links). Versions are immutable; the store has no operation that deletes a committed one.
 """
 
 from __future__ import annotations
@@ -36,6 +46,9 @@ from service.errors import ServiceFault, UnknownVersionError
 MANIFEST = "manifest.json"
 ACTIVE = "active.json"
 STATE_FILES = ("weights.safetensors", "extras.safetensors", "state.json")
+SHARED_DIR = "stats"
+"""A state's folder of content-addressed files (their names are their hashes), kept once as blobs."""
+BLOBS = "blobs"
 _VERSION_DIR = re.compile(r"^v(\d{6})$")
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_POINTER_HISTORY = 1000
@@ -152,17 +165,40 @@ class ModelStore:
         return data
 
     def publish_version(self, state_dir: Path, manifest: dict[str, Any]) -> int:
-        """Store a ContinualState folder as the next version; the manifest is written last (the commit)."""
+        """Store a ContinualState folder as the next version; the manifest is written last (the commit).
+
+        Content-addressed files under `stats/` are uploaded as blobs only if the store lacks them.
+        """
         version = max(self._version_folders(), default=0) + 1
         folder = version_dir(version)
         for name in STATE_FILES:
             self.put_file(Path(state_dir) / name, f"{folder}/{name}")
-        self.write_json(f"{folder}/{MANIFEST}", {**manifest, "version": version, "created": time.time()})
+        shared = _shared_files(Path(state_dir))
+        for rel in shared:
+            blob = f"{BLOBS}/{Path(rel).name}"
+            if not self.exists(blob):  # written under a temporary name, then moved: never a torn blob
+                tmp = f"{blob}.tmp-{uuid.uuid4().hex[:8]}"
+                self.put_file(Path(state_dir) / rel, tmp)
+                self.fs.move(self.path(tmp), self.path(blob))
+            self._link_blob(blob, f"{folder}/{rel}")
+        self.write_json(f"{folder}/{MANIFEST}", {**manifest, "version": version, "created": time.time(),
+                                                 "shared": shared})
         return version
+
+    def _link_blob(self, blob: str, rel: str) -> None:
+        """On a local disk, make the version folder complete by itself with a hard link to the blob."""
+        source, target = self.local_path(blob), self.local_path(rel)
+        if source is None or target is None:
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:  # a filesystem without hard links: a copy keeps the folder complete
+            shutil.copyfile(source, target)
 
     def fetch_version(self, version: int, cache_dir: Path) -> Path:
         """A local folder with the version's state files (the store's own folder when it is local)."""
-        self.manifest(version)  # raises UnknownVersionError for incomplete or missing versions
+        manifest = self.manifest(version)  # raises UnknownVersionError for incomplete or missing versions
         local = self.local_path(version_dir(version))
         if local is not None:
             return local
@@ -171,17 +207,29 @@ class ModelStore:
             tmp = Path(cache_dir) / f".v{version:06d}-{uuid.uuid4().hex[:8]}"
             for name in (*STATE_FILES, MANIFEST):
                 self.get_file(f"{version_dir(version)}/{name}", tmp / name)
+            for rel in manifest.get("shared", []):
+                self.get_file(f"{BLOBS}/{Path(rel).name}", tmp / rel)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
         return target
 
+    def blob_bytes(self) -> int:
+        """Bytes the shared statistics take in the store (each blob counted once)."""
+        return sum(info.size or 0 for info in self.listdir(BLOBS) if info.type == pafs.FileType.File)
+
     def discard_incomplete(self) -> list[str]:
-        """Remove version folders a crash left without a manifest, and stray temp files. Writer only."""
+        """Remove version folders a crash left without a manifest, blobs no committed version names,
+        and stray temp files. Writer only (never while a version is being published)."""
         removed = []
         for version in self._version_folders():
             if not self.exists(f"{version_dir(version)}/{MANIFEST}"):
                 self.delete_dir(version_dir(version))
                 removed.append(version_dir(version))
+        named = {Path(rel).name for v in self.versions() for rel in self.manifest(v).get("shared", [])}
+        for info in self.listdir(BLOBS):
+            if info.type == pafs.FileType.File and info.base_name not in named:
+                self.fs.delete_file(info.path)
+                removed.append(info.path)
         for rel in ("", "jobs"):
             for info in self.listdir(rel):
                 if ".tmp-" in info.base_name and info.type == pafs.FileType.File:
@@ -243,6 +291,12 @@ class ModelStore:
         """Drop what a job no longer needs once it has ended: its upload and its run checkpoints."""
         for rel in (f"uploads/{_check_job_id(task_id)}", f"runs/{task_id}"):
             self.delete_dir(rel)
+
+
+def _shared_files(state_dir: Path) -> list[str]:
+    """The content-addressed files of a state folder, relative to it."""
+    folder = state_dir / SHARED_DIR
+    return sorted(f"{SHARED_DIR}/{p.name}" for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
 
 
 def _check_job_id(task_id: str) -> str:

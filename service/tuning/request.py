@@ -88,6 +88,8 @@ class TuneRequest:
             raise ConfigError(f"tune searches GNSP's threshold and loss weights; method must be gnsp, not {self.config.method!r}")
         if self.config.projection.rule == "energy" and self.space.threshold[1] >= 1:
             raise ConfigError("with the energy rule the threshold is a fraction of energy: keep its range below 1")
+        if self.config.projection.rule == "cutoff" and self.space.threshold[0] < 1:
+            raise ConfigError("with the cut-off rule the threshold is a multiple a ≥ 1 of λ_min: keep its range at or above 1")
         if self.searcher not in SEARCHERS:
             raise ConfigError(f"unknown searcher {self.searcher!r}; choose one of {SEARCHERS}")
         if self.trials < 1 or self.workers < 1 or not 0 < self.val_fraction < 1:
