@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gnsp_core.config import TrainConfig, preset
+from gnsp_core.config import preset
 from gnsp_core.data import ImageSamples, Task
 from gnsp_core.data.reference import CaptionPairs
 from gnsp_core.evaluation import task_accuracy

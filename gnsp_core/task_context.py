@@ -19,7 +19,6 @@ from gnsp_core.feature_cache import REFERENCE, TASK, VAL_VIEW, FeatureCache, ima
 from gnsp_core.models.spec import LoadedModel
 from gnsp_core.pretrained_cache import PretrainedFeatures
 from gnsp_core.state import ContinualState
-from gnsp_core.zeroshot import TEMPLATES
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -44,11 +43,6 @@ class Distributed:
         vote = torch.tensor([1.0 if decision and self.rank == 0 else 0.0], device=device)
         return bool(self.all_reduce(vote).item() > 0)
 
-
-def task_templates(task: Task) -> tuple[str, ...]:
-    """The task's prompt templates (its evaluation ensemble; the first is the training one), or the
-    default ensemble `zeroshot.TEMPLATES` for a task that names none."""
-    return tuple(getattr(task, "templates", None) or TEMPLATES)
 
 
 @dataclass

@@ -168,7 +168,7 @@ def user_reason(error: BaseException) -> str:
     cause = unwrap(error)
     if isinstance(cause, GnspError):
         return error_message(cause)
-    return f"internal error ({type(cause).__name__}); the service log has the details"
+    return f"internal error ({type(cause).__name__}); see the service log"
 
 
 def error_body(code: str, message: str) -> dict:

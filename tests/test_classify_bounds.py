@@ -11,7 +11,6 @@ import zlib
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from gnsp_core.zeroshot import TextHeadCache

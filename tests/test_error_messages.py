@@ -87,7 +87,7 @@ def test_a_failed_job_keeps_a_short_reason_and_the_log_the_detail(store, tmp_pat
         task_id = submit(queue, store, "task-a", tmp_path)["task_id"]
         record = until(lambda: queue.view(task_id)["status"] == "failed" and queue.view(task_id))
     queue.stop()
-    assert record["error"] == "internal error (RuntimeError); the service log has the details"
+    assert record["error"] == "internal error (RuntimeError); see the service log"
     assert any("disk on fire" in r.getMessage() or "disk on fire" in (r.exc_text or "") for r in caplog.records)
 
 
@@ -99,4 +99,4 @@ def test_a_user_error_keeps_its_message_without_server_paths(store, tmp_path):  
     record = until(lambda: queue.view(task_id)["status"] == "failed" and queue.view(task_id))
     queue.stop()
     assert record["error"] == "…/cat is not a readable image; re-save it"
-    assert user_reason(KeyError("x")) == "internal error (KeyError); the service log has the details"
+    assert user_reason(KeyError("x")) == "internal error (KeyError); see the service log"

@@ -4,7 +4,6 @@ every prompt template of a task, attention masks of either kind, and maps no inp
 from __future__ import annotations
 
 import dataclasses
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ from gnsp_core.errors import ConfigError, GnspError
 from gnsp_core.linear_maps import LinearMapSet, input_tap
 from gnsp_core.projection import CovarianceCollector
 from gnsp_core.state import ContinualState
-from gnsp_core.task_context import task_templates
 from gnsp_core.trainer import learn_task
 from gnsp_core.zeroshot import TEMPLATES
 
@@ -116,7 +114,7 @@ def normalised_gram(x: torch.Tensor) -> torch.Tensor:
 def test_text_statistics_sum_every_template_of_the_task_up_to_end_of_text(tiny, reference):
     templates = ("a photo of a {}.", "a blurry photo of the {} object, seen from far away.", "{}")
     task = with_templates(colour_task("A", ["red", "blue"], n_train=4), templates)
-    assert task_templates(task) == templates
+    assert task.templates == templates
     state = learn_task(ContinualState.initial(tiny.model, tiny.spec), tiny, task, TrainConfig().replace(**STATS),
                        reference=reference)
     tiny.model.load_state_dict(state.weights)  # statistics are taken with the model just trained
@@ -133,7 +131,7 @@ def test_text_statistics_sum_every_template_of_the_task_up_to_end_of_text(tiny, 
 
 
 def test_a_task_without_templates_uses_the_default_ensemble():
-    assert task_templates(SimpleNamespace(name="t", classnames=["a"])) == tuple(TEMPLATES)
+    assert colour_task("t", ["red", "blue"], n_train=1).templates == tuple(TEMPLATES)
 
 
 def test_a_protected_map_no_input_reaches_is_an_error():

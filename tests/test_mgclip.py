@@ -92,7 +92,7 @@ from gnsp_core.evaluation import task_accuracy  # noqa: E402
 from gnsp_core.methods.mgclip import MGCLIP, STEPS_KEY  # noqa: E402
 from gnsp_core.methods.mgclip_head import COMPENSATION_WEIGHT_KEY, compensation_weight  # noqa: E402
 from gnsp_core.state import ContinualState  # noqa: E402
-from gnsp_core.task_context import Distributed, task_templates  # noqa: E402
+from gnsp_core.task_context import Distributed  # noqa: E402
 from gnsp_core.trainer import learn_task  # noqa: E402
 from gnsp_core.zeroshot import build_text_head  # noqa: E402
 
@@ -142,7 +142,7 @@ def test_compensation_weight_from_the_config_weighs_predictions_by_the_formula(t
     labels = torch.tensor(task.test.labels)
     with torch.no_grad():
         features = F.normalize(tiny.model.encode_image(images).float(), dim=-1)
-    text = build_text_head(tiny.model, tiny.tokenizer, task.classnames, list(task_templates(task)))
+    text = build_text_head(tiny.model, tiny.tokenizer, task.classnames, list(task.templates))
     text_probs = (100 * features @ text.T).softmax(dim=-1)
     rows = state.extras["mgclip.comp.A"]
     comp_probs = (features @ F.normalize(rows, dim=-1).T).softmax(dim=-1)

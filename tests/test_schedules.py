@@ -3,6 +3,7 @@ the CLI, the library and the REST jobs read them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -187,10 +188,11 @@ def test_rest_jobs_resolve_the_schedule_by_task_name():
     runner.searches = SimpleNamespace(task_config=lambda method, config: {"lr": 0.5, **config}, stop=lambda: None)
     runner.queue = SimpleNamespace(submit=lambda task_id, name, method, config, upload, dataset: config,
                                    stop=lambda: None)
-    config = runner.submit("t1", "OxfordPet", "gnsp", {"schedule": "mtil-order-I", "batch_size": 8}, "u", {})
+    config = asyncio.run(runner.submit("t1", "OxfordPet", "gnsp", {"schedule": "mtil-order-I", "batch_size": 8},
+                                       "u", {}))
     assert (config["lr"], config["steps"], config["batch_size"]) == (5e-5, 500, 8) and "schedule" not in config
-    runner.check_config("gnsp", {"schedule": "mtil-order-II", "batch_size": 8}, "eurosat")
+    asyncio.run(runner.check_config("gnsp", {"schedule": "mtil-order-II", "batch_size": 8}, "eurosat"))
     with pytest.raises(ConfigError, match="no row for task 'pets'"):
-        runner.check_config("gnsp", {"schedule": "mtil-order-II"}, "pets")
+        asyncio.run(runner.check_config("gnsp", {"schedule": "mtil-order-II"}, "pets"))
     with pytest.raises(ConfigError, match="unknown schedule"):
-        runner.check_config("gnsp", {"schedule": "fast"}, "cars")
+        asyncio.run(runner.check_config("gnsp", {"schedule": "fast"}, "cars"))

@@ -12,7 +12,6 @@ from gnsp_core.feature_cache import VAL_VIEW
 from gnsp_core.linear_maps import LinearMapSet
 from gnsp_core.methods.base import Method, freeze_batchnorm_statistics
 from gnsp_core.projection import CovarianceCollector, NullSpaceProjector, ProjectorStatistics, collect_statistics
-from gnsp_core.task_context import task_templates
 
 _PROMPT_CHUNK = 256
 
@@ -113,7 +112,7 @@ class GNSP(Method):
 
     def _encode_all_prompts(self) -> None:
         """Every evaluation template of the task for every class, in chunks (memory), as one batch."""
-        prompts = [t.format(c) for t in task_templates(self.ctx.task) for c in self.ctx.task.classnames]
+        prompts = [t.format(c) for t in self.ctx.task.templates for c in self.ctx.task.classnames]
         for i in range(0, len(prompts), _PROMPT_CHUNK):
             self.model.encode_text(self.ctx.tokens(prompts[i:i + _PROMPT_CHUNK]))
 
