@@ -86,8 +86,12 @@ def test_fields_left_out_or_null_take_the_service_defaults():
     assert parse_config('{"steps": 3, "lr": null, "projection": {"rule": null}}') == {"steps": 3, "projection": {}}
 
 
-def test_a_schedule_is_a_name_the_training_side_checks():
+def test_a_schedule_is_one_of_the_shipped_names_and_searches_take_none():
     assert parse_config('{"schedule": "mtil-order-I"}') == {"schedule": "mtil-order-I"}
+    with pytest.raises(RequestValidationError):
+        parse_config('{"schedule": "order-III"}')
+    with pytest.raises(RequestValidationError):
+        parse_tune_body('{"tasks": ["digits"], "config": {"schedule": "mtil-order-I"}}')
 
 
 def test_the_form_method_must_be_a_registered_method():

@@ -10,7 +10,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from gnsp_core.data.builtin import BUILTIN_TASKS
 from gnsp_core.methods.registry import METHODS
 
-from service.api.task_config import TaskConfig
+from service.api.task_config import TaskConfig, TrainingSettings
 from service.jobs.states import JobStatus
 from service.settings import ServiceSettings
 
@@ -145,7 +145,8 @@ class TuneBody(BaseModel):
                                           "learned after them. A search needs at least one task: name one here or "
                                           "upload a dataset."))
     trials: Annotated[int, Field(ge=1, le=500), BeforeValidator(_integral)] = 12
-    config: TaskConfig = Field(default_factory=TaskConfig, description="Training settings not searched (steps, ...).")
+    config: TrainingSettings = Field(default_factory=TrainingSettings,
+                                     description="Training settings not searched (steps, ...).")
     space: SearchRanges | None = None
     searcher: Literal["optuna", "random"] = "optuna"
     max_concurrent: Annotated[int, Field(ge=1), BeforeValidator(_integral)] | None = None

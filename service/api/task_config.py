@@ -18,10 +18,12 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gnsp_core.methods.registry import METHODS
+from gnsp_core.schedules import SCHEDULES
 
 from service.errors import BadRequestError
 
 MethodName = Literal[tuple(sorted(METHODS))]  # type: ignore[valid-type]  # the registry is the one list
+ScheduleName = Literal[tuple(sorted(SCHEDULES))]  # type: ignore[valid-type]
 
 
 class ProjectionSettings(BaseModel):
@@ -37,11 +39,11 @@ class ProjectionSettings(BaseModel):
         None, description="Project the raw gradient (paper) or the optimiser's whole update.")
 
 
-class TaskConfig(BaseModel):
+class TrainingSettings(BaseModel):
     """Training settings of one task or search; fields left out take the service's defaults
     (a search's applied best config, the model's recommended settings, TrainConfig's defaults)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, title="TaskConfig")
+    model_config = ConfigDict(extra="forbid", strict=True, title="TrainingSettings")
     method: MethodName | None = Field(None, description="The continual-learning method (the form's `method` wins).")
     steps: int | None = Field(None, ge=1, le=100_000, description="Optimiser steps for the task.")
     lr: float | None = Field(None, gt=0, le=1, description="Peak learning rate (AdamW).")
@@ -50,8 +52,6 @@ class TaskConfig(BaseModel):
     warmup_steps: int | None = Field(None, ge=0, le=100_000, description="Linear warm-up steps before cosine decay.")
     weight_decay: float | None = Field(None, ge=0, le=1)
     label_smoothing: float | None = Field(None, ge=0, lt=1)
-    schedule: str | None = Field(None, pattern=r"^[a-zA-Z0-9_-]{1,64}$",
-                                 description="A named per-task learning-rate/step schedule (e.g. mtil-order-I).")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     cd_weight: float | None = Field(None, ge=0, le=100, description="Contrastive distillation weight (GNSP).")
     map_weight: float | None = Field(None, ge=0, le=100, description="Modality alignment preservation weight (GNSP).")
@@ -66,6 +66,16 @@ class TaskConfig(BaseModel):
     def settings(self) -> dict[str, Any]:
         """The fields the client set, as TrainConfig data (nested projection fields included)."""
         return self.model_dump(exclude_unset=True, exclude_none=True)
+
+
+class TaskConfig(TrainingSettings):
+    """A task's settings: a search's too, plus a shipped per-task schedule, whose row for the task's
+    name gives its lr and steps (a search trains several tasks, so it takes none)."""
+
+    model_config = ConfigDict(title="TaskConfig")
+    schedule: ScheduleName | None = Field(None, description=(
+        "A shipped per-task learning-rate/step schedule; the task's name picks its row (for example "
+        "mtil-order-I and a task named Caltech101)."))
 
 
 def _problem(error: dict[str, Any], prefix: tuple[str, ...]) -> dict[str, Any]:
