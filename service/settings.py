@@ -78,7 +78,10 @@ class ServiceSettings(BaseModel):
     slot up to `upload_slot_wait_s`, then gets 429."""
     upload_slot_wait_s: float = Field(10.0, ge=0)
     body_idle_timeout_s: float = Field(5.0, gt=0)
-    """Longest pause between two chunks of a request body (classify, upload) before 408."""
+    """Longest pause between two chunks of an upload's body (a dataset, a search request) before 408."""
+    classify_idle_timeout_s: float = Field(1.5, gt=0)
+    """Longest pause between two chunks of a classify body before 408: a classify body is small and
+    sent at once, so a pause this long means a stalled client, which holds an ingress slot."""
     max_classify_bytes: int = Field(32 * 1024**2, ge=1)
     """Bytes of a whole classify request body."""
     classify_body_timeout_s: float = Field(10.0, gt=0)

@@ -31,7 +31,8 @@ JSON = "application/json"
 def service(ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad-input")
     settings = service_settings(tmp, api_token=TOKEN, metrics_need_token=True, max_classify_pixels=1_000_000,
-                                body_idle_timeout_s=1.0, max_concurrent_uploads=1, upload_slot_wait_s=0.5)
+                                body_idle_timeout_s=1.0, classify_idle_timeout_s=1.0, max_concurrent_uploads=1,
+                                upload_slot_wait_s=0.5)
     url = start_service(settings, "gnsp-bad-input")
     auth = {"Authorization": f"Bearer {TOKEN}"}
     with httpx.Client(base_url=url, timeout=60, headers=auth) as client, httpx.Client(base_url=url, timeout=60) as anon:

@@ -343,7 +343,7 @@ ClassifyInput = tuple[list[bytes], list[str], int | None]
 
 async def read_classify_request(request: Request, settings: ServiceSettings) -> ClassifyInput:
     """Images (raw bytes, checked), labels (checked) and the pinned version of a classify request."""
-    body = await read_body(request, settings.max_classify_bytes, settings.body_idle_timeout_s,
+    body = await read_body(request, settings.max_classify_bytes, settings.classify_idle_timeout_s,
                            settings.classify_body_timeout_s)
     kind, _ = parse_options_header(request.headers.get("content-type", ""))
     if kind == b"application/json" or kind.endswith(b"+json"):
