@@ -347,9 +347,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from service.store import ModelStore
 
     p = payloads()
-    port = args.port or free_port()
     work = Path(tempfile.mkdtemp(prefix="gnsp-hostile-"))
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    port = args.port or free_port()  # after Ray has taken its own ports (its agent listens on 52365)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     settings = ServiceSettings(store=str(work / "store"), model=args.model, heldout=None, reference=None,
