@@ -331,13 +331,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def add_copy_of_version(store, version: int) -> int:
-    """Store `version`'s state again as a new version: an old version a client may pin."""
-    folder = store.fetch_version(version, Path(tempfile.mkdtemp()))
-    manifest = {**store.manifest(version), "parent": version, "task": None, "note": "hostile copy"}
-    return store.publish_version(folder, manifest)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     from ray import serve
@@ -345,6 +338,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from service.api.app import build_app
     from service.settings import ServiceSettings
     from service.store import ModelStore
+    from serve_load import add_copy_of_version  # a sibling script: old versions a client may pin
 
     p = payloads()
     work = Path(tempfile.mkdtemp(prefix="gnsp-hostile-"))
