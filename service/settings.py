@@ -56,6 +56,9 @@ class ServiceSettings(BaseModel):
     """CPUs (and torch threads) per worker; None: the cluster's free CPUs when the job starts,
     shared by the workers, so on one machine training gets every core the service does not hold."""
     gpus_per_worker: float = Field(0.0, ge=0)
+    worker_resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each training worker (jobs and search trials) asks for, e.g.
+    {"trainer": 1}: workers run only on nodes started with that resource (`ray start --resources`)."""
     checkpoint_every: int = Field(25, ge=1)
     on_restart: Literal["resume", "fail"] = "resume"
     """What a restarted service does with a job that was running: resume it from its last Ray Train
@@ -63,7 +66,9 @@ class ServiceSettings(BaseModel):
     max_attempts: int = Field(2, ge=1)
     """A job interrupted this many times is marked failed instead of resumed again."""
     work_dir: str | None = None
-    """Local scratch for uploads being received and datasets being extracted (None: system temp)."""
+    """Node-local scratch for uploads being received, stored files being fetched and datasets being
+    extracted, on every node (None: system temp). Nothing in it is shared between nodes: what
+    outlives a job step, or crosses nodes, lives in the store."""
     max_upload_bytes: int = Field(512 * 1024**2, ge=1)
     """Bytes of a dataset archive upload (the whole multipart body may add the small text fields)."""
     max_files: int = Field(20_000, ge=1)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import ray
 from ray.actor import ActorHandle
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from gnsp_core.data.archives import safe_extract
 from gnsp_core.config import TrainConfig
@@ -63,22 +64,28 @@ def quality_gate(new: float | None, base: float | None, base_version: int, max_d
             "base_version": base_version, "max_drop": max_drop}
 
 
-def train_on_ray(plan: AttemptPlan, store: ModelStore, task_dir: Path, base_dir: Path, out_dir: Path,
-                 board: ActorHandle | None) -> dict[str, Any]:
-    """Learn the task from the base state with service.training.ray_train; returns Ray Train's final metrics.
+def train_on_ray(plan: AttemptPlan, store: ModelStore, out_dir: Path, board: ActorHandle | None) -> dict[str, Any]:
+    """Learn the task from the base version with service.training.ray_train; returns Ray Train's final metrics.
 
-    The run is named by the task id inside the store, so an attempt after a crash resumes it."""
+    The workers get the upload and the base version by their address in the store, never a path
+    of this node, and checkpoint into the store: the run is named by the task id there, so a run
+    whose training node died, or an attempt after a crash, resumes it on any node."""
     from service.training.ray_train import TrainJob, WorkerResources, free_cpus_per_worker, train_task
+    from service.training.stored import StoredUpload, StoredVersion, run_storage
 
     settings = plan.settings
     config = TrainConfig.from_dict(plan.config)
     reference = settings.reference if uses_reference(config.method) else None
-    job = TrainJob(task=str(task_dir), config=config, base_state=str(base_dir), reference=reference,
-                   checkpoint_every=settings.checkpoint_every)
+    job = TrainJob(task=StoredUpload(settings.store, plan.upload), config=config,
+                   base_state=StoredVersion(settings.store, plan.base_version), reference=reference,
+                   checkpoint_every=settings.checkpoint_every, archive_limits=settings.archive_limits(),
+                   scratch_dir=settings.work_dir)
     cpus = settings.cpus_per_worker or free_cpus_per_worker(settings.workers)
-    resources = WorkerResources(settings.workers, settings.gpus_per_worker, cpus)
-    result = train_task(job, storage_path=store.run_storage(), name=plan.task_id, out_dir=out_dir,
-                        resources=resources, max_failures=1, board=board)
+    resources = WorkerResources(settings.workers, settings.gpus_per_worker, cpus,
+                                tuple(sorted(settings.worker_resources.items())))
+    storage_path, filesystem = run_storage(store)
+    result = train_task(job, storage_path=storage_path, storage_filesystem=filesystem, name=plan.task_id,
+                        out_dir=out_dir, resources=resources, max_failures=1, board=board)
     return result.metrics
 
 
@@ -96,8 +103,7 @@ def execute_attempt(plan: AttemptPlan, board: ActorHandle | None) -> AttemptOutc
         archive = store.fetch_upload(plan.upload, scratch)
         limits = settings.archive_limits()
         task_dir = validate_image_folder(safe_extract(archive, scratch / "data", limits), limits).root
-        base_dir = store.fetch_version(plan.base_version, scratch / "base")
-        train_metrics = train_on_ray(plan, store, task_dir, base_dir, scratch / "state", board)
+        train_metrics = train_on_ray(plan, store, scratch / "state", board)
         _phase(board, "evaluating")
         metrics = evaluate_version(scratch / "state", task_dir, settings.heldout)
         base_acc = base_heldout_accuracy(store, plan.base_version, settings.heldout, scratch / "cache")
@@ -127,7 +133,10 @@ class RayTrainRunner:
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
-        self._remote = ray.remote(num_cpus=0, max_retries=0)(execute_attempt)
+        # The attempt's driver stays on the job runner's node: a training node lost mid-task then
+        # takes only Ray Train workers, which Ray Train restarts from the checkpoint in the store.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self._remote = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(execute_attempt)
 
     def __call__(self, record: dict[str, Any], should_stop: Callable[[], str | None],
                  report: Callable[[float, str], None]) -> AttemptOutcome:

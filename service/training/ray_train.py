@@ -1,7 +1,8 @@
 """Learn one task with Ray Train: N workers run `gnsp_core.trainer.learn_task` under DDP.
 
-Everything a worker needs travels as a `TrainJob` of paths and specs; each worker loads the model,
-task and reference data itself. Gradients are averaged by DDP (gloo on CPU, nccl on GPU) and the
+Everything a worker needs travels as a `TrainJob` of specs and store addresses; each worker fetches
+the dataset and the base version into its node-local scratch (service/training/stored.py) and
+loads the model, task and reference data itself. Gradients are averaged by DDP (gloo on CPU, nccl on GPU) and the
 GNSP projector statistics are summed with `torch.distributed.all_reduce`, so N workers collect the
 same statistics as one process. Rank 0 reports a checkpoint (model, optimiser, scheduler, method
 state, step) every `checkpoint_every` steps into `RunConfig(storage_path, name)`; a worker group
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.torch
@@ -30,6 +32,7 @@ from ray.train.torch import TorchTrainer
 
 from gnsp_core.config import TrainConfig
 from gnsp_core.data import load_task
+from gnsp_core.data.archives import ArchiveLimits
 from gnsp_core.errors import ConfigError, GnspError
 from gnsp_core.models import LoadedModel, ModelSpec, load_model
 from gnsp_core.state import ContinualState
@@ -37,6 +40,7 @@ from gnsp_core.task_context import Distributed
 from gnsp_core.trainer import learn_task
 
 from service.training.progress import BoardReporter
+from service.training.stored import StoredUpload, StoredVersion, local_source, scratch_root
 from service.training.sources import check_reference_spec, load_reference
 
 TRAIN_STATE_FILE = "train_state.pt"
@@ -55,19 +59,24 @@ class CrashDrill:
 
 @dataclass(frozen=True)
 class TrainJob:
-    """One task to learn, as specs and paths only, so it is cheap to ship and to retry."""
+    """One task to learn, as specs and addresses only, so it is cheap to ship and to retry."""
 
-    task: str
-    """A task source for gnsp_core.data.load_task (built-in name, folder, archive, mtil:...)."""
+    task: str | StoredUpload
+    """A task source for gnsp_core.data.load_task (built-in name, folder, archive, mtil:...), or an
+    uploaded archive in the store, which each worker fetches into its own scratch."""
     config: TrainConfig
-    base_state: str | None = None
-    """Folder of the ContinualState to start from (version N); its model spec is used."""
+    base_state: str | StoredVersion | None = None
+    """The ContinualState to start from (version N), a folder or a version in the store; its model spec is used."""
     model: ModelSpec | None = None
     """Start from this model's initial weights instead (the first task of a sequence)."""
     reference: str | None = None
     """Reference spec (see service.training.sources), for methods with CD/MAP or distillation losses."""
     checkpoint_every: int = 50
     drill: CrashDrill | None = None
+    archive_limits: ArchiveLimits = ArchiveLimits()
+    """Bounds on an archive task source as each worker unpacks it (the service passes its own)."""
+    scratch_dir: str | None = None
+    """Node-local scratch on each worker's node, where stored inputs are fetched (None: the system temp dir)."""
 
     def __post_init__(self) -> None:
         if (self.base_state is None) == (self.model is None):
@@ -82,6 +91,9 @@ class WorkerResources:
     workers: int = 1
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
+    extra: tuple[tuple[str, float], ...] = ()
+    """Custom Ray resources each worker asks for besides CPU and GPU, e.g. (("trainer", 1),): they
+    place the workers on the nodes that offer them."""
 
     @property
     def torch_threads(self) -> int:
@@ -89,7 +101,7 @@ class WorkerResources:
         return max(1, int(self.cpus_per_worker))
 
     def scaling_config(self) -> ScalingConfig:
-        resources = {"CPU": self.cpus_per_worker}
+        resources = {**dict(self.extra), "CPU": self.cpus_per_worker}
         if self.gpus_per_worker:
             resources["GPU"] = self.gpus_per_worker
         return ScalingConfig(num_workers=self.workers, use_gpu=self.gpus_per_worker > 0,
@@ -121,8 +133,12 @@ def train_task(
     resources: WorkerResources = WorkerResources(),
     max_failures: int = 1,
     board: ActorHandle | None = None,
+    storage_filesystem: pafs.FileSystem | None = None,
 ) -> TaskResult:
     """Run `job` on a TorchTrainer; re-running with the same storage_path and name resumes it.
+
+    `storage_filesystem` puts the run (its checkpoints) on that filesystem, e.g. the store's object
+    store (service.training.stored.run_storage), so a worker on any node can write and resume it.
 
     Raises the workers' own GnspError (bad dataset, bad state, ...) when that is why the run failed.
     """
@@ -130,7 +146,7 @@ def train_task(
         _train_worker,
         train_loop_config={"job": job, "board": board, "threads": resources.torch_threads},
         scaling_config=resources.scaling_config(),
-        run_config=RunConfig(name=name, storage_path=storage_path,
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              logging_config=LoggingConfig(log_level="WARNING")),
@@ -168,25 +184,29 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     reporter.board.send(phase="starting", resumed_from=resumed_from)
     device = ray.train.torch.get_device()
     config = job.config.replace(device=str(device)) if job.config.device == "auto" else job.config
-    state, loaded = _starting_point(job, device)
     distributed = Distributed(rank, world_size, _sum_across_workers if world_size > 1 else None,
                               _wrap_ddp if world_size > 1 else None)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="gnsp-task-") as scratch:  # where an archive is unpacked
+    # Node-local: what the store holds for this job is fetched here, an archive is unpacked here.
+    with tempfile.TemporaryDirectory(prefix="gnsp-task-", dir=scratch_root(job.scratch_dir)) as scratch_name:
+        scratch = Path(scratch_name)
+        state, loaded = _starting_point(local_source(job.base_state, scratch / "base"), job.model, device)
+        task = load_task(local_source(job.task, scratch / "upload"), work_dir=scratch, limits=job.archive_limits)
         new_state = learn_task(
-            state, loaded, load_task(job.task, work_dir=scratch), config, reference=load_reference(job.reference),
+            state, loaded, task, config, reference=load_reference(job.reference),
             progress=reporter.board, distributed=distributed, resume=resume,
             on_checkpoint=reporter.checkpoint, checkpoint_every=job.checkpoint_every,
         )
     reporter.final(new_state, resumed_from, time.perf_counter() - started)
 
 
-def _starting_point(job: TrainJob, device: torch.device) -> tuple[ContinualState, LoadedModel]:
-    if job.base_state is not None:
-        state = ContinualState.load(job.base_state)
+def _starting_point(base_state: str | None, model: ModelSpec | None,
+                    device: torch.device) -> tuple[ContinualState, LoadedModel]:
+    if base_state is not None:
+        state = ContinualState.load(base_state)
         return state, load_model(state.spec, device)
-    loaded = load_model(job.model, device)
-    return ContinualState.initial(loaded.model, job.model), loaded
+    loaded = load_model(model, device)
+    return ContinualState.initial(loaded.model, model), loaded
 
 
 def _sum_across_workers(tensor: torch.Tensor) -> torch.Tensor:

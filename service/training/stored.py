@@ -1,0 +1,70 @@
+"""What a training worker reads from the store, by address: nothing crosses nodes as a local path.
+
+A Ray Train worker may run on a node that shares no disk with the service (a GPU node of a
+KubeRay cluster). So a job names its dataset and its base version by their place in the store
+(`StoredUpload`, `StoredVersion`), and each worker fetches them into its own node-local scratch;
+checkpoints, and with them the trained state, go back to the store through Ray Train's run
+storage (`run_storage`). A local-folder store works across nodes only when every node mounts it
+at the same path; an object store (s3://, gs://) needs nothing shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from service.store import ModelStore
+
+
+@dataclass(frozen=True)
+class StoredUpload:
+    """A dataset archive in the store (`uploads/<task_id>/<file>`)."""
+
+    store: str
+    """The store's location, as the service settings give it (a folder or a pyarrow.fs URI)."""
+    rel: str
+
+    def fetch(self, scratch: Path) -> str:
+        """The archive on this node: downloaded into `scratch` (or the store's own file on a local store)."""
+        return str(ModelStore.open(self.store).fetch_upload(self.rel, scratch))
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    """A committed model version in the store: the ContinualState a job starts from."""
+
+    store: str
+    version: int
+
+    def fetch(self, scratch: Path) -> str:
+        """The version's state folder on this node (downloaded into `scratch` from a remote store)."""
+        return str(ModelStore.open(self.store).fetch_version(self.version, scratch))
+
+
+def local_source(source: str | StoredUpload | StoredVersion | None, scratch: Path) -> str | None:
+    """A path or task source this node can read: stored things are fetched into `scratch`."""
+    if isinstance(source, (StoredUpload, StoredVersion)):
+        return source.fetch(scratch)
+    return source
+
+
+def run_storage(store: ModelStore) -> tuple[str, pafs.FileSystem | None]:
+    """Ray Train's `storage_path` and `storage_filesystem` for runs (checkpoints) inside the store.
+
+    A remote store hands Ray its own pyarrow filesystem (endpoint, region and credentials as the
+    service opened it), so workers on any node write checkpoints to the same place and a run
+    restarted on a new node resumes from them."""
+    local = store.local_path("runs")
+    if local is not None:
+        return str(local), None
+    return store.path("runs"), store.fs
+
+
+def scratch_root(work_dir: str | None) -> str | None:
+    """The node-local scratch folder, created on this node if missing (None: the system temp dir)."""
+    if work_dir is None:
+        return None
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    return work_dir
