@@ -79,3 +79,20 @@ def ray_session():
     ray.init(address="local", num_cpus=4, include_dashboard=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory):
+    """One SeaweedFS S3 server (tests/seaweedfs.py) for the session, stopped whatever happens."""
+    from seaweedfs import start_seaweedfs
+
+    with start_seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as s3:
+        yield s3
+
+
+@pytest.fixture()
+def s3_store_uri(seaweedfs, monkeypatch) -> str:
+    """A fresh `s3://gnsp/<prefix>` on the session's SeaweedFS, with the AWS variables set for the test."""
+    for name, value in seaweedfs.env().items():
+        monkeypatch.setenv(name, value)
+    return seaweedfs.uri()

@@ -1,7 +1,7 @@
 """The versioned store: immutable versions, an atomic pointer with history, job records, crash leftovers.
 
-Run on a local folder, a file:// URI, a SubTreeFileSystem, and an in-memory pyarrow filesystem
-(the code path of remote stores such as s3://, which have no local path)."""
+Run on a local folder, a file:// URI, a SubTreeFileSystem, an in-memory pyarrow filesystem, and a
+real object store: `s3://` on SeaweedFS (tests/seaweedfs.py), addressed as users address S3."""
 
 from __future__ import annotations
 
@@ -32,8 +32,10 @@ def memory_store() -> ModelStore:
     return ModelStore(pafs.PyFileSystem(pafs.FSSpecHandler(memory)), "/gnsp-store", "memory://gnsp-store")
 
 
-@pytest.fixture(params=["path", "file-uri", "subtree", "memory"])
+@pytest.fixture(params=["path", "file-uri", "subtree", "memory", "s3"])
 def store(request, tmp_path) -> ModelStore:
+    if request.param == "s3":
+        return ModelStore.open(request.getfixturevalue("s3_store_uri"))
     if request.param == "path":
         return ModelStore.open(str(tmp_path / "store"))
     if request.param == "file-uri":

@@ -2,22 +2,30 @@
 
 Layout under the root:
 
-    models/v000001/          an immutable version: weights.safetensors, extras.safetensors,
-                             state.json (spec, history), manifest.json, and on a local disk
+    models/v000001/          an immutable version: claim.json (who claimed the number, under which
+                             lease token), weights.safetensors, extras.safetensors, state.json
+                             (spec, history), manifest.json, and on a local disk
                              stats/<sha256>.safetensors as hard links to the blobs
     blobs/<sha256>.safetensors   projector statistics, content-addressed: stored once however
                              many versions use them (a version's manifest lists its `shared`)
     active.json              the pointer to the active version, with its history
+    lease/<token>.json       the writer lease (service/store/lease.py)
     jobs/<task_id>.json      one record per job
     uploads/<task_id>/       the uploaded dataset, kept until its job ends
     runs/<task_id>/          Ray Train run storage (checkpoints) while the job runs
 
 Crash safety without locks or renames of folders (object stores have neither): a version exists
 only once its `manifest.json` is written, and that file is written last; every JSON file is
-replaced atomically (temp file + rename, fsync'd on a local disk). So a crash at any moment leaves
+replaced atomically (service/store/objects.py: one PUT on an object store, temp file + rename
+with fsyncs on a local disk, where new folders are fsynced too). So a crash at any moment leaves
 complete versions, an intact pointer, and at worst a version folder without a manifest, which
-readers ignore and `discard_incomplete` removes. One process (the job runner) writes versions,
-the pointer and job records; any number may read.
+readers ignore and `discard_incomplete` removes once the lease that claimed it has expired.
+
+One writer at a time: the job runner holds the store's lease (service/store/lease.py) and every
+write of a version, the pointer or a job record first checks it (the fencing token). A version
+number is claimed with an exclusive create of its `claim.json` (O_EXCL, or `If-None-Match: *`
+on S3), so two writers never get the same number, even in the instant one takes over from the
+other. Any number of processes may read.
 
 Versions share statistics: a state's `stats/` files are named by their content's hash, so a map
 whose statistics did not change since the parent (every map, after a task of a method other
@@ -36,14 +44,19 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
-from gnsp_core.atomic_files import fsync_file, write_bytes_atomic
+from gnsp_core.atomic_files import fsync_dir, fsync_file
 from service.errors import ServiceFault, UnknownVersionError
+from service.store.objects import ExclusiveCreate, make_dirs_durable, put_bytes
+
+if TYPE_CHECKING:
+    from service.store.lease import StoreLease
 
 MANIFEST = "manifest.json"
+CLAIM = "claim.json"
 ACTIVE = "active.json"
 STATE_FILES = ("weights.safetensors", "extras.safetensors", "state.json")
 SHARED_DIR = "stats"
@@ -66,6 +79,9 @@ class ModelStore:
         self.root = root.rstrip("/")
         self.uri = uri or root
         self._local = _local_base(filesystem, self.root)
+        self._create_exclusive = ExclusiveCreate(filesystem, self.uri, self._local)
+        self.lease: StoreLease | None = None
+        """Set on the writer: every write of a version, the pointer or a job record checks it first."""
 
     @classmethod
     def open(cls, location: str) -> "ModelStore":
@@ -109,27 +125,35 @@ class ModelStore:
         except FileNotFoundError:
             return None
 
+    def fence(self) -> None:
+        """Raise LeaseLost when a lease is attached and this service no longer holds it."""
+        if self.lease is not None:
+            self.lease.check()
+
     def write_json(self, rel: str, data: dict[str, Any]) -> None:
-        """Replace `rel` atomically: readers see the old file or the new one, never a torn one."""
-        payload = json.dumps(data, indent=2, sort_keys=True).encode()
-        local = self.local_path(rel)
-        if local is not None:
-            write_bytes_atomic(local, payload)
-            return
-        tmp = self.path(f"{rel}.tmp-{uuid.uuid4().hex[:8]}")
-        self.fs.create_dir(self.path(rel).rsplit("/", 1)[0], recursive=True)
-        with self.fs.open_output_stream(tmp) as stream:
-            stream.write(payload)
-        self.fs.move(tmp, self.path(rel))
+        """Replace `rel` atomically (readers see the old file or the new one, never a torn one), fenced."""
+        self.fence()
+        self.put_json_unfenced(rel, data)
+
+    def put_json_unfenced(self, rel: str, data: dict[str, Any] | bytes) -> None:
+        """`write_json` without the lease check: for the lease's own records."""
+        payload = data if isinstance(data, bytes) else json.dumps(data, indent=2, sort_keys=True).encode()
+        put_bytes(self.fs, self.path(rel), payload, self.local_path(rel))
+
+    def create_exclusive(self, rel: str, data: dict[str, Any] | bytes) -> bool:
+        """Create `rel` only if nothing has that name (atomic on local disks and S3); False if it exists."""
+        payload = data if isinstance(data, bytes) else json.dumps(data, indent=2, sort_keys=True).encode()
+        return self._create_exclusive(self.path(rel), payload, self.local_path(rel))
 
     def put_file(self, local: Path, rel: str) -> None:
+        """Copy a local file in (one PUT, or a multipart upload completed at once, on object stores)."""
         target = self.local_path(rel)
         if target is not None:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs_durable(target.parent)
             shutil.copyfile(local, target)
             fsync_file(target)
+            fsync_dir(target.parent)
             return
-        self.fs.create_dir(self.path(rel).rsplit("/", 1)[0], recursive=True)
         with open(local, "rb") as src, self.fs.open_output_stream(self.path(rel)) as dst:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
@@ -167,34 +191,59 @@ class ModelStore:
     def publish_version(self, state_dir: Path, manifest: dict[str, Any]) -> int:
         """Store a ContinualState folder as the next version; the manifest is written last (the commit).
 
-        Content-addressed files under `stats/` are uploaded as blobs only if the store lacks them.
+        The number is claimed first (an exclusive create of its claim); content-addressed files
+        under `stats/` are uploaded as blobs only if the store lacks them.
         """
-        version = max(self._version_folders(), default=0) + 1
+        version = self._claim_version()
         folder = version_dir(version)
         for name in STATE_FILES:
+            self.fence()
             self.put_file(Path(state_dir) / name, f"{folder}/{name}")
         shared = _shared_files(Path(state_dir))
         for rel in shared:
             blob = f"{BLOBS}/{Path(rel).name}"
-            if not self.exists(blob):  # written under a temporary name, then moved: never a torn blob
-                tmp = f"{blob}.tmp-{uuid.uuid4().hex[:8]}"
-                self.put_file(Path(state_dir) / rel, tmp)
-                self.fs.move(self.path(tmp), self.path(blob))
+            if not self.exists(blob):
+                self.fence()
+                self._put_blob(Path(state_dir) / rel, blob)
             self._link_blob(blob, f"{folder}/{rel}")
         self.write_json(f"{folder}/{MANIFEST}", {**manifest, "version": version, "created": time.time(),
                                                  "shared": shared})
         return version
+
+    def _claim_version(self) -> int:
+        """The next free version number, taken with an exclusive create: two writers never share one."""
+        version = max(self._version_folders(), default=0) + 1
+        while True:
+            self.fence()
+            lease = self.lease
+            claim = {"token": lease.token if lease else None, "holder": lease.holder if lease else None,
+                     "at": time.time()}
+            if self.create_exclusive(f"{version_dir(version)}/{CLAIM}", claim):
+                return version
+            version += 1
+
+    def _put_blob(self, source: Path, blob: str) -> None:
+        """Never a torn blob: one PUT on an object store; temp + rename (fsync'd) on a local disk."""
+        target = self.local_path(blob)
+        if target is None:
+            self.put_file(source, blob)
+            return
+        tmp = f"{blob}.tmp-{uuid.uuid4().hex[:8]}"
+        self.put_file(source, tmp)
+        os.replace(self.local_path(tmp), target)
+        fsync_dir(target.parent)
 
     def _link_blob(self, blob: str, rel: str) -> None:
         """On a local disk, make the version folder complete by itself with a hard link to the blob."""
         source, target = self.local_path(blob), self.local_path(rel)
         if source is None or target is None:
             return
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs_durable(target.parent)
         try:
             os.link(source, target)
         except OSError:  # a filesystem without hard links: a copy keeps the folder complete
             shutil.copyfile(source, target)
+        fsync_dir(target.parent)
 
     def fetch_version(self, version: int, cache_dir: Path) -> Path:
         """A local folder with the version's state files (the store's own folder when it is local)."""
@@ -218,11 +267,13 @@ class ModelStore:
         return sum(info.size or 0 for info in self.listdir(BLOBS) if info.type == pafs.FileType.File)
 
     def discard_incomplete(self) -> list[str]:
-        """Remove version folders a crash left without a manifest, blobs no committed version names,
-        and stray temp files. Writer only (never while a version is being published)."""
+        """Remove what a crashed or fenced-off writer left: version folders without a manifest whose
+        claim's lease has expired (never one a live writer is publishing), blobs no committed
+        version names, and stray temp files. Writer only (never while it publishes a version)."""
+        self.fence()
         removed = []
         for version in self._version_folders():
-            if not self.exists(f"{version_dir(version)}/{MANIFEST}"):
+            if not self.exists(f"{version_dir(version)}/{MANIFEST}") and self._stale_claim(version):
                 self.delete_dir(version_dir(version))
                 removed.append(version_dir(version))
         named = {Path(rel).name for v in self.versions() for rel in self.manifest(v).get("shared", [])}
@@ -236,6 +287,26 @@ class ModelStore:
                     self.fs.delete_file(info.path)
                     removed.append(info.path)
         return removed
+
+    def _stale_claim(self, version: int) -> bool:
+        """Whether the writer that claimed `version` can no longer commit it: no (readable) claim, or
+        the claim's lease has expired (or was taken over); a claim of this writer's own lease is live."""
+        try:
+            claim = self.read_json(f"{version_dir(version)}/{CLAIM}")
+        except ValueError:
+            return True
+        token = (claim or {}).get("token")
+        if claim is None or token is None:
+            return True
+        if self.lease is not None and token == self.lease.token:
+            return False
+        from service.store.lease import lease_path
+
+        try:
+            record = self.read_json(lease_path(token))
+        except ValueError:
+            return True
+        return record is None or record.get("expires", 0.0) <= time.time() or self.exists(lease_path(token + 1))
 
     def _version_folders(self) -> list[int]:
         found = [_VERSION_DIR.match(info.base_name) for info in self.listdir("models")
@@ -253,6 +324,7 @@ class ModelStore:
     def set_active(self, version: int, reason: str) -> dict[str, Any]:
         """Move the pointer to a committed version, recording why in its history."""
         self.manifest(version)
+        self.fence()
         pointer = self.pointer()
         entry = {"version": version, "previous": pointer.get("version"), "at": time.time(), "reason": reason}
         history = [*pointer.get("history", []), entry][-MAX_POINTER_HISTORY:]
