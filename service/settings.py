@@ -151,6 +151,12 @@ class ServiceSettings(BaseModel):
     def _absolute_file(cls, value: str | None) -> str | None:
         return str(Path(value).resolve()) if value and Path(value).is_file() else value
 
+    def scratch(self) -> str | None:
+        """`work_dir` on this node, made if missing (every node has its own; None: the system temp dir)."""
+        if self.work_dir is not None:
+            Path(self.work_dir).mkdir(parents=True, exist_ok=True)
+        return self.work_dir
+
     def archive_limits(self) -> ArchiveLimits:
         return ArchiveLimits(max_files=self.max_files, max_total_bytes=self.max_total_bytes,
                              max_file_bytes=self.max_file_bytes, max_image_pixels=self.max_image_pixels)

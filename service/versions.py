@@ -69,7 +69,7 @@ def ensure_base_version(store: ModelStore, settings: ServiceSettings) -> int:
         state = ContinualState.initial(loaded.model, spec)
         heldout = load_heldout(settings.heldout)
         metrics = {"heldout": settings.heldout, "heldout_accuracy": heldout_accuracy(loaded, heldout)}
-        with tempfile.TemporaryDirectory(prefix="gnsp-base-", dir=settings.work_dir) as tmp:
+        with tempfile.TemporaryDirectory(prefix="gnsp-base-", dir=settings.scratch()) as tmp:
             folder = state.save(Path(tmp) / "state")
             manifest = {"parent": None, "task_id": None, "task": None, "method": None, "tasks": [],
                         "spec": spec.to_dict(), "metrics": metrics}

@@ -210,7 +210,7 @@ class Ingress:
             config.pop("method", None)
             await call(self.jobs.check_config.remote(method, config, name))
             summary = await self.uploads.run(validate_dataset, form.file, self.settings.archive_limits(),
-                                             self.settings.work_dir)
+                                             self.settings.scratch())
             return await self._queue(name, method, config, form.file, summary)
 
     async def _queue(self, name: str, method: str, config: dict, archive: Path, summary: dict) -> api.TaskAccepted:
@@ -255,7 +255,7 @@ class Ingress:
             if form.file is None:
                 raise BadRequestError("the form has no 'dataset' file; attach a .zip or .tar.gz of class folders, "
                                       "or send a search of built-in tasks as application/json")
-            await self.uploads.run(validate_dataset, form.file, self.settings.archive_limits(), self.settings.work_dir)
+            await self.uploads.run(validate_dataset, form.file, self.settings.archive_limits(), self.settings.scratch())
             upload = await run_in_threadpool(self.store.put_upload, new_search_id(), form.file,
                                              archive_filename(form.file))
             return api.TuneView(**await call(self.jobs.submit_search.remote(body, upload)))

@@ -219,7 +219,7 @@ async def received_dataset_form(request: Request, settings: ServiceSettings,
     `work_dir` that is removed when the block ends (whatever the job does with the file, it copies
     it); the block holds one of the gate's slots."""
     async with gate.slot():
-        with tempfile.TemporaryDirectory(prefix="gnsp-upload-", dir=settings.work_dir) as scratch:
+        with tempfile.TemporaryDirectory(prefix="gnsp-upload-", dir=settings.scratch()) as scratch:
             yield await receive_form(request.headers.get("content-type"), request.headers.get("content-length"),
                                      paced(request.stream(), settings.body_idle_timeout_s), "dataset",
                                      Path(scratch) / "upload", settings.max_upload_bytes)

@@ -98,7 +98,7 @@ def execute_attempt(plan: AttemptPlan, board: ActorHandle | None) -> AttemptOutc
     published = published_by(store, plan.task_id)
     if published is not None:
         return published
-    with tempfile.TemporaryDirectory(prefix=f"gnsp-{plan.task_id}-", dir=settings.work_dir) as scratch_name:
+    with tempfile.TemporaryDirectory(prefix=f"gnsp-{plan.task_id}-", dir=settings.scratch()) as scratch_name:
         scratch = Path(scratch_name)
         archive = store.fetch_upload(plan.upload, scratch)
         limits = settings.archive_limits()

@@ -127,7 +127,7 @@ class JobRunner:
         if upload is None:
             return self.searches.submit(body)
         try:
-            with tempfile.TemporaryDirectory(prefix="gnsp-tune-upload-", dir=self.settings.work_dir) as scratch:
+            with tempfile.TemporaryDirectory(prefix="gnsp-tune-upload-", dir=self.settings.scratch()) as scratch:
                 return self.searches.submit(body, self.store.fetch_upload(upload, Path(scratch)))
         finally:
             self.store.delete_job_files(Path(upload).parent.name)

@@ -65,7 +65,7 @@ class Classifier:
         self.decoders = ThreadPoolExecutor(threads, thread_name_prefix="decode")
         self.settings = settings
         self.store = ModelStore.open(settings.store)
-        self.cache_dir = Path(tempfile.mkdtemp(prefix="gnsp-versions-", dir=settings.work_dir))
+        self.cache_dir = Path(tempfile.mkdtemp(prefix="gnsp-versions-", dir=settings.scratch()))
         self.heads = TextHeadCache(settings.text_head_cache, settings.text_head_cache_labels)
         # New label sets are encoded one at a time, outside the image batch.
         self.head_builds = asyncio.Semaphore(1)

@@ -1,0 +1,106 @@
+"""Several Ray nodes that share no disk, the store on a real S3 object store (SeaweedFS).
+
+A head node runs the service (`gnsp serve --address`); a second node, in its own mount namespace
+with a private tmpfs over /tmp (and so over the service's scratch folder), offers the `trainer`
+resource that the training workers ask for. Through the REST API a task is uploaded and its job
+starts on that node; the node is killed mid-task; a replacement node joins and the job resumes from
+its checkpoint in the store, publishes a version, and classify answers with it. Nothing reaches
+the workers as a path of the head: had it, the workers could not read it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pyarrow.fs as pafs
+import pytest
+
+from ray_nodes import LocalCluster, can_isolate_nodes, free_port
+from service_support import colour_zip, png_b64, wait_for, write_colour_folder
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e,
+              pytest.mark.skipif(not can_isolate_nodes(), reason="needs root and `unshare --mount`")]
+ROOT = Path(__file__).resolve().parents[1]
+TRAINER = {"trainer": 1}
+STEPS, CHECKPOINT_EVERY = 24, 3
+
+
+def serve_command(address: str, store: str, port: int, scratch: Path, heldout: Path) -> list[str]:
+    settings = {"model": None, "work_dir": str(scratch), "heldout": str(heldout), "max_heldout_drop": 100.0,
+                "default_method": "finetune", "checkpoint_every": CHECKPOINT_EVERY, "cpus_per_worker": 1,
+                "worker_resources": TRAINER}
+    sets = [f"--set={key}={json.dumps(value)}" for key, value in settings.items() if value is not None]
+    return [sys.executable, "-m", "service.cli.serve", "--address", address, "--port", str(port),
+            "--store", store, "--model", "tiny", *sets]
+
+
+def wait_healthy(client: httpx.Client, cluster: LocalCluster, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if client.get("/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    raise TimeoutError(f"the service did not answer /healthz:\n{cluster.log('serve')}")
+
+
+def checkpoints(fs: pafs.FileSystem, run: str) -> list[str]:
+    infos = fs.get_file_info(pafs.FileSelector(run, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.base_name.startswith("checkpoint_") and i.type == pafs.FileType.Directory)
+
+
+def test_job_on_a_node_without_shared_disk_survives_losing_that_node(seaweedfs, tmp_path):
+    store = seaweedfs.uri()
+    scratch = Path("/tmp") / f"gnsp-scratch-{tmp_path.name}"  # private on every worker node (its own /tmp)
+    heldout = write_colour_folder(tmp_path / "heldout", ["red", "green", "blue"], n_train=2, n_test=2, seed=7)
+    port = free_port()
+    env = {**seaweedfs.env(), "PYTHONPATH": str(ROOT), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    try:
+        with LocalCluster(head_cpus=1, env=env) as cluster, \
+                httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            cluster.spawn(serve_command(cluster.address, store, port, scratch, heldout), "serve")
+            lose_the_trainer_node_mid_job(cluster, client, seaweedfs, store, scratch, tmp_path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def lose_the_trainer_node_mid_job(cluster: LocalCluster, client: httpx.Client, seaweedfs, store: str,
+                                  scratch: Path, tmp_path: Path) -> None:
+    wait_healthy(client, cluster)
+    print("service healthy", flush=True)
+    first = cluster.add_node("trainer-1", num_cpus=1, resources=TRAINER)
+
+    response = client.post("/v1/tasks", data={"name": "rgb", "config": json.dumps(
+        {"steps": STEPS, "batch_size": 8, "warmup_steps": 1, "lr": 1e-3})},
+        files={"dataset": ("rgb.zip", colour_zip(tmp_path, ["red", "green", "blue"], n_train=8), "application/zip")})
+    assert response.status_code == 202, response.text
+    task_id = response.json()["task_id"]
+
+    fs, run = seaweedfs.filesystem(), f"{store.removeprefix('s3://')}/runs/{task_id}"
+    deadline = time.monotonic() + 300
+    while len(checkpoints(fs, run)) < 2:  # the workers on the trainer node checkpoint into the store (the first one committed)
+        job = client.get(f"/v1/tasks/{task_id}").json()
+        assert job["status"] in ("queued", "running") and time.monotonic() < deadline, (job, cluster.log("serve"))
+        time.sleep(0.3)
+    cluster.kill_node(first)
+    print(f"trainer node killed after checkpoints {checkpoints(fs, run)}", flush=True)
+    assert client.get(f"/v1/tasks/{task_id}").json()["status"] == "running"
+    cluster.add_node("trainer-2", num_cpus=1, resources=TRAINER)
+
+    print("replacement trainer node joined", flush=True)
+    job = wait_for(client, task_id, timeout=300)
+    assert job["status"] == "succeeded", (job, cluster.log("serve"))
+    assert job["model_version"] == 2 and job["activated"] is True
+    assert job["metrics"]["resumed_from"] >= CHECKPOINT_EVERY, job  # from the checkpoint, not from scratch
+    assert job["metrics"]["step"] == STEPS
+    answer = client.post("/v1/classify", json={"images": [png_b64("red")], "labels": ["red", "green"]})
+    assert answer.status_code == 200 and answer.json()["model_version"] == 2, answer.text
+    assert fs.get_file_info(f"{store.removeprefix('s3://')}/uploads/{task_id}").type == pafs.FileType.NotFound
+    assert not [p.name for p in scratch.iterdir() if task_id in p.name], "the job's scratch is removed when it ends"
