@@ -73,6 +73,12 @@ def manifests() -> dict[str, dict[str, Any]]:
     return found
 
 
+def secrets() -> dict[str, dict[str, Any]]:
+    """name -> Secret, from deploy/kuberay."""
+    return {doc["metadata"]["name"]: doc for path in sorted(KUBERAY.glob("*.yaml")) for doc in load_all(path)
+            if doc["kind"] == "Secret"}
+
+
 def serve_config() -> dict[str, Any]:
     path = DEPLOY / "serve_config.yaml"
     assert path.exists(), "deploy/serve_config.yaml is missing (the Serve config of the gnsp application)"
@@ -241,13 +247,16 @@ def _pod_templates(rayservice: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_rayservice_wiring():
-    """What gnsp relies on: pinned Ray, GPU workers, the store on the PVC, the token from the Secret."""
+    """What gnsp relies on: pinned Ray, GPU workers, the store on an object store that every pod
+    reaches with the Secret's credentials, node-local scratch, the token from the Secret."""
     found = manifests()
-    rayservice, pvc, secret = found["RayService"], found["PersistentVolumeClaim"], found["Secret"]
+    rayservice, pvc = found["RayService"], found["PersistentVolumeClaim"]
+    secret = secrets()["gnsp-api-token"]
     cluster = rayservice["spec"]["rayClusterConfig"]
     assert cluster["rayVersion"] == ray_pin()
 
-    store = serve_config_v2()["applications"][0]["args"]["store"]
+    args = serve_config_v2()["applications"][0]["args"]
+    assert args["store"].startswith("s3://"), "the default store is an object store (pods share no disk)"
     templates = _pod_templates(rayservice)
     images = set()
     for group, template in templates.items():
@@ -261,13 +270,17 @@ def test_rayservice_wiring():
         for kind in ("requests", "limits"):
             assert {"cpu", "memory"} <= set(resources[kind]), f"{group}: {kind} needs cpu and memory"
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-        assert store in mounts, f"{group}: the store {store} is not mounted"
-        assert volumes[mounts[store]]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+        assert args["work_dir"] in mounts, f"{group}: work_dir {args['work_dir']} is not mounted"
+        assert "emptyDir" in volumes[mounts[args["work_dir"]]], f"{group}: work_dir must be node-local (an emptyDir)"
+        assert not any("persistentVolumeClaim" in v for v in volumes.values()), f"{group}: no shared volume by default"
         env = {e["name"]: e for e in container.get("env", [])}
         ref = env["GNSP_API_TOKEN"]["valueFrom"]["secretKeyRef"]
         assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"], group
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):  # every pod reads the store
+            ref = env[name]["valueFrom"]["secretKeyRef"]
+            assert ref["key"] in secrets()[ref["name"]]["stringData"], f"{group}: {name} from a missing Secret key"
     assert len(images) == 1, "head and workers should run the same image"
-    assert "ReadWriteMany" in pvc["spec"]["accessModes"], "pods on several nodes share the store"
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"], "the shared-volume option needs pods on several nodes"
 
     gpu_groups = [g for g in cluster["workerGroupSpecs"]
                   if int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1]
@@ -276,8 +289,35 @@ def test_rayservice_wiring():
     for group in gpu_groups:
         probe = group["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]
         assert probe["path"] == "/healthz" and probe["port"] == port
-    args = serve_config_v2()["applications"][0]["args"]
     assert args.get("gpus_per_worker", 0) >= 1, "training should ask for the GPU workers' GPUs"
+
+
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    return int(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else int(quantity)
+
+
+def test_rayservice_head_has_the_memory_of_the_replicas_ray_may_place_on_it():
+    """Every deployment declares its replicas' memory, and the head holds Ray's own processes (2 GiB),
+    its shared-memory object store, the Ingress and JobRunner replicas and one Classifier replica."""
+    rayservice = manifests()["RayService"]
+    deployments = {d["name"]: d for d in serve_config_v2()["applications"][0]["deployments"]}
+    for name, deployment in deployments.items():
+        assert deployment["ray_actor_options"].get("memory", 0) >= 2**29, f"{name} declares no memory"
+    memory = {name: d["ray_actor_options"]["memory"] for name, d in deployments.items()}
+    needed = (2 * 2**30 + deployments["Ingress"]["num_replicas"] * memory["Ingress"] + memory["JobRunner"]
+              + memory["Classifier"])
+    head = _pod_templates(rayservice)["head"]["spec"]
+    shm = next(v["emptyDir"]["sizeLimit"] for v in head["volumes"] if v["name"] == "dshm")
+    limit = _bytes(head["containers"][0]["resources"]["limits"]["memory"])
+    assert limit >= needed + _bytes(shm), f"head memory {limit / 2**30:.1f} GiB < {(needed + _bytes(shm)) / 2**30:.1f} GiB"
+
+
+def test_upgrade_strategy_states_the_kuberay_version_it_needs():
+    """`upgradeStrategy` exists from KubeRay 1.3: the manifest and the deploy README say so."""
+    assert manifests()["RayService"]["spec"]["upgradeStrategy"]["type"] == "NewCluster"
+    for path in (KUBERAY / "rayservice.yaml", DEPLOY / "README.md"):
+        assert re.search(r"(v|operator )1\.3 or later", path.read_text()), f"{path.name} should state KubeRay 1.3+"
 
 
 # --- (c) the Serve configs through Ray Serve's own model ------------------------------------------
