@@ -112,6 +112,11 @@ def test_cluster_yaml_validates_against_rays_own_schema():
     for remote, local in config["file_mounts"].items():
         assert (ROOT / local).exists(), f"file_mounts {remote}: {local} does not exist relative to the repo root"
     assert any(ray_pin() in cmd for cmd in config["setup_commands"]), "setup should check the pinned Ray version"
+    for name, node in nodes.items():  # every node reads and writes the object store
+        if name != config["head_node_type"]:
+            assert "Arn" in node["node_config"].get("IamInstanceProfile", {}), f"{name}: no instance profile for the store"
+    text = (DEPLOY / "cluster.yaml").read_text()
+    assert "gnsp serve --address auto" in text and "--store s3://" in text and "work_dir=" in text
 
 
 # --- (b) the Kubernetes manifests -----------------------------------------------------------------
