@@ -1,9 +1,9 @@
 """Learn one task with Ray Train: N workers run `gnsp_core.trainer.learn_task` under DDP.
 
-Everything a worker needs travels as a `TrainJob` of specs and store addresses; each worker fetches
-the dataset and the base version into its node-local scratch (service/training/stored.py) and
-loads the model, task and reference data itself. Gradients are averaged by DDP (gloo on CPU, nccl on GPU) and the
-GNSP projector statistics are summed with `torch.distributed.all_reduce`, so N workers collect the
+Everything a worker needs travels as a `TrainJob` of specs and store addresses; each worker
+fetches the dataset and the base version into its node-local scratch (service/training/stored.py)
+and loads the model, task and reference data itself. Gradients are averaged by DDP (gloo on CPU,
+nccl on GPU) and the GNSP projector statistics are summed with `torch.distributed.all_reduce`, so N workers collect the
 same statistics as one process. Rank 0 reports a checkpoint (model, optimiser, scheduler, method
 state, step) every `checkpoint_every` steps into `RunConfig(storage_path, name)`; a worker group
 that fails restarts from the latest one (`FailureConfig(max_failures)`), and so does a whole run
