@@ -105,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gnsp-bench-") as name:
         tmp = Path(name)
         with start_seaweedfs(tmp) as s3:
-            rows = [run_layout(nodes, args, s3, tmp) for nodes in (1, 2)]
+            rows = []
+            for nodes in (1, 2):
+                rows.append(run_layout(nodes, args, s3, tmp))
+                print(json.dumps(rows[-1]), flush=True)  # each layout as soon as it is measured
     print(table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows}, indent=2))
