@@ -32,7 +32,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Callable
 
-from service.errors import ServiceFault
+from service.errors import NotReadyError
 
 if TYPE_CHECKING:
     from service.store.model_store import ModelStore
@@ -43,8 +43,8 @@ LEASE_DIR = "lease"
 DEFAULT_TTL_S = 15.0
 
 
-class LeaseLost(ServiceFault):
-    """This service does not (or no longer) hold the store's writer lease, so it must not write."""
+class LeaseLost(NotReadyError):
+    """This service does not (or no longer) hold the store's writer lease, so it must not write (503)."""
 
     code = "standby"
 
