@@ -124,7 +124,7 @@ def _die_with_parent() -> None:
 
 def _command(data_dir: Path, ports: dict[str, int], config: Path) -> list[str]:
     return [weed_binary(), "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=8",
+            "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=100",
             f"-master.port={ports['master']}", f"-master.port.grpc={ports['master.grpc']}",
             f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume.grpc']}",
             "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer.grpc']}",
