@@ -13,9 +13,13 @@ Anywhere else (a benchmark, a second Ray node's environment):
         os.environ.update(s3.env())            # AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... as users set them
         store = ModelStore.open(s3.uri("run-1"))
 
+`RequestLog(s3.endpoint)` is a recording proxy in front of it (put its `endpoint` in
+AWS_ENDPOINT_URL) for counting the requests a store operation sends.
+
 The server runs with an S3 identities file (one access key, not anonymous) and one bucket; its data
 lives in a temporary folder. It takes several seconds to exit on SIGTERM, so `stop` waits a bounded
-time and then SIGKILLs it, whatever happened in the tests.
+time and then SIGKILLs it, whatever happened in the tests; it is also SIGKILLed if the process that
+started it dies (PR_SET_PDEATHSIG), so a killed test run leaves no server behind.
 """
 
 from __future__ import annotations
