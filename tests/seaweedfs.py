@@ -13,9 +13,13 @@ Anywhere else (a benchmark, a second Ray node's environment):
         os.environ.update(s3.env())            # AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... as users set them
         store = ModelStore.open(s3.uri("run-1"))
 
+`RequestLog(s3.endpoint)` is a recording proxy in front of it (put its `endpoint` in
+AWS_ENDPOINT_URL) for counting the requests a store operation sends.
+
 The server runs with an S3 identities file (one access key, not anonymous) and one bucket; its data
 lives in a temporary folder. It takes several seconds to exit on SIGTERM, so `stop` waits a bounded
-time and then SIGKILLs it, whatever happened in the tests.
+time and then SIGKILLs it, whatever happened in the tests; it is also SIGKILLed if the process that
+started it dies (PR_SET_PDEATHSIG), so a killed test run leaves no server behind.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlparse
 
 ACCESS_KEY = "gnsp-test-access"
 SECRET_KEY = "gnsp-test-secret-0123456789"
@@ -114,9 +119,16 @@ def stop_process(process: subprocess.Popen, grace_s: float) -> None:
             process.wait(timeout=10)
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the process that started it dies, even if it is killed outright."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _command(data_dir: Path, ports: dict[str, int], config: Path) -> list[str]:
     return [weed_binary(), "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=8",
+            "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=100",
             f"-master.port={ports['master']}", f"-master.port.grpc={ports['master.grpc']}",
             f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume.grpc']}",
             "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer.grpc']}",
@@ -167,7 +179,7 @@ def launch(data_dir: Path, bucket: str = BUCKET, timeout_s: float = 60.0) -> Sea
     _write_identities(config)
     log = open(data_dir / "weed.log", "wb")
     process = subprocess.Popen(_command(data_dir, ports, config), stdout=log, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, start_new_session=True)
+                               stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
     log.close()
     s3 = SeaweedS3(f"http://127.0.0.1:{ports['s3']}", bucket, data_dir, process, ports)
     try:
@@ -189,3 +201,80 @@ def start_seaweedfs(parent: Path | None = None, bucket: str = BUCKET) -> Iterato
             yield s3
         finally:
             s3.stop()
+
+
+class RequestLog:
+    """An HTTP proxy in front of the S3 endpoint that records every request (method, path, query,
+    whether it is a server-side copy), to count what a store operation sends. Use as a context
+    manager; its `endpoint` replaces the server's in AWS_ENDPOINT_URL."""
+
+    def __init__(self, target: str) -> None:
+        import http.server
+        import threading
+
+        self.target = urlparse(target)
+        self.requests: list[tuple[str, str, str, bool]] = []
+        log = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # answers `Expect: 100-continue` as S3 clients expect
+
+            def _forward(self) -> None:
+                import http.client
+
+                body = self._body()
+                path, _, query = self.path.partition("?")
+                log.requests.append((self.command, path, query, "x-amz-copy-source" in self.headers))
+                conn = http.client.HTTPConnection(log.target.hostname, log.target.port, timeout=30)
+                try:  # the Host header goes through unchanged: the request's signature covers it
+                    headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
+                    conn.request(self.command, self.path, body, headers)
+                    reply = conn.getresponse()
+                    data = reply.read()
+                finally:
+                    conn.close()
+                self.send_response(reply.status)
+                head = self.command == "HEAD"  # its Content-Length is the object's size, with no body
+                for name, value in reply.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection") and (head or name.lower() != "content-length"):
+                        self.send_header(name, value)
+                if not head:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _body(self) -> bytes | None:
+                """The request body as sent: Content-Length bytes, or the chunks with their framing."""
+                if "chunked" not in self.headers.get("Transfer-Encoding", ""):
+                    length = int(self.headers.get("Content-Length") or 0)
+                    return self.rfile.read(length) if length else None
+                raw = b""
+                while True:
+                    line = self.rfile.readline()
+                    size = int(line.split(b";")[0], 16)
+                    raw += line + self.rfile.read(size + 2 if size else 0)
+                    if size == 0:
+                        while (trailer := self.rfile.readline()) not in (b"\r\n", b""):
+                            raw += trailer
+                        return raw + b"\r\n"
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "RequestLog":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def writes(self) -> list[tuple[str, str, str, bool]]:
+        """Every request that changes something (all but GET and HEAD)."""
+        return [r for r in self.requests if r[0] not in ("GET", "HEAD")]

@@ -181,9 +181,15 @@ class Ingress:
 
     # --- service ---------------------------------------------------------------------------------
 
-    @app.get("/healthz", response_model=api.Health, operation_id="health")
-    async def healthz(self) -> api.Health:
-        return api.Health(active_version=await run_in_threadpool(self.store.active))
+    @app.get("/healthz", response_model=api.Health, operation_id="health",
+             responses={503: {"model": api.Health, "description": "no model version is active yet"}})
+    async def healthz(self) -> Response:
+        """The readiness probe: 503 until a version is active; which service is the store's writer."""
+        active = await run_in_threadpool(self.store.active)
+        role = await call(self.jobs.role.remote())
+        health = api.Health(status="ok" if active is not None else "starting", active_version=active,
+                            role=role["role"], lease_holder=role["lease_holder"])
+        return JSONResponse(health.model_dump(), status_code=200 if active is not None else 503)
 
     @app.get("/metrics", response_class=Response, operation_id="metrics",
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},

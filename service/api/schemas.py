@@ -106,8 +106,14 @@ class ActivationResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
+    """Readiness: `ok` (HTTP 200) once a model version is active, so classify can answer;
+    `starting` (HTTP 503) before. `role` says whether this service runs the jobs (`writer`, it holds
+    the store's writer lease) or waits for the lease (`standby`, e.g. an upgrade's other cluster)."""
+
+    status: Literal["ok", "starting"] = "ok"
     active_version: int | None = None
+    role: Literal["writer", "standby"] | None = None
+    lease_holder: str | None = None
 
 
 def _integral(value: Any) -> Any:

@@ -1,6 +1,11 @@
 """The job runner deployment: exactly one replica, which owns every write to the store except
 uploads (versions, the active pointer, job records) and runs the task jobs and the searches.
 
+One writer per store, even across services: the runner holds the store's writer lease
+(service/store/lease.py) and only the holder runs jobs. A second service on the same store (an
+upgrade's new cluster next to the old one) is standby: it serves classify requests, answers job
+calls with 503 `standby`, and takes over (recovering the job records) once the lease is free.
+
 Its event loop only awaits: every method is async, store I/O and the queues' locks are taken in
 a thread (`asyncio.to_thread`), the classifier is awaited on the loop (the job worker's load check
 waits for that from its own thread), and a cancel waits for the job's end by polling, never
@@ -23,7 +28,8 @@ from gnsp_core.models import recommended_training
 from service.errors import hide_dirs
 from service.jobs.states import ENDED
 from service.settings import ServiceSettings
-from service.store import ModelStore
+from service.jobs.states import STATUSES
+from service.store import LeaseLost, ModelStore, StoreLease
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +38,8 @@ CANCEL_WAIT_S = 5.0
 CANCEL_POLL_S = 0.2
 CHECK_TIMEOUT_S = 600.0
 """The longest a version's load check in the classifier may take."""
+LEASE_TTL_S = 15.0
+"""How long the writer lease lasts unrenewed: a standby takes over at most this long after the writer died."""
 
 
 @serve.deployment(name="JobRunner", num_replicas=1, max_ongoing_requests=64, graceful_shutdown_timeout_s=90)
@@ -42,20 +50,62 @@ class JobRunner:
         await asyncio.to_thread(self._open)
 
     def _open(self) -> None:
+        import threading
+
+        hide_dirs(self.settings.store, self.settings.work_dir)
+        self.store = ModelStore.open(self.settings.store)
+        self.lease = self.store.lease = StoreLease(self.store, ttl_s=LEASE_TTL_S)
+        self._role_lock = threading.Lock()
+        self.queue: Any = None
+        self.searches: Any = None
+        acquired = self.lease.try_acquire()
+        self.lease.keep(on_acquired=self._become_writer, on_lost=self._become_standby)  # renewing from now on
+        if acquired:
+            self._become_writer()
+
+    def _become_writer(self) -> None:
+        """Now holding the lease: make sure a version exists, recover the job records, start the queues."""
         from service.jobs.attempt import RayTrainRunner
         from service.jobs.tasks import JobQueue
         from service.tuning.searches import TuneJobs
         from service.versions import ensure_base_version
 
-        hide_dirs(self.settings.store, self.settings.work_dir)
-        self.store = ModelStore.open(self.settings.store)
-        ensure_base_version(self.store, self.settings)
-        self.queue = JobQueue(self.store, self.settings, RayTrainRunner(self.settings), self._check_version)
-        self.searches = TuneJobs(self.store, self.settings)
-        for note in [*self.queue.recover(), *self.searches.recover()]:
-            log.warning("recovery: %s", note)
-        self.queue.start()
-        self.searches.start()
+        with self._role_lock:
+            if self.queue is not None:
+                return
+            try:
+                ensure_base_version(self.store, self.settings)
+                queue = JobQueue(self.store, self.settings, RayTrainRunner(self.settings), self._check_version)
+                searches = TuneJobs(self.store, self.settings)
+                for note in [*queue.recover(), *searches.recover()]:
+                    log.warning("recovery: %s", note)
+            except LeaseLost:
+                log.warning("lost the store's writer lease while taking over; standby again")
+                return
+            self.queue, self.searches = queue, searches
+            queue.start()
+            searches.start()
+
+    def _become_standby(self) -> None:
+        """The lease is gone (another service holds it): start no more jobs; the running one's writes fail."""
+        with self._role_lock:
+            queue, searches, self.queue, self.searches = self.queue, self.searches, None, None
+        for worker in (queue, searches):
+            if worker is not None:
+                worker.stop()
+
+    def _writer(self) -> tuple[Any, Any]:
+        queue, searches = self.queue, self.searches
+        if queue is None or searches is None:
+            self.lease.check()  # raises LeaseLost (503 standby) with who holds it
+            raise LeaseLost("the job runner is still taking over the store; retry shortly")
+        return queue, searches
+
+    async def role(self) -> dict[str, Any]:
+        """`writer` (holds the store's lease and runs jobs) or `standby`, and the lease's current holder."""
+        current = await asyncio.to_thread(self.lease.current)
+        return {"role": "writer" if self.queue is not None and self.lease.held else "standby",
+                "lease_holder": (current or {}).get("holder"), "lease_token": (current or {}).get("token")}
 
     async def _check_version_on_loop(self, version: int) -> dict[str, Any]:
         handle = self.classifier.options(multiplexed_model_id=str(version))
@@ -96,26 +146,29 @@ class JobRunner:
 
         def queue() -> dict[str, Any]:
             own = resolve_schedule(config, name)
-            full = {**recommended_training(self.settings.model), **self.searches.task_config(method, own)}
-            return self.queue.submit(task_id, name, method, full, upload, dataset)
+            queue, searches = self._writer()
+            full = {**recommended_training(self.settings.model), **searches.task_config(method, own)}
+            return queue.submit(task_id, name, method, full, upload, dataset)
 
         return await asyncio.to_thread(queue)
 
     async def get(self, task_id: str) -> dict[str, Any]:
-        return await asyncio.to_thread(self.queue.view, task_id)
+        return await asyncio.to_thread(lambda: self._writer()[0].view(task_id))
 
     async def list(self) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(self.queue.list)
+        return await asyncio.to_thread(lambda: self._writer()[0].list())
 
     async def cancel(self, task_id: str) -> dict[str, Any]:
-        view = await asyncio.to_thread(self.queue.cancel, task_id)
-        return await settled(view, lambda: self.queue.view(task_id))
+        queue = self._writer()[0]
+        view = await asyncio.to_thread(queue.cancel, task_id)
+        return await settled(view, lambda: queue.view(task_id))
 
     async def activate(self, version: int, reason: str) -> dict[str, Any]:
-        return await asyncio.to_thread(self.queue.activate, version, reason)
+        return await asyncio.to_thread(lambda: self._writer()[0].activate(version, reason))
 
     async def counts(self) -> dict[str, int]:
-        return await asyncio.to_thread(self.queue.counts)
+        queue = self.queue  # a standby has no jobs of its own to count
+        return dict.fromkeys(STATUSES, 0) if queue is None else await asyncio.to_thread(queue.counts)
 
     # --- searches (service.tuning.searches) -------------------------------------------------------------
 
@@ -124,31 +177,43 @@ class JobRunner:
         return await asyncio.to_thread(self._submit_search, body, upload)
 
     def _submit_search(self, body: dict[str, Any], upload: str | None) -> dict[str, Any]:
+        searches = self._writer()[1]
         if upload is None:
-            return self.searches.submit(body)
+            return searches.submit(body)
         try:
             with tempfile.TemporaryDirectory(prefix="gnsp-tune-upload-", dir=self.settings.scratch()) as scratch:
-                return self.searches.submit(body, self.store.fetch_upload(upload, Path(scratch)))
+                return searches.submit(body, self.store.fetch_upload(upload, Path(scratch)))
         finally:
             self.store.delete_job_files(Path(upload).parent.name)
 
     async def search(self, job_id: str) -> dict[str, Any]:
-        return await asyncio.to_thread(self.searches.view, job_id)
+        return await asyncio.to_thread(lambda: self._writer()[1].view(job_id))
 
     async def searches_list(self) -> dict[str, Any]:
-        return await asyncio.to_thread(lambda: {"searches": self.searches.list(), "defaults": self.searches.defaults()})
+        def both() -> dict[str, Any]:
+            searches = self._writer()[1]
+            return {"searches": searches.list(), "defaults": searches.defaults()}
+
+        return await asyncio.to_thread(both)
 
     async def cancel_search(self, job_id: str) -> dict[str, Any]:
-        view = await asyncio.to_thread(self.searches.cancel, job_id)
-        return await settled(view, lambda: self.searches.view(job_id))
+        searches = self._writer()[1]
+        view = await asyncio.to_thread(searches.cancel, job_id)
+        return await settled(view, lambda: searches.view(job_id))
 
     async def apply_search(self, job_id: str) -> dict[str, Any]:
-        return await asyncio.to_thread(self.searches.apply, job_id)
+        return await asyncio.to_thread(lambda: self._writer()[1].apply(job_id))
 
     def __del__(self) -> None:
         for worker in (getattr(self, "queue", None), getattr(self, "searches", None)):
             if worker is not None:
                 worker.stop()
+        lease = getattr(self, "lease", None)
+        if lease is not None:  # an orderly shutdown hands the store to a standby at once
+            try:
+                lease.release()
+            except OSError:
+                log.warning("could not release the store's writer lease; it expires in %.0f s", LEASE_TTL_S)
 
 
 async def settled(view: dict[str, Any], fetch: Callable[[], dict[str, Any]]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Callable
 
-from service.errors import ServiceFault
+from service.errors import NotReadyError
 
 if TYPE_CHECKING:
     from service.store.model_store import ModelStore
@@ -43,8 +43,8 @@ LEASE_DIR = "lease"
 DEFAULT_TTL_S = 15.0
 
 
-class LeaseLost(ServiceFault):
-    """This service does not (or no longer) hold the store's writer lease, so it must not write."""
+class LeaseLost(NotReadyError):
+    """This service does not (or no longer) hold the store's writer lease, so it must not write (503)."""
 
     code = "standby"
 
@@ -133,7 +133,7 @@ class StoreLease:
         self.stop_keeping()
         with self._lock:
             if self.held and not self.store.exists(lease_path(self.token + 1)):
-                self.store.put_json_unfenced(lease_path(self.token), {**self._payload(self.token), "expires": 0.0})
+                self.store.put_json_unfenced(lease_path(self.token), self._payload(self.token, expires=0.0))
             self.token = None
 
     def keep(self, on_acquired: Callable[[], None], on_lost: Callable[[], None]) -> None:
@@ -172,6 +172,7 @@ class StoreLease:
         self.token = None
         return False
 
-    def _payload(self, token: int) -> bytes:
-        return json.dumps({"holder": self.holder, "token": token, "expires": time.time() + self.ttl_s,
-                           "renewed": time.time()}).encode()
+    def _payload(self, token: int, expires: float | None = None) -> bytes:
+        now = time.time()
+        return json.dumps({"holder": self.holder, "token": token, "renewed": now,
+                           "expires": now + self.ttl_s if expires is None else expires}).encode()

@@ -50,7 +50,7 @@ import pyarrow.fs as pafs
 
 from gnsp_core.atomic_files import fsync_dir, fsync_file
 from service.errors import ServiceFault, UnknownVersionError
-from service.store.objects import ExclusiveCreate, make_dirs_durable, put_bytes
+from service.store.objects import SmallObjects, make_dirs_durable
 
 if TYPE_CHECKING:
     from service.store.lease import StoreLease
@@ -79,7 +79,7 @@ class ModelStore:
         self.root = root.rstrip("/")
         self.uri = uri or root
         self._local = _local_base(filesystem, self.root)
-        self._create_exclusive = ExclusiveCreate(filesystem, self.uri, self._local)
+        self._objects = SmallObjects(filesystem, self.uri)
         self.lease: StoreLease | None = None
         """Set on the writer: every write of a version, the pointer or a job record checks it first."""
 
@@ -138,12 +138,12 @@ class ModelStore:
     def put_json_unfenced(self, rel: str, data: dict[str, Any] | bytes) -> None:
         """`write_json` without the lease check: for the lease's own records."""
         payload = data if isinstance(data, bytes) else json.dumps(data, indent=2, sort_keys=True).encode()
-        put_bytes(self.fs, self.path(rel), payload, self.local_path(rel))
+        self._objects.put(self.path(rel), payload, self.local_path(rel))
 
     def create_exclusive(self, rel: str, data: dict[str, Any] | bytes) -> bool:
         """Create `rel` only if nothing has that name (atomic on local disks and S3); False if it exists."""
         payload = data if isinstance(data, bytes) else json.dumps(data, indent=2, sort_keys=True).encode()
-        return self._create_exclusive(self.path(rel), payload, self.local_path(rel))
+        return self._objects.create(self.path(rel), payload, self.local_path(rel))
 
     def put_file(self, local: Path, rel: str) -> None:
         """Copy a local file in (one PUT, or a multipart upload completed at once, on object stores)."""

@@ -1,15 +1,19 @@
 """The two writes the store's safety rests on, done right on a local disk and on an object store.
 
-- `put_bytes`: replace a small object whole. On an object store that is ONE PUT (an object store
+- `put`: replace a small object (a record, the pointer) whole. On S3 that is ONE PutObject (S3
   makes a PUT visible whole or not at all; a temp object plus a "move" would be a copy and a
-  delete there, two more requests and a window where both exist). On a local disk: temp file,
+  delete there, two more requests and a window where both exist; and pyarrow's output stream
+  sends even a few bytes as a three-request multipart upload). On a local disk: temp file,
   fsync, rename, fsync of the folder.
-- `ExclusiveCreate`: create an object only if no object has that name, atomically, so two
-  writers racing for one name (a version number, a lease token) get one winner. On a local disk
+- `create`: create an object only if no object has that name, atomically, so two writers racing
+  for one name (a version number, a lease token) get one winner. On a local disk
   `O_CREAT|O_EXCL`; on S3 (and S3-compatible stores such as SeaweedFS or MinIO) a conditional PUT
-  with `If-None-Match: *`, which pyarrow cannot send, so it goes through botocore with the same
-  endpoint, region and credentials (the standard AWS variables) pyarrow uses. Other pyarrow
-  filesystems get a check-then-write, which is NOT atomic between processes.
+  with `If-None-Match: *`.
+
+pyarrow can send neither a single PutObject nor a conditional one, so on S3 both go through
+botocore, with the endpoint, region and credentials pyarrow uses (the standard AWS variables, or
+the URI's `endpoint_override`/`region` options). Other pyarrow filesystems get pyarrow's stream
+and a check-then-write `create`, which is NOT atomic between processes.
 
 New local folders are made durable: after each `mkdir` its parent folder is fsynced, so a crash
 cannot lose a folder whose files were fsynced.
@@ -41,14 +45,6 @@ def make_dirs_durable(folder: Path) -> None:
         fsync_dir(created.parent)
 
 
-def put_bytes(fs: pafs.FileSystem, path: str, payload: bytes, local: Path | None) -> None:
-    """Replace one object whole: a single PUT on an object store, temp + rename on a local disk."""
-    if local is not None:
-        make_dirs_durable(local.parent)
-        write_bytes_atomic(local, payload)
-        return
-    with fs.open_output_stream(path) as stream:
-        stream.write(payload)
 
 
 def create_local_exclusive(path: Path, payload: bytes) -> bool:
@@ -66,30 +62,38 @@ def create_local_exclusive(path: Path, payload: bytes) -> bool:
     return True
 
 
-class ExclusiveCreate:
-    """Create-if-absent on the store's filesystem (see the module docstring for how, per filesystem)."""
+class SmallObjects:
+    """Whole-object writes of small payloads on the store's filesystem (see the module docstring)."""
 
-    def __init__(self, fs: pafs.FileSystem, uri: str, local_base: Path | None) -> None:
-        self.fs, self.local_base = fs, local_base
-        self._s3 = _S3Conditional(fs, uri) if isinstance(fs, pafs.S3FileSystem) else None
+    def __init__(self, fs: pafs.FileSystem, uri: str) -> None:
+        self.fs = fs
+        self._s3 = _S3Puts(fs, uri) if isinstance(fs, pafs.S3FileSystem) else None
 
-    @property
-    def atomic(self) -> bool:
-        return self.local_base is not None or self._s3 is not None
+    def put(self, path: str, payload: bytes, local: Path | None) -> None:
+        """Replace one object whole: one PUT on S3, temp + rename (fsync'd) on a local disk."""
+        if local is not None:
+            make_dirs_durable(local.parent)
+            write_bytes_atomic(local, payload)
+        elif self._s3 is not None:
+            self._s3.put(path, payload)
+        else:
+            with self.fs.open_output_stream(path) as stream:
+                stream.write(payload)
 
-    def __call__(self, path: str, payload: bytes, local: Path | None) -> bool:
+    def create(self, path: str, payload: bytes, local: Path | None) -> bool:
+        """Create-if-absent; False when an object of that name exists."""
         if local is not None:
             return create_local_exclusive(local, payload)
         if self._s3 is not None:
-            return self._s3.create(path, payload)
+            return self._s3.put(path, payload, exclusive=True)
         if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
             return False
-        put_bytes(self.fs, path, payload, None)
+        self.put(path, payload, None)
         return True
 
 
-class _S3Conditional:
-    """`PUT ... If-None-Match: *` through botocore, configured like the pyarrow filesystem."""
+class _S3Puts:
+    """PutObject (plain, or with `If-None-Match: *`) through botocore, configured like pyarrow's filesystem."""
 
     def __init__(self, fs: pafs.S3FileSystem, uri: str) -> None:
         query = {k: v[-1] for k, v in parse_qs(urlparse(uri).query).items()}
@@ -112,15 +116,18 @@ class _S3Conditional:
                 aws_access_key_id=self.keys[0], aws_secret_access_key=self.keys[1])
         return self._client
 
-    def create(self, path: str, payload: bytes) -> bool:
-        from botocore.exceptions import ClientError
+    def put(self, path: str, payload: bytes, exclusive: bool = False) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
 
         bucket, _, key = path.partition("/")
+        condition = {"IfNoneMatch": "*"} if exclusive else {}
         try:
-            self.client().put_object(Bucket=bucket, Key=key, Body=payload, IfNoneMatch="*")
+            self.client().put_object(Bucket=bucket, Key=key, Body=payload, **condition)
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if status in (409, 412):  # exists (412), or a concurrent conditional write won (409)
+            if exclusive and status in (409, 412):  # exists (412), or a concurrent conditional write won (409)
                 return False
-            raise OSError(f"conditional create of s3://{path} failed: {exc}") from exc
+            raise OSError(f"PUT s3://{path} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise OSError(f"PUT s3://{path} failed: {exc}") from exc
         return True
