@@ -99,11 +99,19 @@ class ServiceSettings(BaseModel):
     """Fixed replica count, or 'auto' for Serve autoscaling between min/max replicas."""
     classifier_min_replicas: int = Field(1, ge=0)
     classifier_max_replicas: int = Field(2, ge=1)
-    classifier_cpus: float = Field(0.0, ge=0)
+    classifier_cpus: float = Field(1.0, ge=0)
+    """CPUs Ray reserves for each classifier replica; its forward runs this many torch threads."""
     classifier_gpus: float = Field(0.0, ge=0)
     classifier_threads: int = Field(0, ge=0)
-    """torch threads per classifier replica; 0: the replica's CPUs, or every core when it reserves none.
-    (Ray starts actors with one thread, which halves a CPU forward on a 2-core machine.)"""
+    """torch threads per classifier replica; 0: the CPUs Ray assigned the replica (at least one),
+    never the host's core count, which replicas and training workers beside it share."""
+    classifier_max_ongoing: int = Field(256, ge=1)
+    """Requests one classifier replica holds at once (it is their HTTP ingress; beyond this Serve's
+    proxy queues them). Batches still hold at most `max_batch_size` images."""
+    active_pointer_ttl_s: float = Field(1.0, gt=0)
+    """How long a classifier replica uses the active pointer (and the list of stored versions) it
+    read before reading it again: a swap reaches new requests within this time, and a store that
+    cannot be read meanwhile does not fail classify requests."""
     ingress_replicas: int = Field(1, ge=1)
     max_versions_per_replica: int = Field(3, ge=1)
     """Bounded LRU of versions each classifier replica keeps loaded (the multiplexed model ids). The

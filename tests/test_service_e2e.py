@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.api.app import parse_server_timing
+from service.serving.classify_http import parse_server_timing
 from service_support import (ENDED, FAST_CONFIG, colour_zip, free_port, png_b64, png_bytes, service_settings,
                              running_service, wait_for)
 
@@ -224,11 +224,15 @@ def test_serve_config_yaml_builds_the_app():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from service.api.app import build_app
+    from service.api.app import build_app, build_classify_app
 
     raw = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
     config = ServeDeploySchema.model_validate(raw)
     app = config.applications[0]
     assert app.import_path == "service.api.app:build_app"
-    assert {d["name"] for d in raw["applications"][0]["deployments"]} == {"Ingress", "Classifier", "JobRunner"}
+    assert {d["name"] for d in raw["applications"][0]["deployments"]} == {"Ingress", "JobRunner"}
     assert build_app(app.args) is not None
+    classify = config.applications[1]
+    assert (classify.import_path, classify.route_prefix) == ("service.api.app:build_classify_app", "/v1/classify")
+    assert classify.args == app.args and {d["name"] for d in raw["applications"][1]["deployments"]} == {"Classifier"}
+    assert build_classify_app(classify.args) is not None
