@@ -14,9 +14,10 @@ bounded LRU (`@serve.multiplexed`) and load one at a time on a loader thread of 
 on the event loop nor on the forward's thread. Requests waiting for loads are capped
 (`max_version_loads_waiting`; more get 429 with Retry-After). Swapping the active version never
 touches a loaded model: new requests resolve the new version, requests in flight finish on theirs.
-"""
 
-from __future__ import annotations
+No `from __future__ import annotations` here: FastAPI must see the route's real types through
+Serve's class-based view.
+"""
 
 import asyncio
 import logging
