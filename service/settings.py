@@ -114,9 +114,14 @@ class ServiceSettings(BaseModel):
     cannot be read meanwhile does not fail classify requests."""
     ingress_replicas: int = Field(1, ge=1)
     max_versions_per_replica: int = Field(3, ge=1)
-    """Bounded LRU of versions each classifier replica keeps loaded (the multiplexed model ids). The
+    """Bounded LRU of versions each classifier replica keeps loaded besides the active one. The
     version that unpinned requests use (the active one) is held besides and never evicted, so
     requests pinned to old versions cannot push it out."""
+    min_version_load_interval_s: float = Field(1.0, ge=0)
+    """A classifier replica loads a version for pinned requests at most this often (and one at a
+    time); a pinned request that would need another load sooner gets 429 with Retry-After, so
+    requests pinned to more old versions than a replica keeps cannot make it load without end.
+    Loads for the active version and for activation checks are never refused."""
     max_version_loads_waiting: int = Field(8, ge=0)
     """Requests a classifier replica lets wait for a version it has not loaded (loads run one at a
     time); more get 429, so requests pinned to many old versions cannot queue loads without end."""

@@ -9,11 +9,11 @@ cached in a bounded LRU). Only then does it join a batch: batches hold tensors o
 image fails its own request and nothing else. A batch counts images (`max_batch_size`), splits
 by version, and waits to fill only while other requests are in the replica (batch_window.py).
 
-Versions: the active one is held resident (pinned requests never evict it); others sit in a
-bounded LRU (`@serve.multiplexed`) and load one at a time on a loader thread of their own, never
-on the event loop nor on the forward's thread. Requests waiting for loads are capped
-(`max_version_loads_waiting`; more get 429 with Retry-After). Swapping the active version never
-touches a loaded model: new requests resolve the new version, requests in flight finish on theirs.
+Versions (version_pool.py): the active one is held resident (pinned requests never evict it);
+others sit in a bounded LRU and load one at a time on a loader thread of their own, never on the
+event loop nor on the forward's thread, at most one per `min_version_load_interval_s` for pinned
+requests (more get 429 with Retry-After). Swapping the active version never touches a loaded
+model: new requests resolve the new version, requests in flight finish on theirs.
 
 No `from __future__ import annotations` here: FastAPI must see the route's real types through
 Serve's class-based view.
@@ -38,11 +38,11 @@ from gnsp_core.zeroshot import TEMPLATES
 
 from service.api.schemas import ClassifyResponse
 from service.api.uploads import read_classify_request
-from service.errors import BusyError
 from service.serving.batch_window import BatchWindow
 from service.serving.classify_http import CLASSIFIER_DEPLOYMENT, CLASSIFY_ROUTE, classify_app, server_timing
 from service.serving.served_model import ServedModel, load_served_model
 from service.serving.version_cache import VersionCache
+from service.serving.version_pool import VersionPool
 from service.settings import ServiceSettings
 from service.store import ModelStore
 
@@ -92,44 +92,15 @@ class Classifier:
         self.heads = TextHeadCache(settings.text_head_cache, settings.text_head_cache_labels)
         # New label sets are encoded one at a time, outside the image batch.
         self.head_builds = asyncio.Semaphore(1)
-        # The version unpinned requests use: held beside the LRU, so pinned requests never evict it.
-        self.resident: ServedModel | None = None
-        self.loads_waiting = 0
-
-        async def load_version(model_id: str):
-            return await self._load_version(model_id)
-
-        # Wired per instance so the LRU size comes from the settings (Ray supports this form; the
-        # loader must be a plain function, not a bound method). Serve loads one model at a time.
-        self.get_version = serve.multiplexed(max_num_models_per_replica=settings.max_versions_per_replica)(
-            load_version)
+        self.pool = VersionPool(self._load_version, settings.max_versions_per_replica,
+                                settings.max_version_loads_waiting, settings.min_version_load_interval_s)
         self.classify_batch.set_max_batch_size(settings.max_batch_size)
         self.window = BatchWindow(settings.max_batch_size, settings.batch_wait_timeout_s,
                                   settings.busy_batch_wait_max_s)
 
-    async def _load_version(self, model_id: str) -> ServedModel:
-        if self.resident is not None and str(self.resident.version) == model_id:
-            return self.resident
+    async def _load_version(self, version: int) -> ServedModel:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.loader, load_served_model, self.store, int(model_id), self.cache_dir)
-
-    async def served(self, model_id: str, pinned: bool) -> ServedModel:
-        """The loaded version for a request. The resident (active) version answers at once even when
-        the LRU dropped it; a request for a version not loaded waits for its load unless too many wait."""
-        resident = self.resident
-        if resident is not None and str(resident.version) == model_id:
-            return resident
-        if self.loads_waiting >= self.settings.max_version_loads_waiting:
-            raise BusyError(f"{self.loads_waiting} requests are waiting for model versions to load (the limit is "
-                            f"{self.settings.max_version_loads_waiting}); retry shortly or use the active version")
-        self.loads_waiting += 1
-        try:
-            served = await self.get_version(model_id)
-        finally:
-            self.loads_waiting -= 1
-        if not pinned:
-            self.resident = served
-        return served
+        return await loop.run_in_executor(self.loader, load_served_model, self.store, version, self.cache_dir)
 
     @classify_api.post(CLASSIFY_ROUTE, response_model=ClassifyResponse)
     async def classify_http(self, request: Request) -> Response:
@@ -149,7 +120,7 @@ class Classifier:
         says in the Server-Timing header where a request's latency went."""
         start = time.perf_counter()
         version = await self.versions.resolve(pinned)
-        served = await self.served(str(version), pinned is not None)
+        served = await self.pool.get(version, pinned is not None)
         loop = asyncio.get_running_loop()
         tensors = await asyncio.gather(*(loop.run_in_executor(self.decoders, served.pixel, raw,
                                                               self.settings.max_classify_pixels)
@@ -193,7 +164,7 @@ class Classifier:
 
     async def check_version(self, version: int) -> dict[str, Any]:
         """Load a version and run a smoke test on it, before it may become active."""
-        served = await self.served(str(version), pinned=True)
+        served = await self.pool.get(version, pinned=True, urgent=True)
         return await asyncio.get_running_loop().run_in_executor(self.forwarder, served.check, self.heads)
 
     def __del__(self) -> None:
