@@ -111,8 +111,7 @@ class Ingress:
              dependencies=[Depends(auth.require_metrics_token)])
     async def metrics(self) -> Response:
         counts = await call(self.jobs.counts.remote())
-        # Through the module: the deployment class is pickled by value, so a global instance would be copied.
-        body, content_type = prometheus.METRICS.render(counts, await run_in_threadpool(self.store.active))
+        body, content_type = prometheus.render_gauges(counts, await run_in_threadpool(self.store.active))
         return Response(body, media_type=content_type)
 
     # --- tasks -----------------------------------------------------------------------------------
