@@ -234,14 +234,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def measure(name: str, url: str, body: dict, args: argparse.Namespace) -> list[dict[str, Any]]:
+def measure(servers: dict[str, str], body: dict, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each client count on each server in turn (gnsp, plain, gnsp, ...), so that a change in the
+    machine's other load during the run touches both sides of a ratio alike."""
     rows = []
-    asyncio.run(load(url, 8, args.warmup, body))  # unmeasured: caches warm, helper processes settled
+    for url in servers.values():
+        asyncio.run(load(url, 8, args.warmup, body))  # unmeasured: caches warm, helper processes settled
     for clients in CLIENTS:
-        result = asyncio.run(load(url, clients, args.seconds, body))
-        rows.append({"setting": name, "clients": clients, **result})
-        print(f"  {name:14s} {clients:3d} clients: p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} "
-              f"ms, {result['throughput_rps']:.1f} req/s, {result['failures']} failed", file=sys.stderr)
+        for name, url in servers.items():
+            result = asyncio.run(load(url, clients, args.seconds, body))
+            rows.append({"setting": name, "clients": clients, **result})
+            print(f"  {name:14s} {clients:3d} clients: p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} "
+                  f"ms, {result['throughput_rps']:.1f} req/s, {result['failures']} failed", file=sys.stderr)
     return rows
 
 
@@ -251,7 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    from service.api.app import delete_service, deploy_service
+    from service.api.app import deploy_service
     from service.serving.classifier import classifier_thread_count
     from service.settings import ServiceSettings
     from service.store import ModelStore
@@ -259,6 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     image = IMAGES[args.image]()
     body = {"images": [base64.b64encode(image).decode()], "labels": LABELS}
     work = Path(tempfile.mkdtemp(prefix="gnsp-serve-load-"))
+    load_start = os.getloadavg()
     cpus = args.num_cpus or os.cpu_count() or 1
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     port = args.port or free_port()
@@ -274,21 +279,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         baseline = in_process_ms(store, 1, body, threads)
         batched = in_process_ms(store, 1, body, threads, batch=16)
         print(f"in-process: {baseline:.1f} ms per request alone, {batched:.1f} ms in a batch of 16", file=sys.stderr)
-        rows = measure(GNSP, f"http://127.0.0.1:{port}", body, args)
+        url = f"http://127.0.0.1:{port}"
+        with plain_server(settings.store, 1, free_port()) as plain:
+            rows = measure({GNSP: url, PLAIN: plain}, body, args)
         second = add_copy_of_version(store, 1)
         swap = swapper((second, 1), args.swap_every)
-        result = asyncio.run(load(f"http://127.0.0.1:{port}", 8, args.seconds, body, during=swap))
+        result = asyncio.run(load(url, 8, args.seconds, body, during=swap))
         rows.append({"setting": f"{GNSP}, swapping versions ({swap.count} swaps)", "clients": 8, **result})
         print(f"  swapping: {swap.count} swaps, {result['failures']} failed", file=sys.stderr)
-        delete_service("gnsp")
-        with plain_server(settings.store, 1, free_port()) as url:
-            rows += measure(PLAIN, url, body, args)
     finally:
         serve.shutdown()
         ray.shutdown()
     return {"model": args.model or "gnsp-mini", "image": args.image, "image_bytes": len(image), "cpus": cpus,
-            "load_average": os.getloadavg(), "in_process_ms": baseline, "in_process_batched_ms": batched,
-            "forward_ceiling": baseline / batched, "rows": rows, "seconds_per_point": args.seconds,
+            "load_average": load_start, "load_average_end": os.getloadavg(), "in_process_ms": baseline,
+            "in_process_batched_ms": batched, "forward_ceiling": baseline / batched, "rows": rows, "seconds_per_point": args.seconds,
             "ratios": ratios(rows), **targets(rows)}
 
 
@@ -316,8 +320,10 @@ def targets(rows: list[dict]) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     load1, load5, _ = result["load_average"]
+    end1, end5, _ = result["load_average_end"]
     lines = [f"model {result['model']}; image {result['image']} ({result['image_bytes'] / 1024:.0f} KB); "
-             f"{result['cpus']} CPUs, load average {load1:.1f} (1 min) / {load5:.1f} (5 min) at the end; "
+             f"{result['cpus']} CPUs, load average (1 / 5 min) {load1:.1f} / {load5:.1f} at the start, "
+             f"{end1:.1f} / {end5:.1f} at the end; "
              f"in-process {result['in_process_ms']:.1f} ms per request alone, "
              f"{result['in_process_batched_ms']:.1f} ms in a batch of 16 (forward ceiling for batching "
              f"{result['forward_ceiling']:.2f}x)", "",

@@ -37,7 +37,7 @@ from ray import serve
 from gnsp_core.zeroshot import TEMPLATES
 
 from service.api.schemas import ClassifyResponse
-from service.api.uploads import read_classify_request
+from service.api.uploads import check_image, read_classify_request
 from service.serving.batch_window import BatchWindow
 from service.serving.classify_http import CLASSIFIER_DEPLOYMENT, CLASSIFY_ROUTE, classify_app, server_timing
 from service.serving.served_model import ServedModel, load_served_model
@@ -106,14 +106,16 @@ class Classifier:
     async def classify_http(self, request: Request) -> Response:
         """POST /v1/classify as the API documents it, answered in this replica."""
         start = time.perf_counter()
-        images, labels, pinned = await read_classify_request(request, self.settings)
-        answer = await self.answer(images, labels, pinned)
+        # Each image is checked on the decode pool, where it is decoded (one thread hop, not two).
+        images, labels, pinned = await read_classify_request(request, self.settings, check_images=False)
+        answer = await self.answer(images, labels, pinned, checked=False)
         timing = answer.pop("timing")
         body = ClassifyResponse(**answer).model_dump_json().encode()
         return Response(body, media_type="application/json",
                         headers={"Server-Timing": server_timing(timing, 1000 * (time.perf_counter() - start))})
 
-    async def answer(self, images: list[bytes], labels: list[str], pinned: int | None) -> dict[str, Any]:
+    async def answer(self, images: list[bytes], labels: list[str], pinned: int | None,
+                     checked: bool = True) -> dict[str, Any]:
         """One checked request: scores of each image over `labels` from the pinned or active version.
 
         The answer's `timing` (ms: time in the classifier, the batch's forward, the batch's size)
@@ -122,9 +124,8 @@ class Classifier:
         version = await self.versions.resolve(pinned)
         served = await self.pool.get(version, pinned is not None)
         loop = asyncio.get_running_loop()
-        tensors = await asyncio.gather(*(loop.run_in_executor(self.decoders, served.pixel, raw,
-                                                              self.settings.max_classify_pixels)
-                                         for raw in images))
+        tensors = await asyncio.gather(*(loop.run_in_executor(self.decoders, self.pixel, served, raw, i, checked)
+                                         for i, raw in enumerate(images)))
         pixels = {"pixels": torch.stack(tensors), "labels": labels, "head": await self.head(served, labels),
                   "served": served, "size": min(len(tensors), self.settings.max_batch_size)}
         self.classify_batch.set_batch_wait_timeout_s(self.window.enter())
@@ -134,6 +135,12 @@ class Classifier:
             self.window.leave()
         answer["timing"]["classifier"] = 1000 * (time.perf_counter() - start)
         return answer
+
+    def pixel(self, served: ServedModel, raw: bytes, index: int, checked: bool) -> torch.Tensor:
+        """One image checked (unless it was) and decoded into the model's input, on the decode pool."""
+        if not checked:
+            check_image(raw, index, self.settings.max_classify_pixels)
+        return served.pixel(raw, self.settings.max_classify_pixels)
 
     async def head(self, served: ServedModel, labels: list[str]) -> torch.Tensor:
         """The zero-shot head for `labels`: from the bounded cache, else built on a thread, one label
