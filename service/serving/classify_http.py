@@ -15,6 +15,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from service.api.http_errors import install_error_handlers
+from service.errors import NotReadyError
 from service.api.metrics import MetricsMiddleware
 
 CLASSIFY_ROUTE = "/v1/classify"
@@ -29,7 +30,13 @@ def classify_app_name(api_app: str) -> str:
 
 def classifier_handle() -> DeploymentHandle:
     """The classifier of the application beside this replica's own (called inside a replica of the API)."""
-    return serve.get_deployment_handle(CLASSIFIER_DEPLOYMENT, classify_app_name(serve.get_replica_context().app_name))
+    app = classify_app_name(serve.get_replica_context().app_name)
+    try:
+        return serve.get_deployment_handle(CLASSIFIER_DEPLOYMENT, app)
+    except Exception as exc:  # Serve says "not found" with several exception types across versions
+        raise NotReadyError(f"the classifier application {app!r} is not running; deploy it beside the API "
+                            "(service.api.app:build_classify_app at /v1/classify, as deploy/serve_config.yaml "
+                            "does)") from exc
 
 
 class FullPathRouting:
