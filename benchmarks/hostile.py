@@ -335,7 +335,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    from service.api.app import build_app
+    from service.api.app import deploy_service
     from service.settings import ServiceSettings
     from service.store import ModelStore
     from serve_load import add_copy_of_version  # a sibling script: old versions a client may pin
@@ -350,7 +350,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                work_dir=str(work), api_token=TOKEN)
     rows = []
     try:
-        serve.run(build_app(settings), name="gnsp", route_prefix="/")
+        deploy_service(settings, "gnsp")
         store = ModelStore.open(settings.store)
         for _ in range(4):
             add_copy_of_version(store, 1)

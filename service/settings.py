@@ -104,16 +104,29 @@ class ServiceSettings(BaseModel):
     """Fixed replica count, or 'auto' for Serve autoscaling between min/max replicas."""
     classifier_min_replicas: int = Field(1, ge=0)
     classifier_max_replicas: int = Field(2, ge=1)
-    classifier_cpus: float = Field(0.0, ge=0)
+    classifier_cpus: float = Field(1.0, ge=0)
+    """CPUs Ray reserves for each classifier replica; its forward runs this many torch threads."""
     classifier_gpus: float = Field(0.0, ge=0)
     classifier_threads: int = Field(0, ge=0)
-    """torch threads per classifier replica; 0: the replica's CPUs, or every core when it reserves none.
-    (Ray starts actors with one thread, which halves a CPU forward on a 2-core machine.)"""
+    """torch threads per classifier replica; 0: the CPUs Ray assigned the replica (at least one),
+    never the host's core count, which replicas and training workers beside it share."""
+    classifier_max_ongoing: int = Field(256, ge=1)
+    """Requests one classifier replica holds at once (it is their HTTP ingress; beyond this Serve's
+    proxy queues them). Batches still hold at most `max_batch_size` images."""
+    active_pointer_ttl_s: float = Field(1.0, gt=0)
+    """How long a classifier replica uses the active pointer (and the list of stored versions) it
+    read before reading it again: a swap reaches new requests within this time, and a store that
+    cannot be read meanwhile does not fail classify requests."""
     ingress_replicas: int = Field(1, ge=1)
     max_versions_per_replica: int = Field(3, ge=1)
-    """Bounded LRU of versions each classifier replica keeps loaded (the multiplexed model ids). The
+    """Bounded LRU of versions each classifier replica keeps loaded besides the active one. The
     version that unpinned requests use (the active one) is held besides and never evicted, so
     requests pinned to old versions cannot push it out."""
+    min_version_load_interval_s: float = Field(1.0, ge=0)
+    """A classifier replica loads a version for pinned requests at most this often (and one at a
+    time); a pinned request that would need another load sooner gets 429 with Retry-After, so
+    requests pinned to more old versions than a replica keeps cannot make it load without end.
+    Loads for the active version and for activation checks are never refused."""
     max_version_loads_waiting: int = Field(8, ge=0)
     """Requests a classifier replica lets wait for a version it has not loaded (loads run one at a
     time); more get 429, so requests pinned to many old versions cannot queue loads without end."""

@@ -76,6 +76,7 @@ def ray_session():
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # read by the Train controller
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # request metrics reach Ray's export in ~1 s
     ray.init(address="local", num_cpus=4, include_dashboard=False)
     yield ray
     ray.shutdown()

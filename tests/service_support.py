@@ -79,10 +79,10 @@ def start_service(settings: ServiceSettings, name: str) -> str:
     """Deploy the app on the session's Ray (one HTTP proxy for the session); returns its base URL."""
     from ray import serve
 
-    from service.api.app import build_app
+    from service.api.app import deploy_service
 
     port = session_serve_port()  # first: serve.run would start Serve on its default port 8000
-    serve.run(build_app(settings), name=name, route_prefix="/")
+    deploy_service(settings, name)
     return f"http://127.0.0.1:{port}"
 
 
@@ -103,9 +103,9 @@ def session_serve_port() -> int:
 
 
 def stop_service(name: str) -> None:
-    from ray import serve
+    from service.api.app import delete_service
 
-    serve.delete(name)
+    delete_service(name)
 
 
 @contextlib.contextmanager

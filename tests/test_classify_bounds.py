@@ -17,9 +17,11 @@ from gnsp_core.zeroshot import TextHeadCache
 from service.api.schemas import classify_body
 from service.api.uploads import (MAX_PART_HEADER_BYTES, MAX_PART_HEADERS, UploadGate, check_image, check_labels, form_body_limit,
                                  paced, receive_form)
-from service.errors import (BadRequestError, BusyError, InvalidImageError, RequestTimeoutError,
+from service.errors import (BadRequestError, BusyError, InvalidImageError, RequestTimeoutError, UnknownVersionError,
                             UploadTooLargeError)
-from service.serving.classifier import Classifier, images_in
+from service.serving.classifier import images_in
+from service.serving.version_cache import VersionCache
+from service.serving.version_pool import VersionPool
 from service.serving.served_model import ServedModel, decode_image
 from service.settings import ServiceSettings
 
@@ -97,38 +99,97 @@ def test_text_head_cache_is_bounded_by_rows_too(tiny):
 # --------------------------------------------------------------------- versions and batches
 
 
-def bare_classifier(settings: ServiceSettings, loader) -> Classifier:
-    """The deployment's class without Serve: `served` only needs these attributes."""
-    classifier = object.__new__(Classifier.func_or_class)
-    classifier.settings, classifier.resident, classifier.loads_waiting = settings, None, 0
-    classifier.get_version = loader
-    return classifier
-
-
 def test_the_active_version_stays_resident_and_pinned_loads_are_capped(tiny):
-    loads: list[str] = []
+    loads: list[int] = []
     release = asyncio.Event()
 
-    async def loader(model_id: str) -> ServedModel:
-        loads.append(model_id)
-        if model_id != "1":
+    async def loader(version: int) -> ServedModel:
+        loads.append(version)
+        if version != 1:
             await release.wait()  # an old version that takes a while to load
-        return ServedModel(int(model_id), tiny)
+        return ServedModel(version, tiny)
 
     async def scenario():
-        classifier = bare_classifier(ServiceSettings(max_version_loads_waiting=2), loader)
-        active = await classifier.served("1", pinned=False)
-        waiting = [asyncio.create_task(classifier.served(str(v), pinned=True)) for v in (2, 3)]
+        pool = VersionPool(loader, capacity=3, max_waiting=2, min_load_interval_s=0.0)
+        active = await pool.get(1, pinned=False)
+        waiting = [asyncio.create_task(pool.get(2, pinned=True)) for _ in range(2)]
         await asyncio.sleep(0.01)
         with pytest.raises(BusyError, match="2 requests are waiting for model versions to load"):
-            await classifier.served("4", pinned=True)
-        assert await classifier.served("1", pinned=False) is active  # answered while old loads wait
+            await pool.get(2, pinned=True)
+        assert await pool.get(1, pinned=False) is active  # answered while an old load waits
         release.set()
-        await asyncio.gather(*waiting)
-        assert classifier.resident is active and classifier.loads_waiting == 0
+        assert {served.version for served in await asyncio.gather(*waiting)} == {2}
+        assert pool.resident is active and pool.waiting == 0
 
     asyncio.run(scenario())
-    assert loads == ["1", "2", "3"]  # the active version was loaded once, version 4 never
+    assert loads == [1, 2]  # the active version was loaded once, version 2 once for both requests
+
+
+def test_pinned_requests_across_more_versions_than_the_pool_holds_load_one_per_interval(tiny):
+    loads: list[int] = []
+    now = [0.0]
+
+    async def loader(version: int) -> ServedModel:
+        loads.append(version)
+        return ServedModel(version, tiny)
+
+    async def scenario():
+        pool = VersionPool(loader, capacity=2, max_waiting=8, min_load_interval_s=1.0, clock=lambda: now[0])
+        active = await pool.get(1, pinned=False)
+        now[0] = 5.0
+        answers = await asyncio.gather(*(pool.get(2 + i % 4, pinned=True) for i in range(12)),
+                                       return_exceptions=True)
+        refused = [a for a in answers if isinstance(a, BusyError)]
+        assert refused and all("loads at most one every 1 s" in str(a) for a in refused)
+        assert {a.version for a in answers if not isinstance(a, BusyError)} == {2}  # one load: the first asked
+        with pytest.raises(BusyError):
+            await pool.get(3, pinned=True)  # within the interval of the last load
+        now[0] = 6.5
+        assert (await pool.get(3, pinned=True)).version == 3
+        # The active version, and a load check before an activation, are never refused.
+        assert (await pool.get(4, pinned=True, urgent=True)).version == 4
+        assert (await pool.get(5, pinned=False)).version == 5 and pool.resident.version == 5
+        assert pool.loaded() == [5, 4, 1]  # the LRU (capacity 2) dropped the oldest, 2 and 3
+        assert active.version == 1
+
+    asyncio.run(scenario())
+    assert loads == [1, 2, 3, 4, 5]
+
+
+def test_versions_resolve_from_memory_and_survive_a_store_hiccup():
+    reads = {"active": 0, "versions": 0}
+    now = [0.0]
+    store = {"active": 1, "versions": [1, 2], "down": False}
+
+    def active() -> int:
+        reads["active"] += 1
+        if store["down"]:
+            raise OSError("object store unreachable")
+        return store["active"]
+
+    def versions() -> list[int]:
+        reads["versions"] += 1
+        return store["versions"]
+
+    async def scenario():
+        cache = VersionCache(active, versions, ttl_s=1.0, clock=lambda: now[0])
+        assert [await cache.resolve(None) for _ in range(20)] == [1] * 20
+        assert reads["active"] == 1  # one read per interval
+        store["active"] = 2
+        assert await cache.resolve(None) == 1  # a swap reaches requests within the interval...
+        now[0] = 1.5
+        assert await cache.resolve(None) == 2  # ...not later
+        store["down"] = True
+        now[0] = 3.0
+        assert await cache.resolve(None) == 2  # the store failing does not fail the request
+        assert await cache.resolve(2) == 2
+        now[0] = 4.5
+        for version in range(1000, 1050):
+            with pytest.raises(UnknownVersionError):
+                await cache.resolve(version)
+        assert reads["versions"] == 2  # 50 unknown pins cost one listing (after the one for version 2)
+
+    asyncio.run(scenario())
 
 
 def test_a_batch_counts_images_and_a_large_request_fills_one_alone():

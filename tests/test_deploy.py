@@ -530,6 +530,8 @@ def test_classifier_threads_follow_the_replica_not_rays_default_of_one():
     from service.settings import ServiceSettings
 
     assert classifier_thread_count(ServiceSettings(classifier_threads=3, classifier_cpus=1)) == 3
-    assert classifier_thread_count(ServiceSettings(classifier_cpus=2)) == 2
-    assert classifier_thread_count(ServiceSettings(classifier_cpus=0.5)) == (os.cpu_count() or 1)
-    assert classifier_thread_count(ServiceSettings()) == (os.cpu_count() or 1)
+    # The CPUs Ray assigned the replica decide, not the settings' request nor the host's cores.
+    assert classifier_thread_count(ServiceSettings(classifier_cpus=8), assigned_cpus=2.0) == 2
+    assert classifier_thread_count(ServiceSettings(), assigned_cpus=0.0) == 1
+    assert classifier_thread_count(ServiceSettings(classifier_cpus=2)) == 2  # outside Ray: the request
+    assert classifier_thread_count(ServiceSettings(classifier_cpus=0.5)) == 1

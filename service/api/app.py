@@ -1,13 +1,15 @@
-"""The REST API: a FastAPI app served by a Ray Serve ingress deployment, and the app builder.
+"""The REST API: a FastAPI app served by a Ray Serve ingress deployment, and the app builders.
 
-    Ingress (this module)  ── handles ──▶  Classifier (multiplexed by version, batched)
-                           ── handles ──▶  JobRunner  (one replica: job queue, store writes)
+    proxy ── /v1/classify ──▶  Classifier (its own application: versions, batched forwards)
+          ── everything else ──▶  Ingress (this module) ── handles ──▶  JobRunner (one replica:
+                                                                     job queue, store writes)
 
-The ingress resolves "active" to a concrete version for every classify request (so a request in
-flight finishes on the version it started with while the pointer moves) and streams uploads to
-local disk, validates them and puts them in the store before the job runner sees a path.
-`build_app(args)` is the application builder for `serve run deploy/serve_config.yaml` and
-`gnsp serve`; `args` are ServiceSettings fields.
+The service is two Serve applications: the API (`build_app`: Ingress and JobRunner, at /) and
+the classifier (`build_classify_app`, at /v1/classify), so a classify request reaches the process
+holding the model in one hop. The ingress streams uploads to local disk, validates them and puts
+them in the store before the job runner sees a path, and keeps the whole OpenAPI document.
+`deploy_service` runs both; `args` of the builders are ServiceSettings fields, as in
+`deploy/serve_config.yaml`.
 
 No `from __future__ import annotations` here: FastAPI must see the route signatures' real types
 through Serve's class-based view.
@@ -20,13 +22,10 @@ from typing import Annotated, Any, Awaitable
 
 import fastapi
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import compile_path
 
 from gnsp_core.errors import GnspError
 from gnsp_core.models import recommended_training
@@ -35,9 +34,10 @@ from service.api import auth
 from service.api import metrics as prometheus
 from service.api import schemas as api
 from service.jobs.runner import JobRunner
+from service.api.http_errors import install_error_handlers
 from service.serving.classifier import Classifier
-from service.errors import (BadRequestError, NotReadyError, UnauthorizedError, UnknownVersionError, error_body,
-                     error_message, hide_dirs, http_status, unwrap)
+from service.serving.classify_http import CLASSIFY_ROUTE, classifier_handle, classify_app_name, server_timing
+from service.errors import BadRequestError, hide_dirs, unwrap
 from service.api.task_config import check_method
 from service.jobs.tasks import TASK_ID_PATTERN, new_task_id
 from service.tuning.searches import SEARCH_ID_PATTERN, new_search_id
@@ -59,6 +59,7 @@ class GnspAPI(FastAPI):
 
 app = GnspAPI(title="gnsp", version="0.1.0",
               description="Continual learning for CLIP: add tasks, follow jobs, query versioned zero-shot classifiers.")
+install_error_handlers(app)
 app.add_middleware(MetricsMiddleware)
 # Every route that changes the service: the router's dependency is copied onto each route as it is
 # declared, so it stays when Serve moves the class's routes onto its own router.
@@ -69,78 +70,12 @@ INGRESS_MAX_ONGOING = 256
 ERRORS = {status: {"model": api.ErrorResponse} for status in (400, 401, 404, 408, 409, 413, 415, 422, 429)}
 TaskId = Annotated[str, fastapi.Path(pattern=TASK_ID_PATTERN, description="As POST /v1/tasks returned it.")]
 SearchId = Annotated[str, fastapi.Path(pattern=SEARCH_ID_PATTERN, description="As POST /v1/tune returned it.")]
-HTTP_METHODS = {"GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE"}
 Version = Annotated[int, fastapi.Path(ge=1, description="A stored model version (GET /v1/models lists them).")]
 
 
 def with_links(status: int, links: dict[str, Any]) -> dict[int, Any]:
     """The error answers plus the OpenAPI links of the success answer."""
     return {**ERRORS, status: {"links": links}}
-
-
-@app.exception_handler(GnspError)
-async def _gnsp_error(request: Request, exc: GnspError) -> JSONResponse:
-    exc = unwrap(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, UnauthorizedError) else None
-    return JSONResponse(error_body(exc.code, error_message(exc)), status_code=http_status(exc), headers=headers)
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
-    return JSONResponse(error_body("invalid_request", problems or "invalid request"), status_code=422)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    message = str(exc.detail)
-    if exc.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed"):
-        message = f"{message}: {request.method} {request.url.path}; the API is described at /docs"
-    headers = dict(exc.headers or {})
-    if exc.status_code == 405:
-        headers["Allow"] = allowed_methods(request, headers.get("Allow", ""))
-    return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=headers or None)
-
-
-def allowed_methods(request: Request, fallback: str) -> str:
-    """Every method the OpenAPI document gives the request's path (HEAD with GET, as Starlette
-    serves it). Starlette's own 405 names only the first route that matched the path, and a path
-    served by two routes (GET and DELETE /v1/tasks/{task_id}) has both."""
-    path = request.scope.get("path", "")
-    for template, operations in request.app.openapi()["paths"].items():
-        if compile_path(template)[0].match(path):
-            methods = {method.upper() for method in operations} & HTTP_METHODS
-            return ", ".join(sorted(methods | ({"HEAD"} if "GET" in methods else set())))
-    return fallback  # a route outside the document (/docs, /openapi.json)
-
-
-@app.exception_handler(Exception)
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    cause = unwrap(exc)
-    if isinstance(cause, GnspError):
-        return await _gnsp_error(request, cause)
-    log.error("%s %s failed", request.method, request.url.path, exc_info=cause)
-    return JSONResponse(error_body("internal_error", f"internal error ({type(cause).__name__}); see the service log"),
-                        status_code=500)
-
-
-def server_timing(classifier: dict[str, float], ingress_ms: float) -> str:
-    """A W3C Server-Timing value: the time a classify request spent in the ingress, in the
-    classifier replica (batch queue included) and in its batch's forward, which browsers' dev tools
-    and benchmarks/serve_load.py read to split latency by hop."""
-    return (f"ingress;dur={ingress_ms:.2f}, classifier;dur={classifier['classifier']:.2f}, "
-            f"forward;dur={classifier['forward']:.2f}, batch;desc={classifier['batch']}")
-
-
-def parse_server_timing(header: str) -> dict[str, float]:
-    """The values `server_timing` wrote, as {"ingress": ms, "classifier": ms, "forward": ms, "batch": n}."""
-    values = {}
-    for entry in header.split(","):
-        name, *params = (part.strip() for part in entry.split(";"))
-        for param in params:
-            values[name] = float(param.split("=", 1)[1].strip('"'))
-    return values
 
 
 async def call(response: Awaitable[Any]) -> Any:
@@ -157,27 +92,13 @@ async def call(response: Awaitable[Any]) -> Any:
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, settings: ServiceSettings, classifier: DeploymentHandle, jobs: DeploymentHandle) -> None:
-        self.settings, self.classifier, self.jobs = settings, classifier, jobs
+    def __init__(self, settings: ServiceSettings, jobs: DeploymentHandle) -> None:
+        self.settings, self.jobs = settings, jobs
         auth.use_settings(settings)
         hide_dirs(settings.store, settings.work_dir)
         self.store = ModelStore.open(settings.store)
-        self._known_versions: set[int] = set()
         self.uploads = UploadGate(settings.max_concurrent_uploads, settings.upload_slot_wait_s)
         api.state_classify_limits(settings)
-
-    def _resolve_version(self, pinned: int | None) -> int:
-        """A concrete version for this request: the pinned one (checked) or the active one now."""
-        if pinned is None:
-            active = self.store.active()
-            if active is None:
-                raise NotReadyError("the service has no active model version yet; retry shortly")
-            return active
-        if pinned not in self._known_versions:
-            if not self.store.has_version(pinned):
-                raise UnknownVersionError(f"model version {pinned} does not exist; GET /v1/models lists the versions")
-            self._known_versions.add(pinned)  # versions are immutable: once seen, always there
-        return pinned
 
     # --- service ---------------------------------------------------------------------------------
 
@@ -196,8 +117,7 @@ class Ingress:
              dependencies=[Depends(auth.require_metrics_token)])
     async def metrics(self) -> Response:
         counts = await call(self.jobs.counts.remote())
-        # Through the module: the deployment class is pickled by value, so a global instance would be copied.
-        body, content_type = prometheus.METRICS.render(counts, await run_in_threadpool(self.store.active))
+        body, content_type = prometheus.render_gauges(counts, await run_in_threadpool(self.store.active))
         return Response(body, media_type=content_type)
 
     # --- tasks -----------------------------------------------------------------------------------
@@ -288,15 +208,17 @@ class Ingress:
 
     # --- classification --------------------------------------------------------------------------
 
-    @app.post("/v1/classify", response_model=api.ClassifyResponse, operation_id="classify", responses=ERRORS,
+    @app.post(CLASSIFY_ROUTE, response_model=api.ClassifyResponse, operation_id="classify", responses=ERRORS,
               openapi_extra=api.CLASSIFY_EXTRA)
     async def classify(self, request: Request, response: Response) -> api.ClassifyResponse:
-        """Zero-shot scores of each image over the given labels, from the active or a pinned version."""
+        """Zero-shot scores of each image over the given labels, from the active or a pinned version.
+
+        Deployed with `deploy_service` (or the Serve config), the classifier replicas answer this
+        route themselves (Serve routes /v1/classify to their application); this handler answers
+        it only where the API application runs alone, through the classifier's handle."""
         start = time.perf_counter()
         images, labels, pinned = await read_classify_request(request, self.settings)
-        version = await run_in_threadpool(self._resolve_version, pinned)
-        handle = self.classifier.options(multiplexed_model_id=str(version))
-        answer = await call(handle.classify.remote({"images": images, "labels": labels, "pinned": pinned is not None}))
+        answer = await call(classifier_handle().answer.remote(images, labels, pinned))
         response.headers["Server-Timing"] = server_timing(answer.pop("timing"), 1000 * (time.perf_counter() - start))
         return api.ClassifyResponse(**answer)
 
@@ -333,21 +255,42 @@ class Ingress:
 
 
 def build_app(args: dict[str, Any] | ServiceSettings | None = None) -> serve.Application:
-    """The Serve application: Ingress -> (Classifier, JobRunner). `args` are ServiceSettings fields."""
-    settings = args if isinstance(args, ServiceSettings) else ServiceSettings(**(args or {}))
-    settings = settings.with_token_from_env()
+    """The API application: Ingress -> JobRunner. `args` are ServiceSettings fields."""
+    settings = _settings(args)
     settings.check_exposure(serve_http_host())
-    classifier = Classifier.options(
-        ray_actor_options={"num_cpus": settings.classifier_cpus, "num_gpus": settings.classifier_gpus},
-        max_ongoing_requests=max(32, 2 * settings.max_batch_size),
-        **_replicas(settings),
-    ).bind(settings)
-    jobs = JobRunner.options(ray_actor_options={"num_cpus": 0}).bind(settings, classifier)
+    jobs = JobRunner.options(ray_actor_options={"num_cpus": 0}).bind(settings)
     # The ingress only awaits the other deployments: let it hold many requests, or the proxy queues
     # and retries them with back-off (Serve's default of 5 per replica).
     return Ingress.options(num_replicas=settings.ingress_replicas, ray_actor_options={"num_cpus": 0},
-                           max_ongoing_requests=INGRESS_MAX_ONGOING).bind(
-        settings, classifier, jobs)
+                           max_ongoing_requests=INGRESS_MAX_ONGOING).bind(settings, jobs)
+
+
+def build_classify_app(args: dict[str, Any] | ServiceSettings | None = None) -> serve.Application:
+    """The classifier application, routed at /v1/classify. `args` are ServiceSettings fields."""
+    settings = _settings(args)
+    settings.check_exposure(serve_http_host())
+    return Classifier.options(
+        ray_actor_options={"num_cpus": settings.classifier_cpus, "num_gpus": settings.classifier_gpus},
+        max_ongoing_requests=settings.classifier_max_ongoing, **_replicas(settings)).bind(settings)
+
+
+def deploy_service(settings: ServiceSettings, name: str = "gnsp", **options: Any) -> None:
+    """Run the service on the connected Ray as two Serve applications: `name` at / and its
+    classifier at /v1/classify (the API first: its job runner writes version 1 to an empty store).
+    `options` go to both `serve.run` calls (e.g. `logging_config`)."""
+    serve.run(build_app(settings), name=name, route_prefix="/", **options)
+    serve.run(build_classify_app(settings), name=classify_app_name(name), route_prefix=CLASSIFY_ROUTE, **options)
+
+
+def delete_service(name: str = "gnsp") -> None:
+    """Remove both applications of `deploy_service(..., name)`."""
+    serve.delete(classify_app_name(name))
+    serve.delete(name)
+
+
+def _settings(args: dict[str, Any] | ServiceSettings | None) -> ServiceSettings:
+    settings = args if isinstance(args, ServiceSettings) else ServiceSettings(**(args or {}))
+    return settings.with_token_from_env()
 
 
 def serve_http_host() -> str | None:

@@ -341,8 +341,10 @@ async def read_body(request: Request, limit: int, idle_timeout_s: float = 5.0,
 ClassifyInput = tuple[list[bytes], list[str], int | None]
 
 
-async def read_classify_request(request: Request, settings: ServiceSettings) -> ClassifyInput:
-    """Images (raw bytes, checked), labels (checked) and the pinned version of a classify request."""
+async def read_classify_request(request: Request, settings: ServiceSettings,
+                                check_images: bool = True) -> ClassifyInput:
+    """Images (raw bytes, checked unless the caller checks each where it decodes it: `check_image`),
+    labels (checked) and the pinned version of a classify request."""
     body = await read_body(request, settings.max_classify_bytes, settings.classify_idle_timeout_s,
                            settings.classify_body_timeout_s)
     kind, _ = parse_options_header(request.headers.get("content-type", ""))
@@ -361,8 +363,9 @@ async def read_classify_request(request: Request, settings: ServiceSettings) -> 
         raise BadRequestError(f"send 1 to {settings.max_classify_images} images (max_classify_images), "
                               f"got {len(images)}; split them over several requests")
     labels = check_labels(labels, settings.max_labels, settings.max_label_chars)
-    await run_in_threadpool(lambda: [check_image(raw, i, settings.max_classify_pixels)
-                                     for i, raw in enumerate(images)])
+    if check_images:
+        await run_in_threadpool(lambda: [check_image(raw, i, settings.max_classify_pixels)
+                                         for i, raw in enumerate(images)])
     return images, labels, pinned
 
 

@@ -66,7 +66,7 @@ def local_service(settings: Any) -> Iterator[str]:
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    from service.api.app import build_app
+    from service.api.app import delete_service, deploy_service
 
     own_ray = not ray.is_initialized()
     if own_ray:
@@ -76,13 +76,13 @@ def local_service(settings: Any) -> Iterator[str]:
         serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
         port = _get_global_client().http_config.port  # an already running Serve keeps its own port
         # Quiet replicas: no access log line per progress poll, warnings and errors still show.
-        serve.run(build_app(settings), name=APP_NAME, route_prefix="/",
-                  logging_config={"enable_access_log": False, "log_level": "WARNING"})
+        deploy_service(settings, APP_NAME,
+                       logging_config={"enable_access_log": False, "log_level": "WARNING"})
         try:
             yield f"http://127.0.0.1:{port}"
         finally:
             with contextlib.suppress(Exception):
-                serve.delete(APP_NAME)
+                delete_service(APP_NAME)
     finally:
         if own_ray:
             with contextlib.suppress(Exception):

@@ -85,7 +85,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from service.api.app import build_app
+    from service.api.app import delete_service, deploy_service
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -96,11 +96,11 @@ def run_serve(args: argparse.Namespace) -> int:
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+        deploy_service(settings, APP_NAME)
         print(f"gnsp serving on http://{args.host}:{args.port} (store {settings.store}); Ctrl-C stops it", flush=True)
         stop.wait()
         print("gnsp: stopping", file=sys.stderr, flush=True)
-        serve.delete(APP_NAME)
+        delete_service(APP_NAME)
     finally:
         if not args.address:
             serve.shutdown()

@@ -44,7 +44,9 @@ LEASE_TTL_S = 15.0
 
 @serve.deployment(name="JobRunner", num_replicas=1, max_ongoing_requests=64, graceful_shutdown_timeout_s=90)
 class JobRunner:
-    async def __init__(self, settings: ServiceSettings, classifier: DeploymentHandle) -> None:  # type: ignore[misc]
+    async def __init__(self, settings: ServiceSettings,  # type: ignore[misc]
+                       classifier: DeploymentHandle | None = None) -> None:
+        # None: the classifier application beside this one (deployed with it), looked up when needed.
         self.settings, self.classifier = settings, classifier
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._open)
@@ -108,7 +110,9 @@ class JobRunner:
                 "lease_holder": (current or {}).get("holder"), "lease_token": (current or {}).get("token")}
 
     async def _check_version_on_loop(self, version: int) -> dict[str, Any]:
-        handle = self.classifier.options(multiplexed_model_id=str(version))
+        from service.serving.classify_http import classifier_handle
+
+        handle = (self.classifier or classifier_handle()).options(multiplexed_model_id=str(version))
         return await handle.check_version.remote(version)
 
     def _check_version(self, version: int) -> dict[str, Any]:

@@ -1,53 +1,72 @@
-"""The zero-shot classifier deployment: versions held per replica, batched forwards.
+"""The zero-shot classifier deployment: it serves POST /v1/classify itself and batches its forwards.
 
-The model version is the `@serve.multiplexed` model id, so each replica keeps a
-bounded LRU of loaded versions, Serve routes a request to a replica that already holds its
-version, and a pinned version is just another id. `@serve.batch` sits on the classifier's own
-method (batches are split per model id by Serve), so concurrent requests share one image-tower
-pass; how long a batch waits to fill adapts to load (batch_window.py). Swapping the active
-version never touches a loaded model: new requests simply carry the new id, and requests in
-flight finish on the version they were routed with.
+Each replica is the HTTP ingress of its own Serve application (classify_http.py), so a request
+goes from Serve's proxy straight to the process holding the model. There it is read and checked,
+its version resolved from memory (version_cache.py: the active pointer cached about a second),
+its images decoded and preprocessed on a pool of threads while the previous batch's forward runs
+on the forward thread, and its zero-shot head looked up or built (new label sets one at a time,
+cached in a bounded LRU). Only then does it join a batch: batches hold tensors only, so a bad
+image fails its own request and nothing else. A batch counts images (`max_batch_size`), splits
+by version, and waits to fill only while other requests are in the replica (batch_window.py).
 
-Bounds, so one client cannot slow the others: a batch counts images, not requests
-(`max_batch_size`); a request's images are decoded on their own (pixel limit checked from the
-header first) and its zero-shot head is looked up or built before it joins a batch (new label sets
-one at a time, cached in a bounded LRU); the version unpinned requests use stays loaded whatever
-pinned requests ask for, and requests waiting for other versions to load are capped.
+Versions (version_pool.py): the active one is held resident (pinned requests never evict it);
+others sit in a bounded LRU and load one at a time on a loader thread of their own, never on the
+event loop nor on the forward's thread, at most one per `min_version_load_interval_s` for pinned
+requests (more get 429 with Retry-After). Swapping the active version never touches a loaded
+model: new requests resolve the new version, requests in flight finish on theirs.
+
+No `from __future__ import annotations` here: FastAPI must see the route's real types through
+Serve's class-based view.
 """
-
-from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
 import torch
+from fastapi import Request
+from fastapi.responses import Response
 from ray import serve
 
 from gnsp_core.zeroshot import TEMPLATES
 
-from service.errors import BusyError
+from service.api.schemas import ClassifyResponse
+from service.api.uploads import check_image, read_classify_request
 from service.serving.batch_window import BatchWindow
+from service.serving.classify_http import CLASSIFIER_DEPLOYMENT, CLASSIFY_ROUTE, classify_app, server_timing
 from service.serving.served_model import ServedModel, load_served_model
+from service.serving.version_cache import VersionCache
+from service.serving.version_pool import VersionPool
 from service.settings import ServiceSettings
 from service.store import ModelStore
 
 log = logging.getLogger(__name__)
+classify_api = classify_app()
 
 
-def classifier_thread_count(settings: ServiceSettings) -> int:
-    """The torch threads a classifier replica uses: Ray starts actors with one, leaving cores idle."""
+def classifier_thread_count(settings: ServiceSettings, assigned_cpus: float | None = None) -> int:
+    """The torch threads of a replica's forward: `classifier_threads`, else the CPUs Ray assigned the
+    replica (`assigned_cpus`; the settings' `classifier_cpus` outside Ray), at least one. Never the
+    host's core count: replicas and training workers beside it hold the other cores."""
     if settings.classifier_threads:
         return settings.classifier_threads
-    if settings.classifier_cpus >= 1:
-        return int(settings.classifier_cpus)
-    return os.cpu_count() or 1
+    cpus = settings.classifier_cpus if assigned_cpus is None else assigned_cpus
+    return max(1, round(cpus))
+
+
+def ray_assigned_cpus() -> float | None:
+    """The CPUs Ray reserved for this process (None outside a Ray worker)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
 
 
 def images_in(requests: list[dict[str, Any]]) -> int:
@@ -55,73 +74,58 @@ def images_in(requests: list[dict[str, Any]]) -> int:
     return sum(request["size"] for request in requests)
 
 
-@serve.deployment(name="Classifier")
+@serve.deployment(name=CLASSIFIER_DEPLOYMENT)
+@serve.ingress(classify_api)
 class Classifier:
     def __init__(self, settings: ServiceSettings) -> None:
         from gnsp_core.zeroshot import TextHeadCache
 
-        threads = classifier_thread_count(settings)
+        threads = classifier_thread_count(settings, ray_assigned_cpus())
         torch.set_num_threads(threads)
         self.decoders = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+        self.forwarder = ThreadPoolExecutor(1, thread_name_prefix="forward")
+        self.loader = ThreadPoolExecutor(1, thread_name_prefix="load")
         self.settings = settings
         self.store = ModelStore.open(settings.store)
+        self.versions = VersionCache(self.store.active, self.store.versions, settings.active_pointer_ttl_s)
         self.cache_dir = Path(tempfile.mkdtemp(prefix="gnsp-versions-", dir=settings.scratch()))
         self.heads = TextHeadCache(settings.text_head_cache, settings.text_head_cache_labels)
         # New label sets are encoded one at a time, outside the image batch.
         self.head_builds = asyncio.Semaphore(1)
-        # The version unpinned requests use: held beside the LRU, so pinned requests never evict it.
-        self.resident: ServedModel | None = None
-        self.loads_waiting = 0
-
-        async def load_version(model_id: str):
-            return await self._load_version(model_id)
-
-        # Wired per instance so the LRU size comes from the settings (Ray supports this form; the
-        # loader must be a plain function, not a bound method). Serve loads one model at a time.
-        self.get_version = serve.multiplexed(max_num_models_per_replica=settings.max_versions_per_replica)(
-            load_version)
+        self.pool = VersionPool(self._load_version, settings.max_versions_per_replica,
+                                settings.max_version_loads_waiting, settings.min_version_load_interval_s)
         self.classify_batch.set_max_batch_size(settings.max_batch_size)
         self.window = BatchWindow(settings.max_batch_size, settings.batch_wait_timeout_s,
                                   settings.busy_batch_wait_max_s)
 
-    async def _load_version(self, model_id: str) -> ServedModel:
-        if self.resident is not None and str(self.resident.version) == model_id:
-            return self.resident
-        return await asyncio.to_thread(load_served_model, self.store, int(model_id), self.cache_dir)
-
-    async def served(self, model_id: str, pinned: bool) -> ServedModel:
-        """The loaded version for a request. The resident (active) version answers at once even when
-        the LRU dropped it; a request for a version not loaded waits for its load unless too many wait."""
-        resident = self.resident
-        if resident is not None and str(resident.version) == model_id:
-            return resident
-        if self.loads_waiting >= self.settings.max_version_loads_waiting:
-            raise BusyError(f"{self.loads_waiting} requests are waiting for model versions to load (the limit is "
-                            f"{self.settings.max_version_loads_waiting}); retry shortly or use the active version")
-        self.loads_waiting += 1
-        try:
-            served = await self.get_version(model_id)
-        finally:
-            self.loads_waiting -= 1
-        if not pinned:
-            self.resident = served
-        return served
-
-    async def classify(self, request: dict[str, Any]) -> dict[str, Any]:
-        """One request: {"images": [bytes], "labels": [str], "pinned": bool}; the version is the
-        multiplexed model id.
-
-        The answer's `timing` (ms: time in this replica, the batch's forward, the batch's size) lets
-        the ingress say in a Server-Timing header where a request's latency went."""
-        start = time.perf_counter()
-        served = await self.served(serve.get_multiplexed_model_id(), bool(request.get("pinned")))
+    async def _load_version(self, version: int) -> ServedModel:
         loop = asyncio.get_running_loop()
-        # Decoded here, per request, on the decode pool: a batch holds tensors only, so an image that
-        # fails to decode fails its own request and never the requests batched with it.
-        tensors = await asyncio.gather(*(loop.run_in_executor(self.decoders, served.pixel, raw,
-                                                              self.settings.max_classify_pixels)
-                                         for raw in request["images"]))
-        labels = request["labels"]
+        return await loop.run_in_executor(self.loader, load_served_model, self.store, version, self.cache_dir)
+
+    @classify_api.post(CLASSIFY_ROUTE, response_model=ClassifyResponse)
+    async def classify_http(self, request: Request) -> Response:
+        """POST /v1/classify as the API documents it, answered in this replica."""
+        start = time.perf_counter()
+        # Each image is checked on the decode pool, where it is decoded (one thread hop, not two).
+        images, labels, pinned = await read_classify_request(request, self.settings, check_images=False)
+        answer = await self.answer(images, labels, pinned, checked=False)
+        timing = answer.pop("timing")
+        body = ClassifyResponse(**answer).model_dump_json().encode()
+        return Response(body, media_type="application/json",
+                        headers={"Server-Timing": server_timing(timing, 1000 * (time.perf_counter() - start))})
+
+    async def answer(self, images: list[bytes], labels: list[str], pinned: int | None,
+                     checked: bool = True) -> dict[str, Any]:
+        """One checked request: scores of each image over `labels` from the pinned or active version.
+
+        The answer's `timing` (ms: time in the classifier, the batch's forward, the batch's size)
+        says in the Server-Timing header where a request's latency went."""
+        start = time.perf_counter()
+        version = await self.versions.resolve(pinned)
+        served = await self.pool.get(version, pinned is not None)
+        loop = asyncio.get_running_loop()
+        tensors = await asyncio.gather(*(loop.run_in_executor(self.decoders, self.pixel, served, raw, i, checked)
+                                         for i, raw in enumerate(images)))
         pixels = {"pixels": torch.stack(tensors), "labels": labels, "head": await self.head(served, labels),
                   "served": served, "size": min(len(tensors), self.settings.max_batch_size)}
         self.classify_batch.set_batch_wait_timeout_s(self.window.enter())
@@ -131,6 +135,12 @@ class Classifier:
             self.window.leave()
         answer["timing"]["classifier"] = 1000 * (time.perf_counter() - start)
         return answer
+
+    def pixel(self, served: ServedModel, raw: bytes, index: int, checked: bool) -> torch.Tensor:
+        """One image checked (unless it was) and decoded into the model's input, on the decode pool."""
+        if not checked:
+            check_image(raw, index, self.settings.max_classify_pixels)
+        return served.pixel(raw, self.settings.max_classify_pixels)
 
     async def head(self, served: ServedModel, labels: list[str]) -> torch.Tensor:
         """The zero-shot head for `labels`: from the bounded cache, else built on a thread, one label
@@ -143,21 +153,29 @@ class Classifier:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, batch_size_fn=images_in)
     async def classify_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        served = requests[0]["served"]  # Serve splits batches by model id: one version per batch
         start = time.perf_counter()
-        answers = await asyncio.to_thread(served.classify, requests, self.heads)
+        answers = await asyncio.get_running_loop().run_in_executor(self.forwarder, self.forward, requests)
         forward = time.perf_counter() - start
         self.window.forward_took(forward)
         for answer in answers:
             answer["timing"] = {"forward": 1000 * forward, "batch": len(requests)}
         return answers
 
+    def forward(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A batch's answers, one image-tower pass per version among its requests (in their order)."""
+        answers = []
+        for _, group in groupby(requests, key=lambda request: request["served"].version):
+            group = list(group)
+            answers += group[0]["served"].classify(group, self.heads)
+        return answers
+
     async def check_version(self, version: int) -> dict[str, Any]:
         """Load a version and run a smoke test on it, before it may become active."""
-        served = await self.served(str(version), pinned=True)
-        return await asyncio.to_thread(served.check, self.heads)
+        served = await self.pool.get(version, pinned=True, urgent=True)
+        return await asyncio.get_running_loop().run_in_executor(self.forwarder, served.check, self.heads)
 
     def __del__(self) -> None:
-        if hasattr(self, "decoders"):
-            self.decoders.shutdown(wait=False)
+        for pool in ("decoders", "forwarder", "loader"):
+            if hasattr(self, pool):
+                getattr(self, pool).shutdown(wait=False)
         shutil.rmtree(getattr(self, "cache_dir", ""), ignore_errors=True)

@@ -39,7 +39,7 @@ class ServedModel:
     version: int
     loaded: LoadedModel
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def classify(self, requests: list[dict[str, Any]], heads: TextHeadCache,
                  pool: Executor | None = None) -> list[dict[str, Any]]:
         """Answer several requests with one image-tower pass; each request has its own labels.
