@@ -306,7 +306,7 @@ def test_rayservice_head_has_the_memory_of_the_replicas_ray_may_place_on_it():
     """Every deployment declares its replicas' memory, and the head holds Ray's own processes (2 GiB),
     its shared-memory object store, the Ingress and JobRunner replicas and one Classifier replica."""
     rayservice = manifests()["RayService"]
-    deployments = {d["name"]: d for d in serve_config_v2()["applications"][0]["deployments"]}
+    deployments = {d["name"]: d for app in serve_config_v2()["applications"] for d in app["deployments"]}
     for name, deployment in deployments.items():
         assert deployment["ray_actor_options"].get("memory", 0) >= 2**29, f"{name} declares no memory"
     memory = {name: d["ray_actor_options"]["memory"] for name, d in deployments.items()}
