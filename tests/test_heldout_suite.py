@@ -78,3 +78,23 @@ def test_suite_summary_pools_items_and_averages_directions():
                             {"i2t_R@1": 40.0, "t2i_R@1": 60.0, "i2t_R@5": 80.0, "t2i_R@5": 100.0})
     assert summary["heldout_acc"] == pytest.approx((50 * 30 + 100 * 10) / 40)
     assert summary["retrieval_r1"] == 50.0 and summary["retrieval_r5"] == 90.0
+
+
+def test_bench_reports_the_suite_for_every_method_and_row(tiny, tmp_path):
+    from gnsp_core.bench import run_bench
+    from gnsp_core.config import TrainConfig
+    from tests.conftest import colour_task
+
+    suite = _pair_suite()
+    tasks = [colour_task("rg", ["red", "green"], 4, 2), colour_task("by", ["blue", "yellow"], 4, 2, seed=5)]
+    configs = {m: TrainConfig(method=m, steps=2, batch_size=4, lr=1e-3, device="cpu") for m in ("finetune",)}
+    results = run_bench(tiny, tasks, [], configs, tmp_path, suite=suite)
+    assert results["eval"] == suite.set_names
+    assert results["sizes"] == {"rg": 4, "by": 4} | suite.sizes
+    for r in results["methods"].values():
+        assert all(len(row) == 2 + len(suite.set_names) for row in r["acc"])
+        assert all(len(r[k]) == 3 for k in ("heldout_acc", "retrieval_r1", "retrieval_r5", "retrieval"))
+        assert r["acc"][0][2:] == [results["methods"]["finetune"]["acc"][0][2 + i] for i in range(3)]
+        assert len(r["modality_gap"]) == 3
+    table = (tmp_path / "results.md").read_text()
+    assert "held-out top-1" in table and "heldout-pairs 8" in table
