@@ -98,3 +98,17 @@ def test_bench_reports_the_suite_for_every_method_and_row(tiny, tmp_path):
         assert len(r["modality_gap"]) == 3
     table = (tmp_path / "results.md").read_text()
     assert "held-out top-1" in table and "heldout-pairs 8" in table
+
+
+def test_job_metrics_carry_the_suite_and_its_sizes(tiny):
+    from service.versions import heldout_sizes, measure_heldout
+
+    suite = _pair_suite()
+    metrics = measure_heldout(tiny, suite)
+    assert metrics["heldout_sizes"] == heldout_sizes(suite) == suite.sizes
+    assert metrics["heldout_accuracy"] == pytest.approx(heldout_metrics(tiny, suite)["heldout_acc"], abs=1e-3)
+    assert {"retrieval_r1", "retrieval_r5", "heldout_sets", "retrieval"} <= set(metrics)
+    photos = suite.photo_tasks[0]
+    assert measure_heldout(tiny, photos) == {"heldout_accuracy": round(task_accuracy(tiny, photos), 4),
+                                             "heldout_sizes": {"colours": 8}}
+    assert measure_heldout(tiny, None) == {"heldout_accuracy": None}
