@@ -11,6 +11,7 @@ from tqdm import tqdm
 from gnsp_core.bench import run_bench
 from gnsp_core.config import TrainConfig
 from gnsp_core.data import Task, load_task
+from gnsp_core.data.builtin import DEFAULT_SEQUENCE
 from gnsp_core.data.heldout import HELDOUT, HeldoutSuite, load_heldout_suite
 from gnsp_core.methods.registry import METHODS
 from gnsp_core.models import DEFAULT_MODEL, ModelSpec, load_model
@@ -53,8 +54,10 @@ def training_config(args: argparse.Namespace, method: str) -> TrainConfig:
 
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="compare methods over a task sequence; writes results.json, a table, heatmaps")
-    p.add_argument("--tasks", required=True, help="comma-separated task sources (built-in names, folders, archives, "
-                                                  "mtil:<dataset>@ROOT, mtil:order-I@ROOT or mtil:order-II@ROOT)")
+    p.add_argument("--tasks", default=",".join(DEFAULT_SEQUENCE),
+                   help="comma-separated task sources (built-in names or class groups such as fashion:0-1, folders, "
+                        "archives, mtil:<dataset>@ROOT, mtil:order-I@ROOT or mtil:order-II@ROOT); default: "
+                        f"{','.join(DEFAULT_SEQUENCE)}")
     p.add_argument("--eval", default=HELDOUT,
                    help="comma-separated eval sets: task sources, or 'heldout' = the held-out suite (held-out "
                         "emoji, flags and photos, each over its own labels, and image-text retrieval)")
