@@ -162,8 +162,8 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
 
 DEFAULT_SEQUENCE: tuple[str, ...] = ("fashion:0-1", "fashion:2-3", "fashion:4-5", "fashion:6-7", "fashion:8-9")
 """The default task sequence of `gnsp bench`, `make bench` and `gnsp demo`: five class groups of
-one domain. Each task retrains the heads on images like the old ones, so fine-tuning at its default
-settings loses earlier tasks (README, "The default sequence"); a method has something to keep."""
+one domain: each task retrains the same heads on images like the old tasks' ones, which is where
+fine-tuning is expected to lose earlier tasks (not yet measured: README, "The default sequence")."""
 
 _GROUP = re.compile(r"^(?P<name>[a-z]+):(?P<first>\d+)-(?P<last>\d+)$")
 
