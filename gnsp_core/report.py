@@ -12,16 +12,26 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
+def _last(r: dict[str, Any], key: str) -> float | None:
+    values = r.get(key)
+    return values[-1] if values else None
+
+
 def summary_table(results: dict[str, Any]) -> str:
-    """One row per method: MTIL metrics, the final modality gap and the training cost."""
-    head = "| method | Transfer | Avg | Last | BWT | gap ‖Δ‖ (last) | train s | step ms |"
-    lines = [head, "|" + "---|" * 8]
+    """One row per method: MTIL metrics, the held-out suite after the last task (zero-shot before
+    any task in brackets), the final modality gap and the training cost."""
+    head = "| method | Transfer | Avg | Last | BWT | held-out top-1 | retrieval R@1 | gap ‖Δ‖ (last) | train s | step ms |"
+    lines = [head, "|" + "---|" * 10]
     for name, r in results["methods"].items():
         gap = r["modality_gap"][-1] if r["modality_gap"] else None
+        held = " | ".join(f"{_fmt(_last(r, k))} ({_fmt(r[k][0])})" if r.get(k) else "n/a"
+                          for k in ("heldout_acc", "retrieval_r1"))
         lines.append(f"| {name} | {_fmt(r['transfer'])} | {_fmt(r['avg'])} | {_fmt(r['last'])} | {_fmt(r['bwt'])} "
-                     f"| {'n/a' if gap is None else f'{gap:.3f}'} | {r['train_s']:.0f} | {r['step_ms']:.0f} |")
+                     f"| {held} | {'n/a' if gap is None else f'{gap:.3f}'} | {r['train_s']:.0f} | {r['step_ms']:.0f} |")
     lines.append("")
     lines.extend(f"- {k}: {METRIC_FORMULAS[k]}" for k in ("transfer", "avg", "last", "bwt") if k in METRIC_FORMULAS)
+    if results.get("sizes"):
+        lines.append("- test items: " + ", ".join(f"{k} {v}" for k, v in results["sizes"].items()))
     return "\n".join(lines)
 
 

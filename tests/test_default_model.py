@@ -43,7 +43,7 @@ def test_efficientnet_mapping_classifies_real_photos():
 
 @needs_reference_data
 def test_reference_pairs_are_captioned_and_seeded():
-    pairs = rd.load_reference_pairs()
+    pairs = rd.load_reference_pairs(split="all")
     assert len(pairs) > 1500
     assert pairs.captions[0].startswith("an emoji of ") and pairs.captions[-1].startswith("the flag of ")
     assert len(set(pairs.captions)) == len(pairs)
@@ -197,3 +197,17 @@ def test_default_model_is_a_standard_open_clip_model_with_frozen_batchnorm(built
     text = model.encode_text(loaded.tokenizer(["a photo of a cat", "an emoji of a dog"]))
     assert image.shape == (4, dm.EMBED_DIM) and text.shape == (2, dm.EMBED_DIM)
     assert all(torch.equal(before[k], v) for k, v in model.visual.trunk.state_dict().items())
+
+
+@pytest.mark.slow
+@needs_reference_data
+def test_default_model_reads_the_heldout_suite_far_above_chance(built):
+    from gnsp_core.data.heldout import PAIRS_NAME, load_heldout_suite
+    from gnsp_core.evaluation import heldout_metrics
+    from gnsp_core.models import ModelSpec, load_model
+
+    suite = load_heldout_suite()
+    held = heldout_metrics(load_model(ModelSpec(name="gnsp-mini")), suite)
+    for name, (start, stop, _) in suite.pair_sets.items():  # hundreds of unseen labels: chance < 3 %
+        assert held["heldout_sets"][name] >= 10 * 100 / (stop - start), name
+    assert held["retrieval_r5"] >= held["retrieval_r1"] >= 20 * 100 / suite.sizes[PAIRS_NAME]

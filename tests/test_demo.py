@@ -16,7 +16,7 @@ def test_rest_demo_prints_the_table(ray_session, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "through the REST service" in out
-    for row in ("| task", "digits (learned)", "held-out photos (zero-shot)", "modality gap ‖Δ‖", "sources:"):
+    for row in ("| task", "digits (learned)", "held-out suite", "retrieval R@1", "modality gap ‖Δ‖", "sources:"):
         assert row in out, out
     assert ray_session.is_initialized(), "the demo must not shut down a Ray it did not start"
     assert (tmp_path / "store" / "models" / "v000002" / "manifest.json").is_file()

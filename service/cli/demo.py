@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 
+from gnsp_core.data.builtin import DEFAULT_SEQUENCE
+
 from service.cli.arguments import add_model_arguments
 
-DEMO_TASKS = "digits,animals"
+DEMO_TASKS = ",".join(DEFAULT_SEQUENCE)
 
 
 def add_demo_parser(sub) -> None:

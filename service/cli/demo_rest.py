@@ -29,7 +29,7 @@ from gnsp_core.data.folders import write_image_folder
 from gnsp_core.errors import GnspError
 from gnsp_core.evaluation import class_prompt_gap
 from gnsp_core.models import DEFAULT_MODEL
-from gnsp_core.data.reference import load_heldout_task
+from gnsp_core.data.heldout import load_heldout_suite
 
 from service.cli.arguments import task_sources
 from service.cli.build_default import build_default_with_bar
@@ -227,10 +227,15 @@ def version_gap(client: httpx.Client, store: str, version: int, heldout: Task,
 
 def snapshot(client: httpx.Client, store: str, version: int, tasks: list[Task], heldout: Task,
              reference: torch.Tensor | None = None) -> dict[str, Any]:
-    """New-task and held-out accuracy (REST) and the modality gap of one version, as print_table wants."""
+    """New-task accuracy (REST), the held-out suite's numbers (the version's metrics: the service
+    measures them for every version) and the modality gap of one version, as print_table wants."""
     accs = {t.name: rest_accuracy(client, t, version) for t in tasks}
+    metrics = _check(client.get(f"/v1/models/{version}")).get("metrics") or {}
+    if not isinstance(metrics.get("retrieval_r1"), (int, float)):
+        raise DemoError(f"version {version} has no held-out suite metrics (the service's heldout must be 'builtin')")
     gap, source = version_gap(client, store, version, heldout, reference)
-    return {"tasks": accs, "heldout": rest_accuracy(client, heldout, version), "gap": gap, "gap_source": source}
+    return {"tasks": accs, "heldout": metrics["heldout_accuracy"], "retrieval_r1": metrics["retrieval_r1"],
+            "gap": gap, "gap_source": source}
 
 
 # --- the command -----------------------------------------------------------------------------------
@@ -252,7 +257,8 @@ def run_rest_demo(args: argparse.Namespace) -> int:
     tasks = [load_task(s, **caps) for s in task_sources(args.tasks)]
     if not tasks:
         raise DemoError("--tasks names no task")
-    heldout = load_heldout_task()
+    suite = load_heldout_suite()
+    heldout = suite.photo_tasks[0]  # the modality gap's images
     overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
     config = {"ref_batch_size": REF_BATCH_SIZE, **overrides}  # the rest: the service's defaults for its model
     with tempfile.TemporaryDirectory(prefix="gnsp-demo-") as tmp:
@@ -268,11 +274,12 @@ def run_rest_demo(args: argparse.Namespace) -> int:
             final = learn_tasks(client, tasks, args.method, config, work)
             print(f"measuring version {final} ...", flush=True)
             after = snapshot(client, store, final, tasks, heldout, before["gap"].get("gap"))
-    chance = chance_levels(tasks, heldout)
+    chance = chance_levels(tasks, suite)
     print(f"\n{args.method} on {args.model or DEFAULT_MODEL} through the REST service: accuracy (%) of "
           f"version {base} (before) and version {final} (after) learning {', '.join(t.name for t in tasks)}")
-    print_table(before, after, chance)
-    print(f"\nsources: accuracies from POST /v1/classify pinned to versions {base} and {final}; "
+    print_table(before, after, chance, suite.sizes)
+    print(f"\nsources: task accuracies from POST /v1/classify pinned to versions {base} and {final}; held-out "
+          f"suite and retrieval from GET /v1/models/<version> metrics; "
           f"modality gap {before['gap_source']} (before) / {after['gap_source']} (after)")
     print(f"done in {time.perf_counter() - start:.0f} s")
     return 0
