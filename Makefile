@@ -19,7 +19,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/gnsp bench --tasks digits,animals,textiles,mnist --out out/bench
+	$(BIN)/gnsp bench --out out/bench
 
 clean:
 	rm -rf $(VENV) out

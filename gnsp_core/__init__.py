@@ -18,6 +18,8 @@ _EXPORTS = {
     "Task": "gnsp_core.data.samples",
     "load_task": "gnsp_core.data.sources",
     "load_reference_pairs": "gnsp_core.data.reference",
+    "load_heldout_suite": "gnsp_core.data.heldout",
+    "heldout_metrics": "gnsp_core.evaluation",
     "TrainConfig": "gnsp_core.config",
     "preset": "gnsp_core.config",
     "learn_task": "gnsp_core.trainer",

@@ -18,6 +18,8 @@ from scipy import stats
 CONFIDENCE = 0.95
 SUMMARY_KEYS = ("transfer", "avg", "last", "bwt", "fwt", "plasticity", "train_s", "step_ms")
 """Scalars of a run (`gnsp_core.bench.run_method`) that every aggregate carries."""
+ROW_KEYS = ("heldout_acc", "retrieval_r1", "retrieval_r5")
+"""Held-out suite numbers a run keeps per row (zero-shot first); their last row is a summary."""
 
 
 def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
@@ -34,35 +36,17 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> dict[
 
 
 def run_scalars(run: dict[str, Any], tasks: Sequence[str], evals: Sequence[str]) -> dict[str, float | None]:
-    """The named scalars of one run: the summaries, held-out accuracy after the last task (`heldout:<set>`)
-    and held-out retrieval after the last task (`retrieval:<set>:<key>`, when the run measured it)."""
+    """The named scalars of one run: the summaries; after the last task, the held-out suite's pooled
+    accuracy and retrieval (`heldout_acc`, `retrieval_r1`, `retrieval_r5`), each eval set's accuracy
+    (`heldout:<set>`) and each directional recall (`retrieval:<key>`), when the run measured them."""
     out: dict[str, float | None] = {k: run.get(k) for k in SUMMARY_KEYS if k in run}
+    out.update({k: run[k][-1] for k in ROW_KEYS if run.get(k)})
     final = run["acc"][-1]
     for j, name in enumerate(evals):
         out[f"heldout:{name}"] = final[len(tasks) + j]
-    for name, value in _final_retrieval(run.get("retrieval")).items():
-        out[f"retrieval:{name}"] = value
+    for key, value in (run["retrieval"][-1] if run.get("retrieval") else {}).items():
+        out[f"retrieval:{key}"] = value
     return out
-
-
-def _final_retrieval(retrieval: Any) -> dict[str, float]:
-    """Retrieval recalls after the last task, flattened to `<set>:<key>` (or `<key>`) names.
-
-    Accepts one row per stage (a list whose last entry is the final model), or a mapping of set
-    name to such rows or to a mapping of recalls."""
-    if retrieval is None:
-        return {}
-    if isinstance(retrieval, list):
-        return _final_retrieval(retrieval[-1]) if retrieval else {}
-    if isinstance(retrieval, dict):
-        flat: dict[str, float] = {}
-        for key, value in retrieval.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                flat[str(key)] = float(value)
-            else:
-                flat.update({f"{key}:{k}": v for k, v in _final_retrieval(value).items()})
-        return flat
-    return {}
 
 
 def aggregate_runs(runs: list[dict[str, Any]], tasks: Sequence[str], evals: Sequence[str]) -> dict[str, Any]:
@@ -83,9 +67,17 @@ def aggregate_runs(runs: list[dict[str, Any]], tasks: Sequence[str], evals: Sequ
         acc_ci=[[c["half_width"] for c in row] for row in cells],
         modality_gap=_mean_lists([r.get("modality_gap") or [] for r in runs]),
         modality_gap_cosine=_mean_lists([r.get("modality_gap_cosine") or [] for r in runs]),
+        **{k: _mean_lists([r[k] for r in runs]) for k in ROW_KEYS if all(r.get(k) for r in runs)},
+        **({"retrieval": _mean_recall_rows([r["retrieval"] for r in runs])} if all(r.get("retrieval") for r in runs)
+           else {}),
         config=first["config"], seeds=[r["config"]["seed"] for r in runs], ci=ci, confidence=CONFIDENCE,
     )
     return out
+
+
+def _mean_recall_rows(runs: list[list[dict[str, float]]]) -> list[dict[str, float]]:
+    """Per row, the mean of each recall over the runs."""
+    return [{key: fmean(row[key] for row in rows) for key in rows[0]} for rows in zip(*runs)]
 
 
 def _mean_lists(lists: list[list[float | None]]) -> list[float | None]:

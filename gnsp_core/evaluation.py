@@ -11,8 +11,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from gnsp_core.data.heldout import HeldoutSuite
 from gnsp_core.data.samples import Task
-from gnsp_core.metrics import modality_gap, retrieval_recall
+from gnsp_core.metrics import embed_pairs, modality_gap, retrieval_recall
 from gnsp_core.methods.mgclip_head import compensation_head, compensation_weight
 from gnsp_core.models.spec import LoadedModel
 from gnsp_core.zeroshot import build_text_head, evaluate_accuracy
@@ -61,8 +62,39 @@ def class_prompt_gap(loaded: LoadedModel, task: Task, device: torch.device | str
 @torch.no_grad()
 def pair_retrieval(loaded: LoadedModel, pairs, device: torch.device | str = "cpu") -> dict[str, float]:
     """Image->text and text->image R@1/R@5 on (image, caption) pairs."""
-    from gnsp_core.metrics import embed_pairs
-
     img, txt, captions = embed_pairs(loaded.model.to(device), loaded.tokenizer,
                                      pairs.with_transform(loaded.preprocess_val), device=device)
     return retrieval_recall(img, txt, captions=captions)
+
+
+def suite_summary(set_accuracy: dict[str, float], sizes: dict[str, int], recall: dict[str, float]) -> dict:
+    """The held-out suite's headline numbers from per-set accuracies and retrieval recall.
+
+    Keys (percent): `heldout_acc` = top-1 pooled over every item of every set (Σ acc·n / Σ n);
+    `retrieval_r1`, `retrieval_r5` = mean of image->text and text->image R@k; `heldout_sets` =
+    per-set top-1; `retrieval` = the four directional recalls (`i2t_R@1`, ..., `t2i_R@5`).
+    """
+    total = sum(sizes[name] for name in set_accuracy)
+    return {
+        "heldout_acc": sum(acc * sizes[name] for name, acc in set_accuracy.items()) / total,
+        "retrieval_r1": (recall["i2t_R@1"] + recall["t2i_R@1"]) / 2,
+        "retrieval_r5": (recall["i2t_R@5"] + recall["t2i_R@5"]) / 2,
+        "heldout_sets": dict(set_accuracy),
+        "retrieval": dict(recall),
+    }
+
+
+def heldout_metrics(loaded: LoadedModel, suite: HeldoutSuite, device: torch.device | str = "cpu",
+                    batch_size: int = 64) -> dict:
+    """Zero-shot accuracy on every set of the held-out suite and retrieval on its pairs (`suite_summary`)."""
+    img, txt, captions = embed_pairs(loaded.model.to(device), loaded.tokenizer,
+                                     suite.pairs.with_transform(loaded.preprocess_val), batch_size, device)
+    accs = {}
+    for name, (start, stop, prefix) in suite.pair_sets.items():
+        if not all(c.startswith(prefix) for c in captions[start:stop]):
+            raise ValueError(f"{name}: every caption must start with {prefix!r}")
+        sims = img[start:stop] @ txt[start:stop].T  # = cosine with the set's zero-shot head
+        accs[name] = 100.0 * (sims.argmax(1) == torch.arange(stop - start)).float().mean().item()
+    for task in suite.photo_tasks:
+        accs[task.name] = task_accuracy(loaded, task, device=device, batch_size=batch_size)
+    return suite_summary(accs, suite.sizes, retrieval_recall(img, txt, captions=captions))

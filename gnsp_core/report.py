@@ -14,6 +14,8 @@ from gnsp_core.metrics import METRIC_FORMULAS
 
 SUMMARY_COLUMNS = (("transfer", "Transfer"), ("avg", "Avg"), ("last", "Last"), ("bwt", "BWT"),
                    ("plasticity", "plasticity"))
+HELDOUT_COLUMNS = (("heldout_acc", "held-out top-1"), ("retrieval_r1", "retrieval R@1"))
+"""Held-out suite summaries, per row in a run; the table shows the last row (and the zero-shot one)."""
 REFERENCE_METHOD = "finetune"
 
 
@@ -27,18 +29,23 @@ def _interval(r: dict[str, Any], key: str, digits: int = 1) -> str:
 
 
 def summary_table(results: dict[str, Any]) -> str:
-    """One row per method: MTIL metrics and plasticity, the final modality gap and the training cost."""
-    head = "| method | " + " | ".join(t for _, t in SUMMARY_COLUMNS) + " | gap ‖Δ‖ (last) | train s | step ms |"
-    lines = [head, "|" + "---|" * (len(SUMMARY_COLUMNS) + 4)]
+    """One row per method: MTIL metrics and plasticity, the held-out suite after the last task
+    (zero-shot before any task in brackets), the final modality gap and the training cost."""
+    columns = SUMMARY_COLUMNS + HELDOUT_COLUMNS
+    head = "| method | " + " | ".join(t for _, t in columns) + " | gap ‖Δ‖ (last) | train s | step ms |"
+    lines = [head, "|" + "---|" * (len(columns) + 4)]
     for name, r in results["methods"].items():
         gap = r["modality_gap"][-1] if r["modality_gap"] else None
         cells = [_interval(r, key) for key, _ in SUMMARY_COLUMNS]
+        cells += [f"{_interval(r, key)} ({r[key][0]:.1f})" if r.get(key) else "n/a" for key, _ in HELDOUT_COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'n/a' if gap is None else f'{gap:.3f}'} "
                      f"| {_interval(r, 'train_s', 0)} | {_interval(r, 'step_ms', 0)} |")
     lines.append("")
     lines.extend(f"- {k}: {METRIC_FORMULAS[k]}" for k in ("transfer", "avg", "last", "bwt") if k in METRIC_FORMULAS)
     lines.append("- plasticity: mean_{j=1..T} A[j][j]  (each task right after learning it)")
     lines.append(_seeds_note(results))
+    if results.get("sizes"):
+        lines.append("- test items: " + ", ".join(f"{k} {v}" for k, v in results["sizes"].items()))
     return "\n".join(lines)
 
 
@@ -70,7 +77,8 @@ def separation_notes(results: dict[str, Any], reference: str = REFERENCE_METHOD)
     for name, r in results["methods"].items():
         if name == reference:
             continue
-        keys = [title for key, title in SUMMARY_COLUMNS if separated(r["ci"].get(key, {}), base["ci"].get(key, {}))]
+        keys = [title for key, title in SUMMARY_COLUMNS + HELDOUT_COLUMNS
+                if separated(r["ci"].get(key, {}), base["ci"].get(key, {}))]
         notes.append(f"- {name} vs {reference}: intervals separate on {', '.join(keys) if keys else 'no summary'}")
     return notes
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Install gnsp and everything it needs into .venv (idempotent). System packages bring the offline
-# reference data (emoji font, flags) and Fashion-MNIST; they are optional when not root.
+# reference data (emoji font, flags), Fashion-MNIST and OpenCV's sample photos (held-out suite); they are
+# optional when not root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
-SYSTEM_PACKAGES="fonts-noto-color-emoji iso-flags-png-320x240 iso-codes dataset-fashion-mnist"
+SYSTEM_PACKAGES="fonts-noto-color-emoji iso-flags-png-320x240 iso-codes dataset-fashion-mnist opencv-doc"
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   missing=$(for p in $SYSTEM_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
   if [ -n "$missing" ]; then

@@ -43,7 +43,7 @@ class ServiceSettings(BaseModel):
     activation: Literal["auto", "manual"] = "auto"
     """auto: a version that passes the quality gate becomes active; manual: only POST .../activate does."""
     heldout: str | None = "builtin"
-    """Held-out zero-shot set for the quality gate: 'builtin' (gnsp_core.data.reference's photos),
+    """Held-out zero-shot set for the quality gate: 'builtin' (the held-out suite of gnsp_core.data.heldout),
     'module:function' returning a Task, a task source (folder/archive/built-in name), or None (no gate)."""
     max_heldout_drop: float = 2.0
     """Gate: the largest allowed drop of held-out accuracy (percentage points) from the base version."""

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from gnsp_core.data import Task, load_task
+from gnsp_core.data.heldout import HeldoutSuite
 from gnsp_core.errors import StateError
-from gnsp_core.evaluation import task_accuracy
+from gnsp_core.evaluation import heldout_metrics, task_accuracy
 from gnsp_core.models import DEFAULT_MODEL, LoadedModel, ModelSpec, load_model
 from gnsp_core.state import ContinualState
 
@@ -42,21 +43,39 @@ def load_state_model(state: ContinualState, device: str | torch.device = "cpu") 
     return loaded
 
 
-def load_heldout(spec: str | None) -> Task | None:
-    """The held-out zero-shot set the quality gate measures (see ServiceSettings.heldout)."""
+def load_heldout(spec: str | None) -> Task | HeldoutSuite | None:
+    """What the quality gate measures (see ServiceSettings.heldout): 'builtin' is the held-out suite."""
     if spec is None or spec == "none":
         return None
     if spec == "builtin":
-        from gnsp_core.data.reference import load_heldout_task
+        from gnsp_core.data.heldout import load_heldout_suite
 
-        return load_heldout_task()
+        return load_heldout_suite()
     if ":" in spec and not Path(spec).exists() and not spec.startswith("mtil:"):
         return resolve_callable(spec)()
     return load_task(spec)
 
 
-def heldout_accuracy(loaded: LoadedModel, heldout: Task | None) -> float | None:
-    return None if heldout is None else round(task_accuracy(loaded, heldout), 4)
+def heldout_sizes(heldout: Task | HeldoutSuite | None) -> dict[str, int]:
+    """Test items per held-out set: a stored accuracy is comparable only when these match."""
+    if heldout is None:
+        return {}
+    return heldout.sizes if isinstance(heldout, HeldoutSuite) else {heldout.name: len(heldout.test)}
+
+
+def measure_heldout(loaded: LoadedModel, heldout: Task | HeldoutSuite | None) -> dict[str, Any]:
+    """Job metrics of the held-out set, in percent: `heldout_accuracy` (the gate's number; for the
+    suite, top-1 pooled over its items), and for the suite `retrieval_r1`, `retrieval_r5`,
+    `heldout_sets` and `retrieval` (see gnsp_core.evaluation.suite_summary); plus `heldout_sizes`."""
+    if heldout is None:
+        return {"heldout_accuracy": None}
+    if isinstance(heldout, Task):
+        return {"heldout_accuracy": round(task_accuracy(loaded, heldout), 4), "heldout_sizes": heldout_sizes(heldout)}
+    held = heldout_metrics(loaded, heldout)
+    return {"heldout_accuracy": round(held["heldout_acc"], 4), "retrieval_r1": round(held["retrieval_r1"], 4),
+            "retrieval_r5": round(held["retrieval_r5"], 4),
+            "heldout_sets": {k: round(v, 4) for k, v in held["heldout_sets"].items()},
+            "retrieval": {k: round(v, 4) for k, v in held["retrieval"].items()}, "heldout_sizes": heldout.sizes}
 
 
 def ensure_base_version(store: ModelStore, settings: ServiceSettings) -> int:
@@ -67,8 +86,7 @@ def ensure_base_version(store: ModelStore, settings: ServiceSettings) -> int:
         log.info("empty store %s: creating version 1 from %s", store.uri, spec)
         loaded = load_model(spec)
         state = ContinualState.initial(loaded.model, spec)
-        heldout = load_heldout(settings.heldout)
-        metrics = {"heldout": settings.heldout, "heldout_accuracy": heldout_accuracy(loaded, heldout)}
+        metrics = {"heldout": settings.heldout, **measure_heldout(loaded, load_heldout(settings.heldout))}
         with tempfile.TemporaryDirectory(prefix="gnsp-base-", dir=settings.work_dir) as tmp:
             folder = state.save(Path(tmp) / "state")
             manifest = {"parent": None, "task_id": None, "task": None, "method": None, "tasks": [],
@@ -87,13 +105,15 @@ def evaluate_version(state_dir: Path, task_dir: Path | None, heldout_spec: str |
     if task_dir is not None:
         task = load_task(str(task_dir))
         metrics["task_accuracy"] = round(task_accuracy(loaded, task, state.extras), 4)
-    metrics["heldout_accuracy"] = heldout_accuracy(loaded, load_heldout(heldout_spec))
+    metrics.update(measure_heldout(loaded, load_heldout(heldout_spec)))
     return metrics
 
 
 def base_heldout_accuracy(store: ModelStore, version: int, heldout_spec: str | None, cache: Path) -> float | None:
-    """The base version's held-out accuracy: from its manifest when measured on the same set, else now."""
+    """The base version's held-out accuracy: from its manifest when measured on the same sets (same
+    spec and sizes), else now."""
     metrics = store.manifest(version).get("metrics", {})
-    if metrics.get("heldout") == heldout_spec and "heldout_accuracy" in metrics:
+    same_sets = metrics.get("heldout_sizes", {}) == heldout_sizes(load_heldout(heldout_spec))
+    if metrics.get("heldout") == heldout_spec and same_sets and "heldout_accuracy" in metrics:
         return metrics["heldout_accuracy"]
     return evaluate_version(store.fetch_version(version, cache), None, heldout_spec)["heldout_accuracy"]

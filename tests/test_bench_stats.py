@@ -38,18 +38,21 @@ def _run(seed: int, acc: list[list[float]], retrieval=None) -> dict:
            "modality_gap_cosine": [1.0, None if seed else 0.9], "config": {"seed": seed}}
     if retrieval is not None:
         run["retrieval"] = retrieval
+        run["heldout_acc"] = [50.0, 55.0, 60.0 + seed]
     return run
 
 
 def test_aggregate_keeps_the_single_run_shape_with_means_and_intervals():
-    runs = [_run(0, [[10, 20, 30], [80, 25, 35], [60, 90, 31]], {"captions": [{"i2t_R@1": 5.0}, {"i2t_R@1": 7.0}]}),
-            _run(1, [[10, 20, 30], [90, 35, 37], [70, 80, 29]], {"captions": [{"i2t_R@1": 5.0}, {"i2t_R@1": 9.0}]})]
+    runs = [_run(0, [[10, 20, 30], [80, 25, 35], [60, 90, 31]], [{"i2t_R@1": 5.0}, {"i2t_R@1": 6.0}, {"i2t_R@1": 7.0}]),
+            _run(1, [[10, 20, 30], [90, 35, 37], [70, 80, 29]], [{"i2t_R@1": 5.0}, {"i2t_R@1": 8.0}, {"i2t_R@1": 9.0}])]
     agg = aggregate_runs(runs, ["a", "b"], ["photos"])
     assert agg["acc"][1] == [85.0, 30.0, 36.0] and agg["acc_ci"][0] == [0.0, 0.0, 0.0]
     assert agg["acc_ci"][2][0] == pytest.approx(t_interval([60, 70])["half_width"])
     assert agg["avg"] == 50.5 and agg["ci"]["bwt"]["mean"] == -0.5 and agg["seeds"] == [0, 1]
     assert agg["ci"]["heldout:photos"]["mean"] == 30.0  # the final row's held-out column
-    assert agg["ci"]["retrieval:captions:i2t_R@1"]["mean"] == 8.0  # the last stage of each run
+    assert agg["ci"]["retrieval:i2t_R@1"]["mean"] == 8.0  # the last row of each run
+    assert agg["retrieval"] == [{"i2t_R@1": 5.0}, {"i2t_R@1": 7.0}, {"i2t_R@1": 8.0}]  # per row, like one run
+    assert agg["heldout_acc"] == [50.0, 55.0, 60.5] and agg["ci"]["heldout_acc"]["mean"] == 60.5
     assert agg["modality_gap"] == pytest.approx([0.5, 0.9]) and agg["modality_gap_cosine"] == [1.0, None]
 
 

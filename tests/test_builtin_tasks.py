@@ -86,3 +86,17 @@ def test_missing_builtin_says_how_to_install(monkeypatch: pytest.MonkeyPatch) ->
     assert not builtin_available("fashion")
     with pytest.raises(DatasetError, match="apt-get install dataset-fashion-mnist"):
         load_task("fashion")
+
+
+def test_class_group_is_the_builtin_restricted_and_relabelled() -> None:
+    _require("digits")
+    whole, group = load_task("digits"), load_task("digits:3-5")
+    assert group.name == "digits:3-5" and group.classnames == ["three", "four", "five"]
+    assert sorted(set(group.train.labels)) == [0, 1, 2] and len(group.test) == 150
+    expected = {np.asarray(x).tobytes() for x, y in zip(whole.test.images, whole.test.labels) if 3 <= y <= 5}
+    assert {np.asarray(x).tobytes() for x in group.test.images} == expected  # the same fixed split
+    for bad in ("digits:5-3", "digits:0-10"):
+        with pytest.raises(DatasetError, match="class group"):
+            load_task(bad)
+    with pytest.raises(DatasetError, match="unknown task source"):
+        load_task("nope:0-1")

@@ -43,7 +43,7 @@ def test_efficientnet_mapping_classifies_real_photos():
 
 @needs_reference_data
 def test_reference_pairs_are_captioned_and_seeded():
-    pairs = rd.load_reference_pairs()
+    pairs = rd.load_reference_pairs(split="all")
     assert len(pairs) > 1500
     assert pairs.captions[0].startswith("an emoji of ") and pairs.captions[-1].startswith("the flag of ")
     assert len(set(pairs.captions)) == len(pairs)

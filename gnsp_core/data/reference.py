@@ -9,17 +9,22 @@ No image-text data set can be downloaded here, so gnsp uses what installs offlin
   Debian's `iso-codes` (ISO 3166-1 common name, else its name).
 
 `apt-get install -y fonts-noto-color-emoji iso-flags-png-320x240 iso-codes` installs all three.
-They align the default model and serve as the replay-free reference pool (distillation losses,
-retrieval R@K).
+**A fixed split** keeps about one pair in five out of everything that trains: a pair is held out
+when the first byte of the SHA-256 of its caption is below `HELDOUT_BYTES` (51 of 256, 20 %).
+The rule depends on the caption alone, so a new font or flag release moves no other pair across
+the split. The `align` split aligns the default model and is the replay-free reference pool
+(distillation losses, tuning's validation pairs); the `heldout` split only ever scores a model
+(`gnsp_core.data.heldout`: zero-shot accuracy and image-text retrieval R@1/R@5).
 
-The **held-out** set is natural photos that ship in the scikit-image, scikit-learn and matplotlib
-wheels. The default model's alignment never sees them, so they measure zero-shot ability on images
-(and labels) it was not aligned on. See `HELDOUT_PHOTOS` for the images and their labels.
+The **held-out photos** are natural photos that ship in the scikit-image, scikit-learn and
+matplotlib wheels. The default model's alignment never sees them, so they measure zero-shot ability
+on images (and labels) it was not aligned on. See `HELDOUT_PHOTOS` for the images and their labels.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import random
 import unicodedata
@@ -46,6 +51,10 @@ EXTRA_FLAG_NAMES = {
     "_olympic": "the Olympic Games", "_earth_pernefeldt": "the Earth", "eu": "the European Union",
     "eo": "Esperanto",
 }
+
+HELDOUT_BYTES = 51
+"""A pair is held out when sha256(caption)[0] < HELDOUT_BYTES: 51/256 ≈ 20 % of the pairs."""
+SPLITS = ("align", "heldout", "all")
 
 ImageSource = Union[Image.Image, Callable[[], Image.Image]]
 
@@ -144,18 +153,30 @@ def flag_pairs() -> CaptionPairs:
                         [f"the flag of {names[p.stem]}" for p in files])
 
 
-def load_reference_pairs(kind: str = "emoji+flags", limit: int | None = None, seed: int = 0) -> CaptionPairs:
-    """The reference pool: `emoji`, `flags` or `emoji+flags`, optionally a seeded random subset.
+def is_heldout_caption(caption: str) -> bool:
+    """Whether the pair with this caption is in the held-out split (see the module docstring)."""
+    return hashlib.sha256(caption.encode("utf-8")).digest()[0] < HELDOUT_BYTES
 
-    The order is fixed (emoji by code point, then flags by file name), so a seed gives the same
-    subset on every machine with the same packages.
+
+def load_reference_pairs(kind: str = "emoji+flags", limit: int | None = None, seed: int = 0,
+                         split: str = "align") -> CaptionPairs:
+    """Pairs of `emoji`, `flags` or `emoji+flags` in one split, optionally a seeded random subset.
+
+    `split` is `align` (the default: what the default model is aligned on and methods distil on),
+    `heldout` (only ever scored) or `all`. The order is fixed (emoji by code point, then flags by
+    file name), so a seed gives the same subset on every machine with the same packages.
     """
     parts = {"emoji": emoji_pairs, "flags": flag_pairs}
     names = kind.split("+")
     if not names or any(n not in parts for n in names):
         raise DatasetError(f"unknown reference data {kind!r}; use 'emoji', 'flags' or 'emoji+flags'")
+    if split not in SPLITS:
+        raise DatasetError(f"unknown reference split {split!r}; use one of {', '.join(SPLITS)}")
     loaded = [parts[n]() for n in names]
     pairs = CaptionPairs([i for p in loaded for i in p.images], [c for p in loaded for c in p.captions])
+    if split != "all":
+        keep = [i for i, c in enumerate(pairs.captions) if is_heldout_caption(c) == (split == "heldout")]
+        pairs = pairs.subset(keep)
     if limit is not None and limit < len(pairs):
         pairs = pairs.subset(sorted(random.Random(seed).sample(range(len(pairs)), limit)))
     return pairs
@@ -179,6 +200,10 @@ HELDOUT_PHOTOS: tuple[tuple[str, str, str], ...] = (
     ("skimage", "gravel", "gravel"),
     ("skimage", "hubble_deep_field", "galaxies"),
     ("skimage", "stereo_motorcycle", "motorcycle"),
+    ("skimage", "clock", "clock"),
+    ("skimage", "retina", "retina"),
+    ("skimage", "immunohistochemistry", "stained tissue"),
+    ("skimage", "cell", "cell"),
     ("sklearn", "china.jpg", "pagoda"),
     ("sklearn", "flower.jpg", "flower"),
     ("matplotlib", "grace_hopper.jpg", "military officer"),

@@ -1,7 +1,8 @@
 """Load a task from any source: a built-in name, MTIL data on disk, an ImageFolder dir or an archive.
 
 A task source is one of
-- a built-in name (`digits`, `mnist`, `animals`, `textiles`, `fashion`; see builtin.py),
+- a built-in name (`digits`, `mnist`, `animals`, `textiles`, `fashion`; see builtin.py), or a
+  class group of one, `<name>:<first>-<last>` (e.g. `fashion:0-1`),
 - `mtil:<dataset>@<root>` for the real MTIL benchmark data on disk (see mtil.py),
 - a folder in ImageFolder layout, `root/<class>/<images>`, or with `root/train/<class>/...` and
   `root/test/<class>/...` splits,
@@ -21,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from gnsp_core.data.archives import ArchiveLimits, safe_extract
-from gnsp_core.data.builtin import BUILTIN_TASKS, load_builtin
+from gnsp_core.data.builtin import BUILTIN_TASKS, is_builtin_source, load_builtin
 from gnsp_core.data.folders import FolderLayout, validate_image_folder
 from gnsp_core.data.mtil import load_mtil_source
 from gnsp_core.data.samples import ImageSamples, Task, cap_task, split_per_class
@@ -54,7 +55,7 @@ def load_task(
     caps = (max_train_per_class, max_test_per_class)
     if source.startswith("mtil:"):
         return cap_task(load_mtil_source(source[len("mtil:"):]), *caps, seed=seed)
-    if source in BUILTIN_TASKS:
+    if is_builtin_source(source):
         return load_builtin(source, max_train_per_class=max_train_per_class, max_test_per_class=max_test_per_class)
     path = Path(source).expanduser()
     if path.is_dir():
@@ -63,7 +64,8 @@ def load_task(
         layout, name = _extract_and_validate(path, work_dir, limits), _archive_stem(path)
     else:
         raise DatasetError(
-            f"unknown task source {source!r}: use a built-in name ({', '.join(sorted(BUILTIN_TASKS))}), "
+            f"unknown task source {source!r}: use a built-in name ({', '.join(sorted(BUILTIN_TASKS))}) or a class "
+            "group of one (fashion:0-1), "
             "an existing ImageFolder directory, a .zip/.tar/.tar.gz of one, or mtil:<dataset>@<root>"
         )
     return cap_task(_task_from_layout(name, layout, test_fraction, seed), *caps, seed=seed)

@@ -11,6 +11,8 @@ from tqdm import tqdm
 from gnsp_core.bench import run_bench
 from gnsp_core.config import TrainConfig
 from gnsp_core.data import Task, load_task
+from gnsp_core.data.builtin import DEFAULT_SEQUENCE
+from gnsp_core.data.heldout import HELDOUT, HeldoutSuite, load_heldout_suite
 from gnsp_core.methods.registry import METHODS
 from gnsp_core.models import DEFAULT_MODEL, ModelSpec, load_model
 from gnsp_core.schedules import Schedule
@@ -21,7 +23,6 @@ from gnsp_core.task_context import Progress
 from service.cli.arguments import (add_model_arguments, add_recipe_arguments, base_settings, schedule_option,
                                    task_sources)
 
-HELDOUT = "heldout"
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,9 +54,13 @@ def training_config(args: argparse.Namespace, method: str) -> TrainConfig:
 
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="compare methods over a task sequence; writes results.json, a table, heatmaps")
-    p.add_argument("--tasks", required=True, help="comma-separated task sources (built-in names, folders, archives, "
-                                                  "mtil:<dataset>@ROOT, mtil:order-I@ROOT or mtil:order-II@ROOT)")
-    p.add_argument("--eval", default=HELDOUT, help="comma-separated held-out eval sets ('heldout' = natural photos)")
+    p.add_argument("--tasks", default=",".join(DEFAULT_SEQUENCE),
+                   help="comma-separated task sources (built-in names or class groups such as fashion:0-1, folders, "
+                        "archives, mtil:<dataset>@ROOT, mtil:order-I@ROOT or mtil:order-II@ROOT); default: "
+                        f"{','.join(DEFAULT_SEQUENCE)}")
+    p.add_argument("--eval", default=HELDOUT,
+                   help="comma-separated eval sets: task sources, or 'heldout' = the held-out suite (held-out "
+                        "emoji, flags and photos, each over its own labels, and image-text retrieval)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seeds", type=_positive, default=1,
@@ -77,12 +82,10 @@ def _positive(value: str) -> int:
     return number
 
 
-def load_eval(source: str, **caps) -> Task:
-    if source == HELDOUT:
-        from gnsp_core.data.reference import load_heldout_task
-
-        return load_heldout_task()
-    return load_task(source, **caps)
+def load_evals(sources: list[str], **caps) -> tuple[list[Task], HeldoutSuite | None]:
+    """The eval tasks named, and the held-out suite when `heldout` is among them."""
+    tasks = [load_task(s, **caps) for s in sources if s != HELDOUT]
+    return tasks, (load_heldout_suite() if HELDOUT in sources else None)
 
 
 def _split(value: str) -> list[str]:
@@ -103,7 +106,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     tasks = [load_task(s, **caps) for s in task_sources(args.tasks)]
     if schedule is not None:
         schedule.check(t.name for t in tasks)
-    evals = [load_eval(s, max_test_per_class=args.max_test_per_class) for s in _split(args.eval)]
+    evals, suite = load_evals(_split(args.eval), max_test_per_class=args.max_test_per_class)
     reference = load_reference(args.reference) if args.reference else None
     spec = ModelSpec(name=args.model or DEFAULT_MODEL, pretrained=args.pretrained)
     loaded = load_model(spec, resolve_device(args.device or "auto"))
@@ -120,7 +123,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     results = run_bench(loaded, tasks, evals, configs, args.out, reference=reference, progress=on_progress,
-                        schedule=schedule, seeds=args.seeds)
+                        schedule=schedule, suite=suite, seeds=args.seeds)
     bar.close()
     print(summary_table(results))
     heldout = heldout_table(results)

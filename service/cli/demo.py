@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 
+from gnsp_core.data.builtin import DEFAULT_SEQUENCE
 from gnsp_core.methods.registry import METHODS
 
 from service.cli.arguments import add_model_arguments
 from service.cli.demo_service import DemoError
 
-DEMO_TASKS = "digits,animals"
+DEMO_TASKS = ",".join(DEFAULT_SEQUENCE)
 DEMO_METHODS = "finetune,gnsp"
 
 

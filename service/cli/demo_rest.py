@@ -27,11 +27,12 @@ from tqdm import tqdm
 
 from gnsp_core.data import Task, load_task, to_rgb
 from gnsp_core.data.folders import write_image_folder
+from gnsp_core.data.heldout import PAIRS_NAME, HeldoutSuite, load_heldout_suite
 from gnsp_core.models import DEFAULT_MODEL
 
 from service.cli.arguments import task_sources
 from service.cli.build_default import build_default_with_bar
-from service.cli.demo_measure import HeldoutSets, Measures, load_heldout_sets, zero_shot
+from service.cli.demo_measure import Measures, suite_items, zero_shot
 from service.cli.demo_service import DemoError, check, local_service, wait_ready
 from service.cli.demo_table import MethodRun, chance_levels, print_story
 from service.jobs.states import ENDED
@@ -143,7 +144,7 @@ def rest_accuracy(client: httpx.Client, task: Task, version: int) -> float:
     return 100.0 * sum(p == t for p, t in zip(predictions, truth)) / max(1, len(truth))
 
 
-def measure_version(client: httpx.Client, store: str, version: int, tasks: list[Task], sets: HeldoutSets,
+def measure_version(client: httpx.Client, store: str, version: int, tasks: list[Task], suite: HeldoutSuite,
                     reference_gap: torch.Tensor | None = None) -> Measures:
     """A table column: task accuracy over REST, held-out and retrieval from the version's metrics when
     it has them, the rest measured here on the stored state."""
@@ -154,7 +155,7 @@ def measure_version(client: httpx.Client, store: str, version: int, tasks: list[
     if all(isinstance(metrics.get(k), (int, float)) for k in RETRIEVAL_METRICS.values()):
         measures.retrieval = {name: float(metrics[k]) for name, k in RETRIEVAL_METRICS.items()}
         measures.sources["retrieval"] = "the version's metrics"
-    local = _measure_state(store, version, sets, reference_gap)
+    local = _measure_state(store, version, suite, reference_gap)
     measures.gap, measures.gap_vector = local["gap"], local["gap_vector"]
     measures.sources["gap"] = "measured here"
     if measures.heldout is None:
@@ -164,14 +165,14 @@ def measure_version(client: httpx.Client, store: str, version: int, tasks: list[
     return measures
 
 
-def _measure_state(store: str, version: int, sets: HeldoutSets, reference_gap: torch.Tensor | None) -> dict[str, Any]:
+def _measure_state(store: str, version: int, suite: HeldoutSuite, reference_gap: torch.Tensor | None) -> dict[str, Any]:
     from gnsp_core.state import ContinualState
     from service.store import ModelStore
     from service.versions import load_state_model
 
     with tempfile.TemporaryDirectory(prefix="gnsp-demo-version-") as cache:
         state = ContinualState.load(ModelStore.open(store).fetch_version(version, Path(cache)))
-        return zero_shot(load_state_model(state), sets, "cpu", reference_gap)
+        return zero_shot(load_state_model(state), suite, "cpu", reference_gap)
 
 
 # --- the command -----------------------------------------------------------------------------------
@@ -193,7 +194,7 @@ def run_rest_demo(args: argparse.Namespace, methods: list[str]) -> int:
     tasks = [load_task(s, **caps) for s in task_sources(args.tasks)]
     if not tasks:
         raise DemoError("--tasks names no task")
-    sets = load_heldout_sets()
+    suite = load_heldout_suite()
     overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
     config = {"ref_batch_size": REF_BATCH_SIZE, **overrides}  # the rest: the service's defaults for its model
     model = args.model or DEFAULT_MODEL
@@ -207,15 +208,15 @@ def run_rest_demo(args: argparse.Namespace, methods: list[str]) -> int:
         with local_service(demo_settings(args, store, work)) as url, httpx.Client(base_url=url, timeout=600) as client:
             base = wait_ready(client)
             print(f"service on {url}; measuring the pre-trained version {base} ...", flush=True)
-            pretrained = measure_version(client, store, base, tasks, sets)
+            pretrained = measure_version(client, store, base, tasks, suite)
             for method in methods:
                 check(client.post(f"/v1/models/{base}/activate"))  # every method starts from the pre-trained weights
                 learned, final = learn_tasks(client, tasks, method, config, work)
                 print(f"  measuring {method}'s version {final} ...", flush=True)
-                runs[method] = MethodRun(learned, measure_version(client, store, final, tasks, sets,
+                runs[method] = MethodRun(learned, measure_version(client, store, final, tasks, suite,
                                                                   pretrained.gap_vector), final)
-    print_story(model, [t.name for t in tasks], chance_levels(tasks, sets.tasks), pretrained, runs,
-                sets.items, len(sets.pairs) if sets.pairs is not None else None)
+    print_story(model, [t.name for t in tasks], chance_levels(tasks, suite), pretrained, runs, suite_items(suite),
+                suite.sizes[PAIRS_NAME])
     versions = ", ".join(f"{m} {r.version}" for m, r in runs.items())
     sources = "; ".join(f"{k} from {v}" for k, v in pretrained.sources.items())
     print(f"\nversions: pre-trained {base}, {versions}. Task accuracy through POST /v1/classify (learned: the "

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from statistics import fmean
 
 from gnsp_core.data import Task
+from gnsp_core.data.heldout import PAIRS_NAME, HeldoutSuite
 
 from service.cli.demo_measure import Measures
 
@@ -24,11 +25,13 @@ class MethodRun:
     version: int | None = None
 
 
-def chance_levels(tasks: list[Task], heldout_tasks: list[Task]) -> dict[str, float]:
-    """Top-1 accuracy (%) of guessing: each task over its own labels; the held-out suite pooled."""
-    items = sum(len(t.test) for t in heldout_tasks)
-    pooled = sum(100 / len(t.classnames) * len(t.test) for t in heldout_tasks) / max(1, items)
-    return {t.name: 100 / len(t.classnames) for t in tasks} | {"heldout": pooled}
+def chance_levels(tasks: list[Task], suite: HeldoutSuite) -> dict[str, float]:
+    """Top-1 accuracy (%) of guessing: each task over its own labels; the suite pooled like its
+    accuracy (each set guessed over its own labels); retrieval's R@1 of a random ranking, 1 / pairs."""
+    sizes = suite.sizes
+    sets = suite.tasks
+    pooled = sum(sizes[t.name] * 100 / len(t.classnames) for t in sets) / sum(sizes[t.name] for t in sets)
+    return {t.name: 100 / len(t.classnames) for t in tasks} | {"heldout": pooled, "retrieval": 100 / sizes[PAIRS_NAME]}
 
 
 def bwt(run: MethodRun, tasks: list[str]) -> float | None:
@@ -54,10 +57,10 @@ def story_rows(tasks: list[str], chance: dict[str, float], pretrained: Measures,
         cells = [_pct(r.learned[name]) if i == len(tasks) - 1 else f"{_pct(r.learned[name])} → {_pct(r.end.tasks[name])}"
                  for r in runs.values()]
         rows.append((f"{name} (task {i + 1}): learned → end", _pct(chance[name]), _pct(pretrained.tasks[name]), *cells))
-    rows.append((f"held-out zero-shot ({heldout_items} items)", _pct(chance["heldout"]), _pct(pretrained.heldout),
+    rows.append((f"held-out suite, zero-shot ({heldout_items} items)", _pct(chance["heldout"]), _pct(pretrained.heldout),
                  *(_pct(r.end.heldout) for r in runs.values())))
     if retrieval_pairs:
-        rows.append((f"retrieval R@1 / R@5 ({retrieval_pairs} pairs)", "", _recall(pretrained),
+        rows.append((f"retrieval R@1 / R@5 ({retrieval_pairs} pairs)", _pct(chance.get("retrieval")), _recall(pretrained),
                      *(_recall(r.end) for r in runs.values())))
     rows.append(("modality gap ‖Δ‖", "", _gap(pretrained.gap), *(_gap(r.end.gap) for r in runs.values())))
     rows.append(("BWT: earlier tasks, end − learned", "", "", *(_signed(bwt(r, tasks)) for r in runs.values())))

@@ -47,9 +47,9 @@ def resolve_callable(spec: str) -> Callable[..., Any]:
 
 def task_source(source: str) -> str:
     """Check a task source on the driver (fail fast, before any worker starts); paths become absolute."""
-    from gnsp_core.data.builtin import BUILTIN_TASKS
+    from gnsp_core.data.builtin import BUILTIN_TASKS, is_builtin_source
 
-    if source in BUILTIN_TASKS or source.startswith("mtil:"):
+    if is_builtin_source(source) or source.startswith("mtil:"):
         return source
     path = Path(source).expanduser()
     if not path.exists():
