@@ -52,12 +52,15 @@ def _grid() -> dict[str, tuple[str, dict[str, Any]]]:
 
 KNOBS: dict[str, tuple[str, dict[str, Any]]] = {
     "finetune": ("plain fine-tuning of the heads (reference point)", dict(method="finetune")),
+    "finetune-lr3e-3": ("plain fine-tuning at learning rate 3e-3", dict(method="finetune", lr=3e-3)),
     "gnsp": ("paper recipe: gradient projected, ρ = 0.15, vision MLP maps, CD 1.0, MAP 0.75", {}),
     "gnsp-no-projection": ("cut-off a = 1e12, above every eigenvalue ratio: the null space is the whole space "
                            "(projection off)", dict(projection_rule="cutoff", projection_threshold=1e12)),
+    "gnsp-rho0.5": ("ρ=0.5: a larger null space", dict(projection_threshold=0.5)),
     "gnsp-no-distill": ("CD and MAP weights 0 (projection only)", dict(cd_weight=0.0, map_weight=0.0)),
     "gnsp-text-proj": ("the text projection trains too, projected like the vision maps",
                        dict(projection_scope=TEXT_TOO)),
+    "gnsp-lr3e-3": ("learning rate 3e-3 instead of 1e-3", dict(lr=3e-3)),
 }
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {**KNOBS, **_grid()}
 FRONTIER = ["finetune", *_grid()]
@@ -151,7 +154,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-train-per-class", type=int, default=24)
     p.add_argument("--max-test-per-class", type=int, default=15)
     p.add_argument("--reference-limit", type=int, default=256,
-                   help="seeded subset of the reference pairs (each run computes its pool's features once)")
+                   help="seeded subset of the reference pairs (each run computes its pool's features once); 0: all")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
 
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_description(f"{name} · {prog.task}")
 
     start = time.perf_counter()
-    results = run_bench(loaded, tasks, [load_heldout_task()], configs, args.out, reference=load_reference_pairs(limit=args.reference_limit),
+    results = run_bench(loaded, tasks, [load_heldout_task()], configs, args.out, reference=load_reference_pairs(limit=args.reference_limit or None),
                         progress=on_progress, seeds=args.seeds)
     bar.close()
     rows = summarise(results)
