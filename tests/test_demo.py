@@ -30,8 +30,10 @@ def test_rest_demo_tells_the_story(ray_session, tmp_path, capsys):
     for row in ("| textiles (task 2)", "| held-out suite, zero-shot (", "| modality gap ‖Δ‖", "| BWT",
                 "finetune learned digits:", "gnsp learned textiles:", "versions: pre-trained 1, finetune 3, gnsp 5"):
         assert row in out, out
-    for noise in NOISE:
-        assert noise not in out and noise not in captured.err, noise
+    for noise in NOISE:  # the story and progress bars only
+        assert noise not in out, noise
+    for noise in ("job metrics", "graceful_shutdown"):  # stderr also carries the test session's own Ray
+        assert noise not in captured.err, noise
     assert ray_session.is_initialized(), "the demo must not shut down a Ray it did not start"
     assert (tmp_path / "store" / "models" / "v000005" / "manifest.json").is_file()  # 1 + two methods x two tasks
 
