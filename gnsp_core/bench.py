@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from gnsp_core.bench_stats import aggregate_runs
 from gnsp_core.config import TrainConfig
 from gnsp_core.data.heldout import HeldoutSuite
 from gnsp_core.data.samples import Task
@@ -114,36 +115,53 @@ def run_method(
             gap_cos.append(gap["cosine"])
     metrics = mtil_metrics(acc, len(tasks))
     return {"acc": acc, **{k: metrics[k] for k in ("transfer", "avg", "last", "bwt", "fwt")},
+            "plasticity": plasticity(acc),
             **({k: [h[k] for h in held] for k in HELDOUT_KEYS} if held else {}),
             "modality_gap": gaps, "modality_gap_cosine": gap_cos, "train_s": train_s,
             "step_ms": sum(step_ms) / len(step_ms) if step_ms else 0.0, "config": config.to_dict()}
 
 
+def plasticity(acc: list[list[float]]) -> float | None:
+    """Mean of the accuracy matrix's diagonal: each task's accuracy right after learning it."""
+    diagonal = [acc[i][i - 1] for i in range(1, len(acc))]
+    return sum(diagonal) / len(diagonal) if diagonal else None
+
+
 def run_bench(
     loaded: LoadedModel, tasks: list[Task], evals: list[Task], configs: dict[str, TrainConfig],
     out_dir: str | Path, *, reference=None, progress: BenchProgress | None = None, schedule: Schedule | None = None,
-    suite: HeldoutSuite | None = None,
+    suite: HeldoutSuite | None = None, seeds: int = 1,
 ) -> dict[str, Any]:
-    """Run each named config from the same starting weights; write results.json, results.md, heatmaps.
-    A `schedule` sets each task's learning rate and steps (every task must have a row); a held-out
-    `suite` adds its sets as columns and its metrics to every method (module docstring)."""
+    """Run each named config from the same starting weights, `seeds` times (seeds config.seed,
+    config.seed + 1, ...: the data, augmentation and reference order); write results.json,
+    results.md and heatmaps. Each method's entry is the aggregate over its seeds (means at the top,
+    95 % t-intervals in `ci` and `acc_ci`) with every seed's own run in `runs`. A `schedule` sets
+    each task's learning rate and steps (every task must have a row); a held-out `suite` adds its
+    sets as columns and its metrics to every method (module docstring)."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
     if schedule is not None:
         schedule.check(t.name for t in tasks)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     initial = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     suite_names = suite.set_names if suite is not None else []
-    results: dict[str, Any] = {"model": loaded.spec.name, "tasks": [t.name for t in tasks],
-                               "eval": [e.name for e in evals] + suite_names, "methods": {},
+    task_names, eval_names = [t.name for t in tasks], [e.name for e in evals] + suite_names
+    results: dict[str, Any] = {"model": loaded.spec.name, "tasks": task_names, "eval": eval_names, "methods": {},
                                "sizes": {t.name: len(t.test) for t in tasks + evals} | (suite.sizes if suite else {}),
-                               "schedule": schedule.to_dict() if schedule is not None else None}
+                               "seeds": seeds, "schedule": schedule.to_dict() if schedule is not None else None}
     device = next(iter(configs.values())).device if configs else "auto"
     pretrained = pretrained_row(loaded, tasks, evals, device, suite) if configs else None
     for name, config in configs.items():
-        loaded.model.load_state_dict(initial)
-        results["methods"][name] = run_method(loaded, tasks, evals, config, reference, progress, pretrained, schedule,
-                                              suite)
-        _write(results, out)  # partial results survive an interrupted bench
+        runs: list[dict[str, Any]] = []
+        for offset in range(seeds):
+            loaded.model.load_state_dict(initial)
+            seeded = config.replace(seed=config.seed + offset)
+            label = name if seeds == 1 else f"{name} seed {seeded.seed}"
+            report = None if progress is None else (lambda _, p, label=label: progress(label, p))
+            runs.append(run_method(loaded, tasks, evals, seeded, reference, report, pretrained, schedule, suite))
+            results["methods"][name] = {**aggregate_runs(runs, task_names, eval_names), "runs": runs}
+            _write(results, out)  # partial results survive an interrupted bench
     loaded.model.load_state_dict(initial)
     for name in configs:
         plot_heatmap(results, name, out / f"heatmap_{name}.png")

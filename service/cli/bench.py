@@ -16,7 +16,7 @@ from gnsp_core.data.heldout import HELDOUT, HeldoutSuite, load_heldout_suite
 from gnsp_core.methods.registry import METHODS
 from gnsp_core.models import DEFAULT_MODEL, ModelSpec, load_model
 from gnsp_core.schedules import Schedule
-from gnsp_core.report import summary_table
+from gnsp_core.report import heldout_table, summary_table
 from gnsp_core.models.loading import resolve_device
 from gnsp_core.task_context import Progress
 
@@ -63,10 +63,23 @@ def add_bench_parser(sub) -> None:
                         "emoji, flags and photos, each over its own labels, and image-text retrieval)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seeds", type=_positive, default=1,
+                   help="runs per method with seeds seed, seed+1, ... (data, augmentation and reference order); "
+                        "tables and heatmaps show the mean ± 95 %% CI (default 1)")
     p.add_argument("--max-train-per-class", type=int, default=None)
     p.add_argument("--max-test-per-class", type=int, default=None)
     add_model_arguments(p)
     add_training_arguments(p)
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of seeds >= 1 (e.g. --seeds 3)")
+    return number
 
 
 def load_evals(sources: list[str], **caps) -> tuple[list[Task], HeldoutSuite | None]:
@@ -97,7 +110,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     reference = load_reference(args.reference) if args.reference else None
     spec = ModelSpec(name=args.model or DEFAULT_MODEL, pretrained=args.pretrained)
     loaded = load_model(spec, resolve_device(args.device or "auto"))
-    total = sum(_steps(configs[m], tasks, schedule) for m in methods)
+    total = args.seeds * sum(_steps(configs[m], tasks, schedule) for m in methods)
     bar = tqdm(total=total, unit="step", desc="bench", dynamic_ncols=True)
     seen: dict[tuple[str, str], int] = {}
 
@@ -110,8 +123,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     results = run_bench(loaded, tasks, evals, configs, args.out, reference=reference, progress=on_progress,
-                        schedule=schedule, suite=suite)
+                        schedule=schedule, suite=suite, seeds=args.seeds)
     bar.close()
     print(summary_table(results))
+    heldout = heldout_table(results)
+    if heldout:
+        print(f"\nheld-out after the last task (%)\n{heldout}")
     print(f"\nwrote {args.out}/results.json, results.md and heatmap_<method>.png in {time.perf_counter() - start:.0f} s")
     return 0

@@ -1,8 +1,11 @@
 """`gnsp demo` through the service: local Ray + Serve on 127.0.0.1, tasks added over the REST API.
 
-Everything the table shows comes over HTTP (uploads, job progress, POST /v1/classify pinned to a
-version), except the modality gap: the REST API has no gap endpoint, so unless a version's metrics
-report one, it is measured here on the version's state read from the store.
+Each method learns the same tasks from the pre-trained version (re-activated before each method's
+sequence). Task accuracies come over HTTP: just after learning from the job's metrics (the
+service's own measure on the uploaded test split), at the end from POST /v1/classify pinned to the
+version. Held-out accuracy and retrieval come from the version's metrics when the service reports
+them, else (and the modality gap always, which the REST API does not report) they are measured here
+on the version's state read from the store; the table's footnote says which.
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ import base64
 import contextlib
 import io
 import json
-import os
-import socket
 import tempfile
 import time
 import zipfile
@@ -26,91 +27,21 @@ from tqdm import tqdm
 
 from gnsp_core.data import Task, load_task, to_rgb
 from gnsp_core.data.folders import write_image_folder
-from gnsp_core.errors import GnspError
-from gnsp_core.evaluation import class_prompt_gap
+from gnsp_core.data.heldout import PAIRS_NAME, HeldoutSuite, load_heldout_suite
 from gnsp_core.models import DEFAULT_MODEL
-from gnsp_core.data.heldout import load_heldout_suite
 
 from service.cli.arguments import task_sources
 from service.cli.build_default import build_default_with_bar
-from service.cli.demo_table import chance_levels, print_table
+from service.cli.demo_measure import Measures, suite_items, zero_shot
+from service.cli.demo_service import DemoError, check, local_service, wait_ready
+from service.cli.demo_table import MethodRun, chance_levels, print_story
 from service.jobs.states import ENDED
 
-APP_NAME = "gnsp-demo"
 REF_BATCH_SIZE = 32
 CLASSIFY_BATCH = 32
 CLASSIFY_BATCH_BYTES = 8 * 1024**2
-GAP_METRIC_KEYS = ("modality_gap_norm", "modality_gap", "gap_norm")
-
-
-class DemoError(GnspError):
-    """The demo could not finish: a job failed or the service answered with an error."""
-
-    code = "demo_failed"
-
-
-# --- the service -----------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def local_service(settings: Any) -> Iterator[str]:
-    """Start (or join) Ray, deploy the app on 127.0.0.1; yields the base URL. Only what it started it stops."""
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    import ray
-    from ray import serve
-    from ray.serve.context import _get_global_client
-
-    from service.api.app import delete_service, deploy_service
-
-    own_ray = not ray.is_initialized()
-    if own_ray:
-        # Worker logs stay in Ray's log folder: the demo reports progress and errors from the API.
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
-        port = _get_global_client().http_config.port  # an already running Serve keeps its own port
-        # Quiet replicas: no access log line per progress poll, warnings and errors still show.
-        deploy_service(settings, APP_NAME,
-                       logging_config={"enable_access_log": False, "log_level": "WARNING"})
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            with contextlib.suppress(Exception):
-                delete_service(APP_NAME)
-    finally:
-        if own_ray:
-            with contextlib.suppress(Exception):
-                serve.shutdown()
-            ray.shutdown()
-
-
-def _check(response: httpx.Response) -> dict[str, Any]:
-    """The JSON body of a successful response; the service's error message otherwise."""
-    if response.is_success:
-        return response.json()
-    try:
-        message = response.json()["error"]["message"]
-    except Exception:
-        message = response.text[:500]
-    raise DemoError(f"{response.request.method} {response.request.url.path} -> {response.status_code}: {message}")
-
-
-def wait_ready(client: httpx.Client, timeout: float = 300) -> int:
-    """Wait until the service has an active version (version 1 on a new store); returns it."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            active = client.get("/healthz").json().get("active_version")
-            if active is not None:
-                return int(active)
-        time.sleep(0.5)
-    raise DemoError(f"the service had no active model version after {timeout:.0f} s")
+HELDOUT_METRIC = "heldout_accuracy"
+RETRIEVAL_METRICS = {"R@1": "retrieval_r1", "R@5": "retrieval_r5"}
 
 
 # --- tasks over the API ----------------------------------------------------------------------------
@@ -139,7 +70,7 @@ def submit_task(client: httpx.Client, name: str, archive: Path, method: str, con
     with archive.open("rb") as fh:
         files = {"dataset": (archive.name, fh, "application/zip")}
         data = {"name": name, "method": method, "config": json.dumps(config)}
-        return _check(client.post("/v1/tasks", data=data, files=files))["task_id"]
+        return check(client.post("/v1/tasks", data=data, files=files))["task_id"]
 
 
 def follow_job(client: httpx.Client, task_id: str, name: str, poll_s: float = 1.0) -> dict[str, Any]:
@@ -147,7 +78,7 @@ def follow_job(client: httpx.Client, task_id: str, name: str, poll_s: float = 1.
     bar = tqdm(total=100, desc=f"learning {name}", unit="%", dynamic_ncols=True)
     try:
         while True:
-            record = _check(client.get(f"/v1/tasks/{task_id}"))
+            record = check(client.get(f"/v1/tasks/{task_id}"))
             bar.n = round(100 * float(record.get("progress") or 0.0))
             bar.set_postfix(status=record["status"], phase=record.get("phase") or "")
             bar.refresh()
@@ -162,19 +93,24 @@ def follow_job(client: httpx.Client, task_id: str, name: str, poll_s: float = 1.
         bar.close()
 
 
-def learn_tasks(client: httpx.Client, tasks: list[Task], method: str, config: dict[str, Any], work: Path) -> int:
-    """Add each task in turn and wait for its job; returns the version the last job produced."""
+def learn_tasks(client: httpx.Client, tasks: list[Task], method: str, config: dict[str, Any],
+                work: Path) -> tuple[dict[str, float], int]:
+    """Add each task in turn and wait for its job: each task's accuracy just after it was learned
+    (the job's own measure), and the version the last job produced."""
+    learned: dict[str, float] = {}
     version = 0
     for task in tasks:
         task_id = submit_task(client, task.name, task_zip(task, work), method, config)
-        record = follow_job(client, task_id, task.name)
+        record = follow_job(client, task_id, f"{method} · {task.name}")
         if record["status"] != "succeeded":
-            raise DemoError(f"the job learning {task.name} ({task_id}) ended {record['status']}: "
+            raise DemoError(f"the job learning {task.name} with {method} ({task_id}) ended {record['status']}: "
                             f"{record.get('error') or record.get('note') or 'no error reported'}")
-        version = record["model_version"]
-        print(f"  {task.name}: version {version} (active: {record.get('activated')}), "
-              f"job metrics {record.get('metrics')}", flush=True)
-    return int(version)
+        version = int(record["model_version"])
+        accuracy = (record.get("metrics") or {}).get("task_accuracy")
+        learned[task.name] = float(accuracy) if accuracy is not None else rest_accuracy(client, task, version)
+        print(f"  {method} learned {task.name}: {learned[task.name]:.1f} % on its test split (version {version})",
+              flush=True)
+    return learned, version
 
 
 # --- measuring a version ---------------------------------------------------------------------------
@@ -200,7 +136,7 @@ def rest_accuracy(client: httpx.Client, task: Task, version: int) -> float:
     predictions: list[str] = []
     for batch in _batches(task.test.images):
         body = {"images": batch, "labels": task.classnames, "model_version": version}
-        answer = _check(client.post("/v1/classify", json=body))
+        answer = check(client.post("/v1/classify", json=body))
         if answer["model_version"] != version:
             raise DemoError(f"asked version {version}, answered by {answer['model_version']}")
         predictions += [r["label"] for r in answer["results"]]
@@ -208,34 +144,35 @@ def rest_accuracy(client: httpx.Client, task: Task, version: int) -> float:
     return 100.0 * sum(p == t for p, t in zip(predictions, truth)) / max(1, len(truth))
 
 
-def version_gap(client: httpx.Client, store: str, version: int, heldout: Task,
-                reference: torch.Tensor | None) -> tuple[dict[str, Any], str]:
-    """The modality gap of a version: from its metrics if the service reports one, else measured here."""
-    metrics = _check(client.get(f"/v1/models/{version}")).get("metrics") or {}
-    for key in GAP_METRIC_KEYS:
-        if isinstance(metrics.get(key), (int, float)):
-            return {"norm": float(metrics[key]), "cosine": None, "gap": None}, f"GET /v1/models/{version} metrics"
+def measure_version(client: httpx.Client, store: str, version: int, tasks: list[Task], suite: HeldoutSuite,
+                    reference_gap: torch.Tensor | None = None) -> Measures:
+    """A table column: task accuracy over REST, held-out and retrieval from the version's metrics when
+    it has them, the rest measured here on the stored state."""
+    metrics = check(client.get(f"/v1/models/{version}")).get("metrics") or {}
+    measures = Measures(tasks={t.name: rest_accuracy(client, t, version) for t in tasks})
+    if isinstance(metrics.get(HELDOUT_METRIC), (int, float)):  # the service scores the same held-out data
+        measures.heldout, measures.sources["held-out"] = float(metrics[HELDOUT_METRIC]), "the version's metrics"
+    if all(isinstance(metrics.get(k), (int, float)) for k in RETRIEVAL_METRICS.values()):
+        measures.retrieval = {name: float(metrics[k]) for name, k in RETRIEVAL_METRICS.items()}
+        measures.sources["retrieval"] = "the version's metrics"
+    local = _measure_state(store, version, suite, reference_gap)
+    measures.gap, measures.gap_vector = local["gap"], local["gap_vector"]
+    measures.sources["gap"] = "measured here"
+    if measures.heldout is None:
+        measures.heldout, measures.sources["held-out"] = local["heldout"], "measured here"
+    if measures.retrieval is None and local["retrieval"] is not None:
+        measures.retrieval, measures.sources["retrieval"] = local["retrieval"], "measured here"
+    return measures
+
+
+def _measure_state(store: str, version: int, suite: HeldoutSuite, reference_gap: torch.Tensor | None) -> dict[str, Any]:
+    from gnsp_core.state import ContinualState
     from service.store import ModelStore
     from service.versions import load_state_model
-    from gnsp_core.state import ContinualState
 
-    with tempfile.TemporaryDirectory(prefix="gnsp-demo-gap-") as cache:
+    with tempfile.TemporaryDirectory(prefix="gnsp-demo-version-") as cache:
         state = ContinualState.load(ModelStore.open(store).fetch_version(version, Path(cache)))
-        loaded = load_state_model(state)
-    return class_prompt_gap(loaded, heldout, "cpu", reference), "measured locally on the stored state"
-
-
-def snapshot(client: httpx.Client, store: str, version: int, tasks: list[Task], heldout: Task,
-             reference: torch.Tensor | None = None) -> dict[str, Any]:
-    """New-task accuracy (REST), the held-out suite's numbers (the version's metrics: the service
-    measures them for every version) and the modality gap of one version, as print_table wants."""
-    accs = {t.name: rest_accuracy(client, t, version) for t in tasks}
-    metrics = _check(client.get(f"/v1/models/{version}")).get("metrics") or {}
-    if not isinstance(metrics.get("retrieval_r1"), (int, float)):
-        raise DemoError(f"version {version} has no held-out suite metrics (the service's heldout must be 'builtin')")
-    gap, source = version_gap(client, store, version, heldout, reference)
-    return {"tasks": accs, "heldout": metrics["heldout_accuracy"], "retrieval_r1": metrics["retrieval_r1"],
-            "gap": gap, "gap_source": source}
+        return zero_shot(load_state_model(state), suite, "cpu", reference_gap)
 
 
 # --- the command -----------------------------------------------------------------------------------
@@ -246,11 +183,11 @@ def demo_settings(args: argparse.Namespace, store: str, work: Path) -> Any:
     from service.settings import ServiceSettings
 
     return ServiceSettings(store=store, model=args.model, pretrained=args.pretrained, workers=1,
-                           reference=args.reference, default_method=args.method, heldout="builtin",
+                           reference=args.reference, default_method="gnsp", heldout="builtin",
                            max_heldout_drop=100.0, work_dir=str(work))
 
 
-def run_rest_demo(args: argparse.Namespace) -> int:
+def run_rest_demo(args: argparse.Namespace, methods: list[str]) -> int:
     """The demo through the REST service; exit code 0 when every job succeeded."""
     start = time.perf_counter()
     caps = dict(max_train_per_class=args.max_train_per_class, max_test_per_class=args.max_test_per_class)
@@ -258,28 +195,31 @@ def run_rest_demo(args: argparse.Namespace) -> int:
     if not tasks:
         raise DemoError("--tasks names no task")
     suite = load_heldout_suite()
-    heldout = suite.photo_tasks[0]  # the modality gap's images
     overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
     config = {"ref_batch_size": REF_BATCH_SIZE, **overrides}  # the rest: the service's defaults for its model
+    model = args.model or DEFAULT_MODEL
+    runs: dict[str, MethodRun] = {}
     with tempfile.TemporaryDirectory(prefix="gnsp-demo-") as tmp:
         work = Path(tmp)
         store = args.store or str(work / "store")
         if args.model is None and args.store is None:  # build here, with a bar, not silently in a replica
             build_default_with_bar()
-        print(f"starting local Ray and the service ({args.model or DEFAULT_MODEL}, store {store}) ...", flush=True)
+        print(f"starting local Ray and the service ({model}, store {store}) ...", flush=True)
         with local_service(demo_settings(args, store, work)) as url, httpx.Client(base_url=url, timeout=600) as client:
             base = wait_ready(client)
-            print(f"service on {url}, version {base} active; measuring it ...", flush=True)
-            before = snapshot(client, store, base, tasks, heldout)
-            final = learn_tasks(client, tasks, args.method, config, work)
-            print(f"measuring version {final} ...", flush=True)
-            after = snapshot(client, store, final, tasks, heldout, before["gap"].get("gap"))
-    chance = chance_levels(tasks, suite)
-    print(f"\n{args.method} on {args.model or DEFAULT_MODEL} through the REST service: accuracy (%) of "
-          f"version {base} (before) and version {final} (after) learning {', '.join(t.name for t in tasks)}")
-    print_table(before, after, chance, suite.sizes)
-    print(f"\nsources: task accuracies from POST /v1/classify pinned to versions {base} and {final}; held-out "
-          f"suite and retrieval from GET /v1/models/<version> metrics; "
-          f"modality gap {before['gap_source']} (before) / {after['gap_source']} (after)")
+            print(f"service on {url}; measuring the pre-trained version {base} ...", flush=True)
+            pretrained = measure_version(client, store, base, tasks, suite)
+            for method in methods:
+                check(client.post(f"/v1/models/{base}/activate"))  # every method starts from the pre-trained weights
+                learned, final = learn_tasks(client, tasks, method, config, work)
+                print(f"  measuring {method}'s version {final} ...", flush=True)
+                runs[method] = MethodRun(learned, measure_version(client, store, final, tasks, suite,
+                                                                  pretrained.gap_vector), final)
+    print_story(model, [t.name for t in tasks], chance_levels(tasks, suite), pretrained, runs, suite_items(suite),
+                suite.sizes[PAIRS_NAME])
+    versions = ", ".join(f"{m} {r.version}" for m, r in runs.items())
+    sources = "; ".join(f"{k} from {v}" for k, v in pretrained.sources.items())
+    print(f"\nversions: pre-trained {base}, {versions}. Task accuracy through POST /v1/classify (learned: the "
+          f"job's metrics); {sources}.")
     print(f"done in {time.perf_counter() - start:.0f} s")
     return 0
