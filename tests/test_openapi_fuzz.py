@@ -61,7 +61,8 @@ def reported_events(report_dir: Path) -> list[dict]:
 def test_schemathesis_all_checks_all_phases_no_failures(base_url, tmp_path):
     result = schemathesis_run(base_url, tmp_path)
     output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-12000:]
+    readable = "\n".join(line for line in output.splitlines() if "curl -X" not in line)  # bodies hold zips
+    assert result.returncode == 0, readable[-12000:]
     assert "API Links:" in output, output[-4000:]  # the stateful phase ran and followed the links
     assert reported_events(tmp_path), "schemathesis wrote no report"
 

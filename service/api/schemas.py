@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from gnsp_core.data.builtin import BUILTIN_TASKS
 from gnsp_core.methods.registry import METHODS
 
-from service.api.task_config import TaskConfig, TrainingSettings
+from service.api.task_config import (CUTOFF_ENDS, CUTOFF_RULE, ENERGY_ENDS, TaskConfig, TuneSettings, rule_schema,
+                                     threshold_problem)
 from service.jobs.states import JobStatus
 from service.settings import ServiceSettings
 
@@ -27,9 +28,15 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+WARNINGS = Field(default_factory=list, description=(
+    "What the job does differently from what its request may suggest, e.g. a task the named schedule "
+    "has no row for trains with the service's lr and steps."))
+
+
 class TaskAccepted(BaseModel):
     task_id: str
     status: JobStatus = "queued"
+    warnings: list[str] = WARNINGS
 
 
 class TaskView(BaseModel):
@@ -48,7 +55,10 @@ class TaskView(BaseModel):
     method: str | None = None
     config: dict[str, Any] = Field(default_factory=dict, description="The TrainConfig fields given with the task.")
     base_version: int | None = Field(
-        None, description="The version this job trains from (the active one when it started).")
+        None, description=("The version this job trains from: the one its request named, else, when it started, "
+                           "the active version (activation auto) or the newest version that passed the quality "
+                           "gate (activation manual)."))
+    warnings: list[str] = WARNINGS
     attempts: int = Field(0, description="Starts of this job: 2 or more means it resumed after an interruption.")
     created: float | None = None
     started: float | None = None
@@ -115,20 +125,37 @@ def _integral(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def _range(bounds: dict[str, float], description: str) -> Any:
-    """A search range `[low, high]` (low < high) whose two ends obey the bounds the search checks."""
-    end = {"type": "number", **bounds}
-    return Field(None, min_length=2, max_length=2, description=description,
-                 json_schema_extra={"items": end, "prefixItems": [end, end]})
+Weight = Annotated[float, Field(ge=0, le=100)]
+LearningRate = Annotated[float, Field(gt=0, le=1)]
+Threshold = Annotated[float, Field(gt=0, le=1000)]
+RANGE_ENDS = "Two ends, in either order; equal ends fix the value (it is not searched)."
+def _range(description: str) -> Any:
+    return Field(None, min_length=2, max_length=2, description=f"{description} {RANGE_ENDS}")
 
 
 class SearchRanges(BaseModel):
+    """The searched values' ranges; one left out (or null) keeps its default range."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
-    threshold: list[float] | None = _range(
-        {"exclusiveMinimum": 0}, "Energy-tail ρ range, low < high (log scale); below 1 with the energy rule.")
-    cd_weight: list[float] | None = _range({"minimum": 0}, "CD weight range, low < high.")
-    map_weight: list[float] | None = _range({"minimum": 0}, "MAP weight range, low < high.")
-    lr: list[float] | None = _range({"exclusiveMinimum": 0}, "Learning-rate range, low < high (log scale).")
+    threshold: list[Threshold] | None = _range(
+        "Null-space threshold range (log scale): ρ in (0, 1) with the energy rule (default [0.01, 0.5]), "
+        "a in [1, 1000] with the cut-off rule (default [2, 50]); config.projection.rule picks the rule (energy "
+        "when left out).")
+    cd_weight: list[Weight] | None = _range("CD weight range, 0 to 100.")
+    map_weight: list[Weight] | None = _range("MAP weight range, 0 to 100.")
+    lr: list[LearningRate] | None = _range("Learning-rate range (log scale), above 0 and at most 1.")
+
+
+def _threshold_items(ends: dict[str, float]) -> dict[str, Any]:
+    """JSON Schema: each end of space.threshold, when there is one, within `ends`."""
+    return {"properties": {"space": {"properties": {"threshold": {"items": ends}}}}}
+
+
+TUNE_RULES = rule_schema(
+    {"required": ["config"], "properties": {"config": {
+        "type": "object", "required": ["projection"], "properties": {"projection": CUTOFF_RULE}}}},
+    _threshold_items(CUTOFF_ENDS), _threshold_items(ENERGY_ENDS))
+"""A search's rule between two fields, stated in its schema: the threshold range fits the projection rule."""
 
 
 BUILTIN_TASK_NAMES = sorted(BUILTIN_TASKS)
@@ -139,14 +166,14 @@ class TuneBody(BaseModel):
 
     Strict: a value of another JSON type than the schema's is refused, never coerced (0 is no boolean)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=TUNE_RULES)
     tasks: list[str] = Field(default_factory=list, json_schema_extra={"items": {"enum": BUILTIN_TASK_NAMES}},
                              description=("Built-in task names, learned in order; an uploaded dataset (multipart) is "
                                           "learned after them. A search needs at least one task: name one here or "
                                           "upload a dataset."))
     trials: Annotated[int, Field(ge=1, le=500), BeforeValidator(_integral)] = 12
-    config: TrainingSettings = Field(default_factory=TrainingSettings,
-                                     description="Training settings not searched (steps, ...).")
+    config: TuneSettings = Field(default_factory=TuneSettings,
+                                 description="Training settings not searched (steps, ...); method gnsp.")
     space: SearchRanges | None = None
     searcher: Literal["optuna", "random"] = "optuna"
     max_concurrent: Annotated[int, Field(ge=1), BeforeValidator(_integral)] | None = None
@@ -156,6 +183,18 @@ class TuneBody(BaseModel):
     base_version: Annotated[int, Field(ge=1), BeforeValidator(_integral)] | Literal["active"] | None = Field(
         "active", description="Trials start from this stored version; null: from the bare model.")
     apply_best: bool = Field(False, description="When it succeeds, its best config becomes the default for new tasks.")
+
+    @field_validator("space")
+    @classmethod
+    def _threshold_fits_the_rule(cls, space: SearchRanges | None, info: ValidationInfo) -> SearchRanges | None:
+        """TUNE_RULES, checked (config is validated before space)."""
+        config = info.data.get("config")
+        if space is None or space.threshold is None or config is None:
+            return space
+        problem = threshold_problem(config.projection.rule if config.projection else None, space.threshold)
+        if problem:
+            raise ValueError(f"threshold range: {problem}")
+        return space
 
 
 class TuneView(BaseModel):
@@ -219,6 +258,12 @@ TASK_UPLOAD_BODY = {
                        "description": "The continual-learning method (default: the service's)."},
             "config": {**inline_schema(TaskConfig), "description": "JSON object (a part of type application/json) "
                        "of the training settings a client may choose, e.g. {\"steps\": 100}."},
+            "base_version": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "enum": ["active"]}],
+                             "description": "The stored version to train from (404 if there is none), or \"active\" "
+                                            "(the active version now). Left out: the active version when the job "
+                                            "starts (activation auto) or the newest version that passed the "
+                                            "quality gate (activation manual), so each version holds every task "
+                                            "learned before it."},
         },
     }, "encoding": {"config": {"contentType": "application/json"}, "dataset": {"contentType": ARCHIVE_MEDIA_TYPES}}}},
 }
