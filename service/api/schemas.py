@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from gnsp_core.data.builtin import BUILTIN_TASKS
 from gnsp_core.methods.registry import METHODS
 
-from service.api.task_config import (CUTOFF_ENDS, CUTOFF_RULE, ENERGY_ENDS, TaskConfig, TuneSettings, rule_schema,
-                                     threshold_problem)
+from service.api.task_config import (CUTOFF_ENDS, CUTOFF_RULE, ENERGY_ENDS, ENERGY_RULE, TaskConfig, TuneSettings,
+                                     integer, threshold_problem)
 from service.jobs.states import JobStatus
 from service.settings import ServiceSettings
 
@@ -120,11 +120,6 @@ class Health(BaseModel):
     active_version: int | None = None
 
 
-def _integral(value: Any) -> Any:
-    """JSON has one number type: 12.0 is the integer 12 (as JSON Schema says), 12.5 is not."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
 Weight = Annotated[float, Field(ge=0, le=100)]
 LearningRate = Annotated[float, Field(gt=0, le=1)]
 Threshold = Annotated[float, Field(gt=0, le=1000)]
@@ -146,16 +141,18 @@ class SearchRanges(BaseModel):
     lr: list[LearningRate] | None = _range("Learning-rate range (log scale), above 0 and at most 1.")
 
 
-def _threshold_items(ends: dict[str, float]) -> dict[str, Any]:
-    """JSON Schema: each end of space.threshold, when there is one, within `ends`."""
-    return {"properties": {"space": {"properties": {"threshold": {"items": ends}}}}}
+def _search_rule(config: dict[str, Any], ends: dict[str, float]) -> dict[str, Any]:
+    """JSON Schema: `config` holds and each end of space.threshold is within `ends`."""
+    return {"properties": {"config": config, "space": {"properties": {"threshold": {"items": ends}}}}}
 
 
-TUNE_RULES = rule_schema(
-    {"required": ["config"], "properties": {"config": {
-        "type": "object", "required": ["projection"], "properties": {"projection": CUTOFF_RULE}}}},
-    _threshold_items(CUTOFF_ENDS), _threshold_items(ENERGY_ENDS))
-"""A search's rule between two fields, stated in its schema: the threshold range fits the projection rule."""
+TUNE_RULES = {"anyOf": [
+    {"required": ["config"], **_search_rule({"required": ["projection"], "properties": {"projection": CUTOFF_RULE}},
+                                            CUTOFF_ENDS)},
+    _search_rule({"properties": {"projection": ENERGY_RULE}}, ENERGY_ENDS),
+]}
+"""A search's rule between two fields, stated in its schema: the threshold range fits the projection
+rule (one `anyOf` branch per rule)."""
 
 
 BUILTIN_TASK_NAMES = sorted(BUILTIN_TASKS)
@@ -171,16 +168,16 @@ class TuneBody(BaseModel):
                              description=("Built-in task names, learned in order; an uploaded dataset (multipart) is "
                                           "learned after them. A search needs at least one task: name one here or "
                                           "upload a dataset."))
-    trials: Annotated[int, Field(ge=1, le=500), BeforeValidator(_integral)] = 12
+    trials: integer(1, 500) = 12
     config: TuneSettings = Field(default_factory=TuneSettings,
                                  description="Training settings not searched (steps, ...); method gnsp.")
     space: SearchRanges | None = None
     searcher: Literal["optuna", "random"] = "optuna"
-    max_concurrent: Annotated[int, Field(ge=1), BeforeValidator(_integral)] | None = None
-    max_train_per_class: Annotated[int, Field(ge=1), BeforeValidator(_integral)] | None = None
+    max_concurrent: integer(1) | None = None
+    max_train_per_class: integer(1) | None = None
     val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each task's train split used to validate.")
-    seed: Annotated[int, BeforeValidator(_integral)] = 0
-    base_version: Annotated[int, Field(ge=1), BeforeValidator(_integral)] | Literal["active"] | None = Field(
+    seed: integer(0, 2**31 - 1) = 0
+    base_version: integer(1) | Literal["active"] | None = Field(
         "active", description="Trials start from this stored version; null: from the bare model.")
     apply_best: bool = Field(False, description="When it succeeds, its best config becomes the default for new tasks.")
 

@@ -13,10 +13,10 @@ combination with TrainConfig.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from gnsp_core.methods.registry import METHODS
 from gnsp_core.schedules import SCHEDULES
@@ -27,6 +27,14 @@ MethodName = Literal[tuple(sorted(METHODS))]  # type: ignore[valid-type]  # the 
 ScheduleName = Literal[tuple(sorted(SCHEDULES))]  # type: ignore[valid-type]
 
 
+def _integral(value: Any) -> Any:
+    """JSON has one number type: 12.0 is the integer 12 (as JSON Schema says), 12.5 is not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def integer(low: int | None = None, high: int | None = None) -> Any:
+    """An integer field as JSON Schema reads it (12.0 included, not "12" or true), within [low, high]."""
+    return Annotated[int, Field(ge=low, le=high), BeforeValidator(_integral)]
 CUTOFF_THRESHOLD = 10.0
 """The cut-off rule's threshold when a request names the rule without one (the `gnsp-exact` preset's a)."""
 
@@ -44,18 +52,18 @@ def threshold_problem(rule: str | None, values: list[float]) -> str | None:
         'send values below 1 (e.g. 0.15, or the range [0.01, 0.5]) or set the projection rule to "cutoff"')
 
 
-def rule_schema(rule_is_cutoff: dict[str, Any], cutoff: dict[str, Any], energy: dict[str, Any]) -> dict[str, Any]:
-    """JSON Schema `if`/`then`/`else`: `cutoff` applies when `rule_is_cutoff` holds, `energy` otherwise."""
-    return {"if": rule_is_cutoff, "then": cutoff, "else": energy}
-
-
-CUTOFF_RULE = {"type": "object", "required": ["rule"], "properties": {"rule": {"const": "cutoff"}}}
-"""JSON Schema: a projection object whose rule is "cutoff" (null or absent means energy)."""
 ENERGY_ENDS = {"exclusiveMinimum": 0, "exclusiveMaximum": 1}
 CUTOFF_ENDS = {"minimum": 1, "maximum": 1000}
-PROJECTION_RULES = rule_schema(CUTOFF_RULE, {"properties": {"threshold": CUTOFF_ENDS}},
-                               {"properties": {"threshold": ENERGY_ENDS}})
-"""The threshold's bounds by rule, as the schema states them (a null threshold fits both)."""
+CUTOFF_RULE = {"type": "object", "required": ["rule"], "properties": {"rule": {"const": "cutoff"}}}
+"""JSON Schema: a projection object whose rule is "cutoff"."""
+ENERGY_RULE = {"properties": {"rule": {"enum": ["energy", None]}}}
+"""JSON Schema: a projection (or null) whose rule is energy, null or left out (energy is the default)."""
+PROJECTION_RULES = {"anyOf": [
+    {"required": ["rule"], "properties": {"rule": {"const": "cutoff"}, "threshold": CUTOFF_ENDS}},
+    {"properties": {"rule": {"enum": ["energy", None]}, "threshold": ENERGY_ENDS}},
+]}
+"""The threshold's bounds by rule, one `anyOf` branch per rule (a null threshold fits both). Branches,
+not `if`/`then`/`else`: clients' generators and validators follow those less well."""
 
 
 class ProjectionSettings(BaseModel):
@@ -91,14 +99,14 @@ class TrainingSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, title="TrainingSettings")
     method: MethodName | None = Field(None, description="The continual-learning method (the form's `method` wins).")
-    steps: int | None = Field(None, ge=1, le=100_000, description="Optimiser steps for the task.")
+    steps: integer(1, 100_000) | None = Field(None, description="Optimiser steps for the task.")
     lr: float | None = Field(None, gt=0, le=1, description="Peak learning rate (AdamW).")
-    batch_size: int | None = Field(None, ge=1, le=1024)
-    ref_batch_size: int | None = Field(None, ge=1, le=1024, description="Reference image-caption pairs per step.")
-    warmup_steps: int | None = Field(None, ge=0, le=100_000, description="Linear warm-up steps before cosine decay.")
+    batch_size: integer(1, 1024) | None = None
+    ref_batch_size: integer(1, 1024) | None = Field(None, description="Reference image-caption pairs per step.")
+    warmup_steps: integer(0, 100_000) | None = Field(None, description="Linear warm-up steps before cosine decay.")
     weight_decay: float | None = Field(None, ge=0, le=1)
     label_smoothing: float | None = Field(None, ge=0, lt=1)
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    seed: integer(0, 2**31 - 1) | None = None
     cd_weight: float | None = Field(None, ge=0, le=100, description="Contrastive distillation weight (GNSP).")
     map_weight: float | None = Field(None, ge=0, le=100, description="Modality alignment preservation weight (GNSP).")
     cd_temperature: float | None = Field(None, gt=0, le=100)
