@@ -98,7 +98,7 @@ def test_cancel_a_search_and_bad_requests(service):
         ({"tasks": ["digits"], "config": {"method": "finetune"}}, 422, "config.method"),
         ({"tasks": ["digits"], "config": {"stepz": 3}}, 422, "config.stepz"),
         ({"tasks": ["digits"], "config": {"trainable": "(a+)+$"}}, 422, "config.trainable"),
-        ({"tasks": ["digits"], "space": {"threshold": [0.5, 2]}}, 422, "energy rule"),
+        ({"tasks": ["digits"], "space": {"threshold": [0.5, 2]}}, 422, "straddle 1"),
         ({"tasks": ["digits"], "base_version": 99}, 404, "99"),
     ]
     for body, status, words in bad:

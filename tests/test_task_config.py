@@ -15,7 +15,7 @@ from service.api.schemas import TASK_UPLOAD_BODY, TUNE_BODY
 from service.api.task_config import TaskConfig, check_method, parse_base_version, parse_task_config
 from service.api.uploads import parse_config, parse_tune_body
 from service.errors import BadRequestError, UnknownVersionError
-from service.tuning.request import DEFAULT_THRESHOLD, SearchSpace, TuneRequest
+from service.tuning.request import DEFAULT_THRESHOLD, SearchSpace, TuneRequest, projection_for_range
 
 
 def refused(raw: str) -> list[dict]:
@@ -156,27 +156,30 @@ def tune_body_problems(body: dict) -> list[str]:
     except RequestValidationError as exc:
         return [".".join(map(str, e["loc"])) for e in exc.errors()]
     space = {k: v for k, v in (fields.get("space") or {}).items() if v is not None}
-    config = TrainConfig.from_dict({**fields.get("config", {}), "method": "gnsp"})
-    TuneRequest(tasks=fields["tasks"], out_dir="/nonexistent/out", config=config, space=SearchSpace(
-        **{k: tuple(v) for k, v in space.items()}))  # what the job runner builds: raises on any rule it checks
+    config = {**fields.get("config", {}), "method": "gnsp"}
+    if "threshold" in space:  # as the job runner does: the range names the rule
+        config["projection"] = {**config.get("projection", {}), **projection_for_range(space["threshold"])}
+    TuneRequest(tasks=fields["tasks"], out_dir="/nonexistent/out", config=TrainConfig.from_dict(config),
+                space=SearchSpace(**{k: tuple(v) for k, v in space.items()}))  # raises on any rule it checks
     return []
 
 
-CUTOFF = {"projection": {"rule": "cutoff"}}
 SEARCH_BODIES = [
     ({"tasks": ["digits"], "space": {"threshold": [0.5, 0.01]}}, True),  # ends in either order
     ({"tasks": ["digits"], "space": {"lr": [1e-4, 1e-4], "cd_weight": [0, 0]}}, True),  # equal ends: fixed
-    ({"tasks": ["digits"], "space": {"threshold": [0.2, 1.0]}}, False),  # energy: below 1
-    ({"tasks": ["digits"], "config": {"projection": {"rule": "energy"}}, "space": {"threshold": [0.9, 0.99]}}, True),
-    ({"tasks": ["digits"], "config": {"projection": {"rule": None}}, "space": {"threshold": [3, 5]}}, False),
-    ({"tasks": ["digits"], "config": {"projection": None}, "space": {"threshold": [3, 5]}}, False),
-    ({"tasks": ["digits"], "config": CUTOFF, "space": {"threshold": [50, 2]}}, True),
-    ({"tasks": ["digits"], "config": CUTOFF, "space": {"threshold": [0.5, 2]}}, False),  # cut-off: a >= 1
-    ({"tasks": ["digits"], "config": CUTOFF, "space": {"threshold": [1, 1000]}}, True),
-    ({"tasks": ["digits"], "config": CUTOFF, "space": {"threshold": [1, 1001]}}, False),
-    ({"tasks": ["digits"], "config": CUTOFF}, True),  # the cut-off rule's own default range
-    ({"tasks": ["digits"], "config": CUTOFF, "space": None}, True),
-    ({"tasks": ["digits"], "config": CUTOFF, "space": {"threshold": None}}, True),
+    ({"tasks": ["digits"], "space": {"threshold": [0.9, 0.99]}}, True),  # the energy rule's ρ
+    ({"tasks": ["digits"], "space": {"threshold": [50, 2]}}, True),  # the cut-off rule's a
+    ({"tasks": ["digits"], "space": {"threshold": [1, 1000]}}, True),
+    ({"tasks": ["digits"], "space": {"threshold": [1, 1001]}}, False),
+    ({"tasks": ["digits"], "space": {"threshold": [0.2, 1.0]}}, False),  # straddles 1: which rule?
+    ({"tasks": ["digits"], "space": {"threshold": [0.5, 2]}}, False),
+    ({"tasks": ["digits"], "space": {"threshold": None}}, True),
+    ({"tasks": ["digits"], "space": None}, True),
+    ({"tasks": ["digits"], "config": {"projection": {"rule": "cutoff"}}}, False),  # the range picks the rule
+    ({"tasks": ["digits"], "config": {"projection": {"threshold": 0.2}}}, False),  # and varies the threshold
+    ({"tasks": ["digits"], "config": {"projection": {"scope": "all", "target": "update"}},
+      "space": {"threshold": [2, 3]}}, True),
+    ({"tasks": ["digits"], "config": {"projection": None}}, True),
     ({"tasks": ["digits"], "config": {"method": "lwf"}}, False),  # a search tunes GNSP
     ({"tasks": ["digits"], "config": {"method": "gnsp"}, "space": {"lr": [0, 1e-3]}}, False),
     ({"tasks": ["digits"], "space": {"lr": [1e-5, 2]}}, False),
@@ -192,11 +195,19 @@ def test_the_search_schema_and_the_server_accept_the_same_bodies(body, valid):
     assert (server_says == []) is valid, (body, server_says)
 
 
-def test_a_threshold_range_that_misses_the_rule_names_the_field_and_the_fix():
+def test_a_threshold_range_across_both_rules_names_the_field_and_the_fix():
     with pytest.raises(RequestValidationError) as caught:
-        parse_tune_body(json.dumps({"tasks": ["digits"], "config": CUTOFF, "space": {"threshold": [0.1, 0.5]}}))
+        parse_tune_body(json.dumps({"tasks": ["digits"], "space": {"threshold": [0.1, 5]}}))
     (error,) = caught.value.errors()
-    assert error["loc"] == ("space",) and "cut-off rule" in error["msg"] and "[2, 50]" in error["msg"]
+    assert error["loc"] == ("space", "threshold") and "straddle 1" in error["msg"] and "[2, 50]" in error["msg"]
+    with pytest.raises(RequestValidationError) as caught:
+        parse_tune_body(json.dumps({"tasks": ["digits"], "config": {"projection": {"rule": "cutoff"}}}))
+    assert "space.threshold" in caught.value.errors()[0]["msg"]
+
+
+def test_a_range_names_the_rule_it_searches():
+    assert projection_for_range([50, 2]) == {"rule": "cutoff", "threshold": 2.0}
+    assert projection_for_range([0.3, 0.01]) == {"rule": "energy", "threshold": 0.01}
 
 
 def test_search_ranges_are_stored_low_high_and_a_rule_picks_its_default_threshold(tmp_path):

@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gnsp_core.data.builtin import BUILTIN_TASKS
 from gnsp_core.methods.registry import METHODS
 
-from service.api.task_config import (CUTOFF_ENDS, CUTOFF_RULE, ENERGY_ENDS, ENERGY_RULE, TaskConfig, TuneSettings,
-                                     integer, threshold_problem)
+from service.api.task_config import CUTOFF_ENDS, ENERGY_ENDS, TaskConfig, TuneSettings, integer
 from service.api.json_schema import inline_schema
 from service.jobs.states import JobStatus
 from service.settings import ServiceSettings
@@ -125,6 +124,8 @@ Weight = Annotated[float, Field(ge=0, le=100)]
 LearningRate = Annotated[float, Field(gt=0, le=1)]
 Threshold = Annotated[float, Field(gt=0, le=1000)]
 RANGE_ENDS = "Two ends, in either order; equal ends fix the value (it is not searched)."
+
+
 def _range(description: str) -> Any:
     return Field(None, min_length=2, max_length=2, description=f"{description} {RANGE_ENDS}")
 
@@ -133,27 +134,23 @@ class SearchRanges(BaseModel):
     """The searched values' ranges; one left out (or null) keeps its default range."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    threshold: list[Threshold] | None = _range(
-        "Null-space threshold range (log scale): ρ in (0, 1) with the energy rule (default [0.01, 0.5]), "
-        "a in [1, 1000] with the cut-off rule (default [2, 50]); config.projection.rule picks the rule (energy "
-        "when left out).")
+    threshold: list[Threshold] | None = Field(
+        None, min_length=2, max_length=2, json_schema_extra={"anyOf": [{"items": ENERGY_ENDS}, {"items": CUTOFF_ENDS}]},
+        description=("Null-space threshold range (log scale); it picks the projection rule: ends in (0, 1) search "
+                     "the energy rule's ρ (the default, [0.01, 0.5]), ends in [1, 1000] the cut-off rule's a "
+                     f"(e.g. [2, 50]). {RANGE_ENDS}"))
     cd_weight: list[Weight] | None = _range("CD weight range, 0 to 100.")
     map_weight: list[Weight] | None = _range("MAP weight range, 0 to 100.")
     lr: list[LearningRate] | None = _range("Learning-rate range (log scale), above 0 and at most 1.")
 
-
-def _search_rule(config: dict[str, Any], ends: dict[str, float]) -> dict[str, Any]:
-    """JSON Schema: `config` holds and each end of space.threshold is within `ends`."""
-    return {"properties": {"config": config, "space": {"properties": {"threshold": {"items": ends}}}}}
-
-
-TUNE_RULES = {"anyOf": [
-    {"required": ["config"], **_search_rule({"required": ["projection"], "properties": {"projection": CUTOFF_RULE}},
-                                            CUTOFF_ENDS)},
-    _search_rule({"properties": {"projection": ENERGY_RULE}}, ENERGY_ENDS),
-]}
-"""A search's rule between two fields, stated in its schema: the threshold range fits the projection
-rule (one `anyOf` branch per rule)."""
+    @field_validator("threshold")
+    @classmethod
+    def _one_rule(cls, ends: list[float] | None) -> list[float] | None:
+        """Both ends on one rule's side of 1 (the schema's anyOf)."""
+        if ends is not None and min(ends) < 1 <= max(ends):
+            raise ValueError(f"the ends {ends} straddle 1: send both below 1 (the energy rule's ρ, e.g. "
+                             "[0.01, 0.5]) or both in [1, 1000] (the cut-off rule's a, e.g. [2, 50])")
+        return ends
 
 
 BUILTIN_TASK_NAMES = sorted(BUILTIN_TASKS)
@@ -164,7 +161,7 @@ class TuneBody(BaseModel):
 
     Strict: a value of another JSON type than the schema's is refused, never coerced (0 is no boolean)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=TUNE_RULES)
+    model_config = ConfigDict(extra="forbid", strict=True)
     tasks: list[str] = Field(default_factory=list, json_schema_extra={"items": {"enum": BUILTIN_TASK_NAMES}},
                              description=("Built-in task names, learned in order; an uploaded dataset (multipart) is "
                                           "learned after them. A search needs at least one task: name one here or "
@@ -181,18 +178,6 @@ class TuneBody(BaseModel):
     base_version: integer(1) | Literal["active"] | None = Field(
         "active", description="Trials start from this stored version; null: from the bare model.")
     apply_best: bool = Field(False, description="When it succeeds, its best config becomes the default for new tasks.")
-
-    @field_validator("space")
-    @classmethod
-    def _threshold_fits_the_rule(cls, space: SearchRanges | None, info: ValidationInfo) -> SearchRanges | None:
-        """TUNE_RULES, checked (config is validated before space)."""
-        config = info.data.get("config")
-        if space is None or space.threshold is None or config is None:
-            return space
-        problem = threshold_problem(config.projection.rule if config.projection else None, space.threshold)
-        if problem:
-            raise ValueError(f"threshold range: {problem}")
-        return space
 
 
 class TuneView(BaseModel):

@@ -54,10 +54,6 @@ def threshold_problem(rule: str | None, values: list[float]) -> str | None:
 
 ENERGY_ENDS = {"exclusiveMinimum": 0, "exclusiveMaximum": 1}
 CUTOFF_ENDS = {"minimum": 1, "maximum": 1000}
-CUTOFF_RULE = {"type": "object", "required": ["rule"], "properties": {"rule": {"const": "cutoff"}}}
-"""JSON Schema: a projection object whose rule is "cutoff"."""
-ENERGY_RULE = {"properties": {"rule": {"enum": ["energy", None]}}}
-"""JSON Schema: a projection (or null) whose rule is energy, null or left out (energy is the default)."""
 PROJECTION_RULES = {"anyOf": [
     {"required": ["rule"], "properties": {"rule": {"const": "cutoff"}, "threshold": CUTOFF_ENDS}},
     {"properties": {"rule": {"enum": ["energy", None]}, "threshold": ENERGY_ENDS}},
@@ -122,11 +118,21 @@ class TrainingSettings(BaseModel):
         return self.model_dump(exclude_unset=True, exclude_none=True)
 
 
+class SearchedProjection(BaseModel):
+    """A search's projection settings: the maps and the target. The rule and its threshold are what
+    the search varies: its threshold range picks the rule (ρ < 1 energy, a >= 1 cut-off)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    scope: Literal["vision_mlp", "all"] | None = ProjectionSettings.model_fields["scope"]
+    target: Literal["gradient", "update"] | None = ProjectionSettings.model_fields["target"]
+
+
 class TuneSettings(TrainingSettings):
     """A search's settings that are not searched: a search tunes GNSP, so its method is gnsp."""
 
     model_config = ConfigDict(title="TuneSettings")
     method: Literal["gnsp"] | None = Field(None, description="A search tunes GNSP's settings: gnsp or left out.")
+    projection: SearchedProjection | None = None
 
 
 class TaskConfig(TrainingSettings):
@@ -146,8 +152,12 @@ def _problem(error: dict[str, Any], prefix: tuple[str, ...]) -> dict[str, Any]:
     loc = (*prefix, *(str(p) for p in error["loc"]))
     message = error["msg"]
     model = {"config": TaskConfig, "projection": ProjectionSettings}.get(loc[-2] if len(loc) > 1 else "")
+    if loc[:2] == ("config", "projection") and prefix == ():  # a search's
+        model = SearchedProjection
     if error["type"] == "extra_forbidden" and model is not None:
         message = f"not a setting a client may choose; allowed: {', '.join(model.model_fields)}"
+        if model is SearchedProjection:
+            message += " (a search's threshold range, space.threshold, picks the rule and varies the threshold)"
     return {"loc": loc, "msg": message, "type": error["type"]}
 
 

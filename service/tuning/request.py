@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,13 @@ CUTOFF_POINT = 10.0
 DEFAULT_THRESHOLD = {"energy": (0.01, 0.5), "cutoff": (2.0, 50.0)}
 """The threshold range searched when a request leaves it out, by projection rule: ρ log-uniform where
 the protection changes most (small ρ), a log-uniform around the exact preset's 10."""
+
+
+def projection_for_range(ends: Sequence[float]) -> dict[str, Any]:
+    """The projection rule a threshold range searches, as config data: ρ < 1 is the energy rule's,
+    a >= 1 the cut-off rule's (the two domains do not meet, so the range names its rule). The
+    threshold is the range's low end, a valid value of the rule; each trial sets its own."""
+    return {"rule": "cutoff" if min(ends) >= 1 else "energy", "threshold": float(min(ends))}
 
 
 @dataclass(frozen=True)
