@@ -6,8 +6,9 @@ batch size), a parameter-name regex (`trainable`, a projection scope) and a prom
 `str.format`ted. Those belong to whoever runs the service, not to whoever can reach its REST port:
 over REST only the fields below are accepted, each typed and bounded, so the OpenAPI document states
 exactly what a client may send and a wrong value is a 422 naming the field (FastAPI's own error
-for a request that breaks its schema) before any upload is stored. The training side still validates the
-combination with TrainConfig.
+for a request that breaks its schema) before any upload is stored. Rules between fields (a
+threshold's bounds under its rule) are stated in the schema as `anyOf` branches and checked here
+too; the training side still validates the combination with TrainConfig.
 """
 
 from __future__ import annotations
@@ -35,21 +36,23 @@ def _integral(value: Any) -> Any:
 def integer(low: int | None = None, high: int | None = None) -> Any:
     """An integer field as JSON Schema reads it (12.0 included, not "12" or true), within [low, high]."""
     return Annotated[int, Field(ge=low, le=high), BeforeValidator(_integral)]
+
+
 CUTOFF_THRESHOLD = 10.0
 """The cut-off rule's threshold when a request names the rule without one (the `gnsp-exact` preset's a)."""
 
 
-def threshold_problem(rule: str | None, values: list[float]) -> str | None:
-    """Why threshold `values` (one, or a search range's ends) do not fit the projection rule (None:
-    energy, the default), or None. The energy rule's ρ is a share of the energy, 0 < ρ < 1; the
-    cut-off rule's a multiplies the smallest eigenvalue, a >= 1."""
+def threshold_problem(rule: str | None, threshold: float) -> str | None:
+    """Why `threshold` does not fit the projection rule (None: energy, the default), or None. The
+    energy rule's ρ is a share of the energy, 0 < ρ < 1; the cut-off rule's a multiplies the
+    smallest eigenvalue, a >= 1."""
     if rule == "cutoff":
-        return None if min(values) >= 1 else (
-            f"with the cut-off rule the threshold is a multiple a >= 1 of the smallest eigenvalue, got {values}: "
-            "send values in [1, 1000] (e.g. 10, or the range [2, 50]) or use the energy rule")
-    return None if max(values) < 1 else (
-        f"with the energy rule (the default) the threshold is a share 0 < ρ < 1 of the energy, got {values}: "
-        'send values below 1 (e.g. 0.15, or the range [0.01, 0.5]) or set the projection rule to "cutoff"')
+        return None if threshold >= 1 else (
+            f"with the cut-off rule the threshold is a multiple a >= 1 of the smallest eigenvalue, got {threshold}: "
+            "send a value in [1, 1000] (e.g. 10) or use the energy rule")
+    return None if threshold < 1 else (
+        f"with the energy rule (the default) the threshold is a share 0 < ρ < 1 of the energy, got {threshold}: "
+        'send a value below 1 (e.g. 0.15) or set the rule to "cutoff"')
 
 
 ENERGY_ENDS = {"exclusiveMinimum": 0, "exclusiveMaximum": 1}
@@ -83,7 +86,7 @@ class ProjectionSettings(BaseModel):
             if self.rule == "cutoff":
                 self.threshold = CUTOFF_THRESHOLD
             return self
-        problem = threshold_problem(self.rule, [self.threshold])
+        problem = threshold_problem(self.rule, self.threshold)
         if problem:
             raise ValueError(problem)
         return self
