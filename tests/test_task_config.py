@@ -174,6 +174,8 @@ SEARCH_BODIES = [
     ({"tasks": ["digits"], "space": {"threshold": [0.2, 1.0]}}, False),  # straddles 1: which rule?
     ({"tasks": ["digits"], "space": {"threshold": [0.5, 2]}}, False),
     ({"tasks": ["digits"], "space": {"threshold": None}}, True),
+    ({"tasks": ["digits"], "space": {"threshold": []}}, False),  # two ends, always
+    ({"tasks": ["digits"], "space": {"threshold": [0.1, 0.2, 0.3]}}, False),
     ({"tasks": ["digits"], "space": None}, True),
     ({"tasks": ["digits"], "config": {"projection": {"rule": "cutoff"}}}, False),  # the range picks the rule
     ({"tasks": ["digits"], "config": {"projection": {"threshold": 0.2}}}, False),  # and varies the threshold

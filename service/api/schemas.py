@@ -134,9 +134,9 @@ class SearchRanges(BaseModel):
     """The searched values' ranges; one left out (or null) keeps its default range."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    threshold: list[Threshold] | None = Field(
-        None, min_length=2, max_length=2, json_schema_extra={"anyOf": [{"items": ENERGY_ENDS}, {"items": CUTOFF_ENDS}]},
-        description=("Null-space threshold range (log scale); it picks the projection rule: ends in (0, 1) search "
+    threshold: Annotated[list[Threshold], Field(min_length=2, max_length=2, json_schema_extra={
+        "anyOf": [{"items": ENERGY_ENDS}, {"items": CUTOFF_ENDS}]})] | None = Field(
+        None, description=("Null-space threshold range (log scale); it picks the projection rule: ends in (0, 1) search "
                      "the energy rule's ρ (the default, [0.01, 0.5]), ends in [1, 1000] the cut-off rule's a "
                      f"(e.g. [2, 50]). {RANGE_ENDS}"))
     cd_weight: list[Weight] | None = _range("CD weight range, 0 to 100.")
