@@ -140,19 +140,24 @@ def load_schedule(spec: str | Path) -> Schedule:
     return Schedule.from_mapping(path.stem, data)
 
 
-def resolve_schedule(config: Mapping[str, Any], task: str | None) -> dict[str, Any]:
+def resolve_schedule(config: Mapping[str, Any], task: str | None) -> tuple[dict[str, Any], list[str]]:
     """A config dict that may name a shipped schedule (`"schedule": NAME`) -> the same dict with the
-    task's `lr` and `steps` in its place. With `task` None only the schedule's name is checked.
-    Setting `lr` or `steps` beside a schedule is an error: the schedule decides both."""
+    task's `lr` and `steps` in its place, and warnings for the job's record. With `task` None only
+    the schedule's name is checked.
+
+    A schedule is a table of recommended settings, not a constraint: `lr` or `steps` set beside it
+    win over its row (a short smoke run of a scheduled task), and a task with no row trains with
+    the settings it would have had without the schedule, with a warning that says so (the task's
+    name, not the client's JSON, picks the row, so no request schema could reject the mismatch)."""
     if SCHEDULE_KEY not in config:
-        return dict(config)
+        return dict(config), []
     rest = {k: v for k, v in config.items() if k != SCHEDULE_KEY}
     schedule = shipped_schedule(config[SCHEDULE_KEY])
-    both = sorted({"lr", "steps"} & set(rest))
-    if both:
-        raise ConfigError(f"the config sets {both} and schedule {schedule.name!r}, which sets lr and steps per "
-                          "task; remove one of them")
     if task is None:
-        return rest
-    row = schedule.row(task)
-    return {**rest, "lr": row.lr, "steps": row.steps}
+        return rest, []
+    try:
+        row = schedule.row(task)
+    except ConfigError:
+        return rest, [f"schedule {schedule.name!r} has no row for task {task!r}, so the task trains with the "
+                      f"service's lr and steps; name the task like one of {schedule.tasks} to use its row"]
+    return {"lr": row.lr, "steps": row.steps, **rest}, []

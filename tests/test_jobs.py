@@ -45,6 +45,8 @@ class FakeRunner:
         self.calls: list[tuple[str, int]] = []
         self.running = self.max_running = 0
         self.gate: dict[str, Any] = {"passed": True}
+        self.gates: dict[str, dict[str, Any]] = {}
+        """Per task id: the gate of that job (else `gate`)."""
         self.error: Exception | None = None
         self._lock = threading.Lock()
 
@@ -63,9 +65,12 @@ class FakeRunner:
             if self.error is not None:
                 raise self.error
             state = fake_state(self.tmp / record["task_id"], record["task_id"])
-            manifest = {"task_id": record["task_id"], "parent": record["base_version"]}
+            gate = self.gates.get(record["task_id"], self.gate)
+            parent = self.store.manifest(record["base_version"])
+            manifest = {"task_id": record["task_id"], "parent": record["base_version"], "gate": gate,
+                        "tasks": [*parent.get("tasks", []), record["name"]]}  # as the real attempt writes it
             version = self.store.publish_version(state, manifest)
-            return AttemptOutcome(version, {"heldout_accuracy": 40.0}, self.gate)
+            return AttemptOutcome(version, {"heldout_accuracy": 40.0}, gate)
         finally:
             with self._lock:
                 self.running -= 1
@@ -87,11 +92,11 @@ def make_queue(store: ModelStore, runner: FakeRunner, check: Callable[[int], Any
     return queue
 
 
-def submit(queue: JobQueue, store: ModelStore, task_id: str, tmp: Path) -> dict:
+def submit(queue: JobQueue, store: ModelStore, task_id: str, tmp: Path, base_version: int | None = None) -> dict:
     archive = tmp / f"{task_id}.zip"
     archive.write_bytes(b"zip")
     upload = store.put_upload(task_id, archive, "dataset.zip")
-    return queue.submit(task_id, task_id, "finetune", {"steps": 1}, upload)
+    return queue.submit(task_id, task_id, "finetune", {"steps": 1}, upload, base_version=base_version)
 
 
 def test_concurrent_submissions_run_one_at_a_time_in_order(store, tmp_path):
@@ -175,6 +180,51 @@ def test_manual_activation_and_rollback(store, tmp_path):
         queue.activate(5, "nope")
     queue.stop()
     assert [h["reason"] for h in store.pointer()["history"]] == ["base model", "pin", "rollback"]
+
+
+def test_manual_activation_chains_jobs_from_the_newest_version_that_passed_the_gate(store, tmp_path):
+    """Nothing is activated, yet each version holds every task before it; a version that failed the
+    gate is skipped, so the next job trains from the one before it."""
+    runner = FakeRunner(store, tmp_path)
+    runner.gates["task-c"] = {"passed": False, "heldout_accuracy": 10.0, "base_heldout_accuracy": 50.0,
+                              "base_version": 3, "max_drop": 2.0}
+    queue = make_queue(store, runner, activation="manual")
+    for task_id in ("task-a", "task-b", "task-c", "task-d"):
+        submit(queue, store, task_id, tmp_path)
+    until(lambda: all(r["status"] in ("succeeded", "failed") for r in queue.list()))
+    queue.stop()
+    assert runner.calls == [("task-a", 1), ("task-b", 2), ("task-c", 3), ("task-d", 3)]
+    assert [r["status"] for r in queue.list()] == ["succeeded", "succeeded", "failed", "succeeded"]
+    assert store.active() == 1  # manual: the pointer never moved
+    assert store.manifest(3)["tasks"] == ["task-a", "task-b"] and store.manifest(5)["tasks"] == ["task-a", "task-b", "task-d"]
+    assert stored_job(store, "task-d")["base_version"] == 3
+
+
+def test_a_job_trains_from_the_base_version_its_caller_named(store, tmp_path):
+    runner = FakeRunner(store, tmp_path)
+    queue = make_queue(store, runner)  # activation auto
+    submit(queue, store, "task-a", tmp_path)
+    until(lambda: queue.view("task-a")["status"] == "succeeded")
+    assert store.active() == 2
+    queued = submit(queue, store, "task-b", tmp_path, base_version=1)
+    assert queued["base_version"] == 1  # shown from the start
+    record = until(lambda: queue.view("task-b")["status"] == "succeeded" and queue.view("task-b"))
+    queue.stop()
+    assert runner.calls[-1] == ("task-b", 1) and store.manifest(3)["tasks"] == ["task-b"]
+    assert not record["activated"] and store.active() == 2  # a branch off an older version is not activated
+    assert "trained from version 1, not the active version 2" in record["note"]
+
+
+def test_versions_of_jobs_that_did_not_succeed_never_head_the_chain(store, tmp_path):
+    from service.jobs.lineage import chain_base, newest_passed, unsucceeded_versions
+
+    for name in ("a", "b", "c"):
+        store.publish_version(fake_state(tmp_path / name, name), {"gate": {"passed": name != "c"}})
+    records = [{"status": "cancelled", "model_version": 3}, {"status": "succeeded", "model_version": 2},
+               {"status": "failed", "model_version": None}]
+    assert unsucceeded_versions(records) == {3}
+    assert newest_passed(store) == 3 and newest_passed(store, {3}) == 2  # 4 failed its gate
+    assert chain_base(store, "manual", records) == 2 and chain_base(store, "auto", records) == store.active() == 1
 
 
 def test_user_errors_fail_the_job_with_their_message(store, tmp_path):

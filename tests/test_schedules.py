@@ -101,18 +101,26 @@ def test_bad_schedule_files_say_what_is_wrong(tmp_path: Path, content: str, matc
 
 
 def test_a_job_config_naming_a_schedule():
-    assert resolve_schedule({"batch_size": 8}, "cars") == {"batch_size": 8}
+    assert resolve_schedule({"batch_size": 8}, "cars") == ({"batch_size": 8}, [])
     assert resolve_schedule({"schedule": "mtil-order-I", "batch_size": 8}, "Cars") == \
-        {"batch_size": 8, "lr": 5e-5, "steps": 1000}
-    assert resolve_schedule({"schedule": "mtil-order-I"}, None) == {}  # no task name yet: the name is checked
+        ({"batch_size": 8, "lr": 5e-5, "steps": 1000}, [])
+    assert resolve_schedule({"schedule": "mtil-order-I"}, None) == ({}, [])  # no task name yet: the name is checked
     with pytest.raises(ConfigError, match="unknown schedule 'order-III'.*mtil-order-I"):
         resolve_schedule({"schedule": "order-III"}, "cars")
     with pytest.raises(ConfigError, match="unknown schedule"):
         resolve_schedule({"schedule": ["mtil-order-I"]}, "cars")
-    with pytest.raises(ConfigError, match="no row for task 'flowers2'"):
-        resolve_schedule({"schedule": "mtil-order-I"}, "flowers2")
-    with pytest.raises(ConfigError, match=r"sets \['steps'\] and schedule"):
-        resolve_schedule({"schedule": "mtil-order-I", "steps": 3}, "cars")
+
+
+def test_settings_beside_a_schedule_win_over_its_row():
+    assert resolve_schedule({"schedule": "mtil-order-I", "steps": 3}, "cars") == ({"lr": 5e-5, "steps": 3}, [])
+    assert resolve_schedule({"schedule": "mtil-order-II", "lr": 1e-3, "steps": 3}, "dtd") == \
+        ({"lr": 1e-3, "steps": 3}, [])
+
+
+def test_a_task_with_no_row_keeps_the_services_settings_and_is_warned():
+    config, warnings = resolve_schedule({"schedule": "mtil-order-I", "batch_size": 8}, "flowers2")
+    assert config == {"batch_size": 8}  # no lr or steps: the service's (recommended, searched) settings apply
+    assert len(warnings) == 1 and "no row for task 'flowers2'" in warnings[0] and "caltech101" in warnings[0]
 
 
 def test_schedule_rows_are_checked_when_built_in_code():
@@ -186,13 +194,15 @@ def test_rest_jobs_resolve_the_schedule_by_task_name():
     runner = object.__new__(JobRunner.func_or_class)  # the deployment's class, without starting Serve
     runner.settings = SimpleNamespace(model="tiny")
     runner.searches = SimpleNamespace(task_config=lambda method, config: {"lr": 0.5, **config}, stop=lambda: None)
-    runner.queue = SimpleNamespace(submit=lambda task_id, name, method, config, upload, dataset: config,
-                                   stop=lambda: None)
-    config = asyncio.run(runner.submit("t1", "OxfordPet", "gnsp", {"schedule": "mtil-order-I", "batch_size": 8},
-                                       "u", {}))
+    runner.queue = SimpleNamespace(submit=lambda task_id, name, method, config, upload, dataset, base, warnings:
+                                   (config, warnings), stop=lambda: None)
+    config, warnings = asyncio.run(runner.submit("t1", "OxfordPet", "gnsp", {"schedule": "mtil-order-I",
+                                                                              "batch_size": 8}, "u", {}))
     assert (config["lr"], config["steps"], config["batch_size"]) == (5e-5, 500, 8) and "schedule" not in config
+    assert warnings == []
+    config, warnings = asyncio.run(runner.submit("t2", "pets", "gnsp", {"schedule": "mtil-order-II"}, "u", {}))
+    assert config["lr"] == 0.5 and "steps" not in config and "no row for task 'pets'" in warnings[0]
     asyncio.run(runner.check_config("gnsp", {"schedule": "mtil-order-II", "batch_size": 8}, "eurosat"))
-    with pytest.raises(ConfigError, match="no row for task 'pets'"):
-        asyncio.run(runner.check_config("gnsp", {"schedule": "mtil-order-II"}, "pets"))
+    asyncio.run(runner.check_config("gnsp", {"schedule": "mtil-order-II"}, "pets"))  # a warning, not an error
     with pytest.raises(ConfigError, match="unknown schedule"):
         asyncio.run(runner.check_config("gnsp", {"schedule": "fast"}, "cars"))

@@ -95,10 +95,10 @@ def test_cancel_a_search_and_bad_requests(service):
         ({"tasks": []}, 400, "needs tasks"),
         ({"tasks": ["digits"], "out_dir": "/tmp/x"}, 422, "out_dir"),
         ({"tasks": ["digits"], "trials": 0}, 422, "trials"),
-        ({"tasks": ["digits"], "config": {"method": "finetune"}}, 400, "method must be gnsp"),
+        ({"tasks": ["digits"], "config": {"method": "finetune"}}, 422, "config.method"),
         ({"tasks": ["digits"], "config": {"stepz": 3}}, 422, "config.stepz"),
         ({"tasks": ["digits"], "config": {"trainable": "(a+)+$"}}, 422, "config.trainable"),
-        ({"tasks": ["digits"], "space": {"threshold": [0.5, 0.1]}}, 400, "threshold"),
+        ({"tasks": ["digits"], "space": {"threshold": [0.5, 2]}}, 422, "straddle 1"),
         ({"tasks": ["digits"], "base_version": 99}, 404, "99"),
     ]
     for body, status, words in bad:

@@ -7,12 +7,15 @@ import json
 
 import pytest
 from fastapi.exceptions import RequestValidationError
+from jsonschema import Draft202012Validator
 
 from gnsp_core.config import TrainConfig
+from gnsp_core.schedules import resolve_schedule
 from service.api.schemas import TASK_UPLOAD_BODY, TUNE_BODY
-from service.api.task_config import TaskConfig, check_method, parse_task_config
+from service.api.task_config import TaskConfig, check_method, parse_base_version, parse_task_config
 from service.api.uploads import parse_config, parse_tune_body
-from service.errors import BadRequestError
+from service.errors import BadRequestError, UnknownVersionError
+from service.tuning.request import DEFAULT_THRESHOLD, SearchSpace, TuneRequest, projection_for_range
 
 
 def refused(raw: str) -> list[dict]:
@@ -119,9 +122,141 @@ def test_openapi_states_the_allow_list_without_dangling_references():
     assert schema["encoding"]["config"]["contentType"] == "application/json"
     assert config["additionalProperties"] is False and set(config["properties"]) == set(TaskConfig.model_fields)
     assert not {"trainable", "device", "num_workers", "amp", "template"} & set(config["properties"])
-    steps = next(s for s in config["properties"]["steps"]["anyOf"] if s.get("type") == "integer")
-    assert (steps["minimum"], steps["maximum"]) == (1, 100_000)
-    scope = config["properties"]["projection"]["anyOf"][0]["properties"]["scope"]["anyOf"][0]
-    assert scope["enum"] == ["vision_mlp", "all"]
+    steps = config["properties"]["steps"]  # `int | None` stated as a type list, not anyOf
+    assert (steps["type"], steps["minimum"], steps["maximum"]) == (["integer", "null"], 1, 100_000)
+    scope = config["properties"]["projection"]["properties"]["scope"]
+    assert scope["enum"] == ["vision_mlp", "all", None]
     for body in (TASK_UPLOAD_BODY, TUNE_BODY):
         assert "$ref" not in json.dumps(body) and "$defs" not in json.dumps(body)
+
+
+# --- base_version of a task -------------------------------------------------------------------
+
+
+def test_a_tasks_base_version_is_a_number_active_or_absent():
+    assert parse_base_version(None) is None and parse_base_version(" ") is None
+    assert parse_base_version("3") == 3 and parse_base_version(" 007 ") == 7 and parse_base_version("active") == "active"
+    for raw in ("0", "-1", "v2", "2.5", "latest", "٣"):
+        with pytest.raises(RequestValidationError) as caught:
+            parse_base_version(raw)
+        assert caught.value.errors()[0]["loc"] == ("base_version",) and "GET /v1/models" in caught.value.errors()[0]["msg"]
+    with pytest.raises(UnknownVersionError):  # a number no store holds: 404, as for any unknown version
+        parse_base_version("9" * 40)
+    stated = TASK_UPLOAD_BODY["content"]["multipart/form-data"]["schema"]["properties"]["base_version"]
+    assert {"type": "integer", "minimum": 1} in stated["anyOf"]
+
+
+# --- searches: the one cross-field rule is in the schema, and the server agrees with it --------
+
+
+def tune_body_problems(body: dict) -> list[str]:
+    """What the server says about a JSON search body: [] when it would queue it."""
+    try:
+        fields = parse_tune_body(json.dumps(body))
+    except RequestValidationError as exc:
+        return [".".join(map(str, e["loc"])) for e in exc.errors()]
+    space = {k: v for k, v in (fields.get("space") or {}).items() if v is not None}
+    config = {**fields.get("config", {}), "method": "gnsp"}
+    if "threshold" in space:  # as the job runner does: the range names the rule
+        config["projection"] = {**config.get("projection", {}), **projection_for_range(space["threshold"])}
+    TuneRequest(tasks=fields["tasks"], out_dir="/nonexistent/out", config=TrainConfig.from_dict(config),
+                space=SearchSpace(**{k: tuple(v) for k, v in space.items()}))  # raises on any rule it checks
+    return []
+
+
+SEARCH_BODIES = [
+    ({"tasks": ["digits"], "space": {"threshold": [0.5, 0.01]}}, True),  # ends in either order
+    ({"tasks": ["digits"], "space": {"lr": [1e-4, 1e-4], "cd_weight": [0, 0]}}, True),  # equal ends: fixed
+    ({"tasks": ["digits"], "space": {"threshold": [0.9, 0.99]}}, True),  # the energy rule's ρ
+    ({"tasks": ["digits"], "space": {"threshold": [50, 2]}}, True),  # the cut-off rule's a
+    ({"tasks": ["digits"], "space": {"threshold": [1, 1000]}}, True),
+    ({"tasks": ["digits"], "space": {"threshold": [1, 1001]}}, False),
+    ({"tasks": ["digits"], "space": {"threshold": [0.2, 1.0]}}, False),  # straddles 1: which rule?
+    ({"tasks": ["digits"], "space": {"threshold": [0.5, 2]}}, False),
+    ({"tasks": ["digits"], "space": {"threshold": None}}, True),
+    ({"tasks": ["digits"], "space": {"threshold": []}}, False),  # two ends, always
+    ({"tasks": ["digits"], "space": {"threshold": [0.1, 0.2, 0.3]}}, False),
+    ({"tasks": ["digits"], "space": None}, True),
+    ({"tasks": ["digits"], "config": {"projection": {"rule": "cutoff"}}}, False),  # the range picks the rule
+    ({"tasks": ["digits"], "config": {"projection": {"threshold": 0.2}}}, False),  # and varies the threshold
+    ({"tasks": ["digits"], "config": {"projection": {"scope": "all", "target": "update"}},
+      "space": {"threshold": [2, 3]}}, True),
+    ({"tasks": ["digits"], "config": {"projection": None}}, True),
+    ({"tasks": ["digits"], "config": {"method": "lwf"}}, False),  # a search tunes GNSP
+    ({"tasks": ["digits"], "config": {"method": "gnsp"}, "space": {"lr": [0, 1e-3]}}, False),
+    ({"tasks": ["digits"], "space": {"lr": [1e-5, 2]}}, False),
+    ({"tasks": ["digits"], "space": {"map_weight": [100, 0]}}, True),
+]
+
+
+@pytest.mark.parametrize("body, valid", SEARCH_BODIES)
+def test_the_search_schema_and_the_server_accept_the_same_bodies(body, valid):
+    schema_says = Draft202012Validator(TUNE_BODY["content"]["application/json"]["schema"]).is_valid(body)
+    server_says = tune_body_problems(body)
+    assert schema_says is valid, body
+    assert (server_says == []) is valid, (body, server_says)
+
+
+def test_a_threshold_range_across_both_rules_names_the_field_and_the_fix():
+    with pytest.raises(RequestValidationError) as caught:
+        parse_tune_body(json.dumps({"tasks": ["digits"], "space": {"threshold": [0.1, 5]}}))
+    (error,) = caught.value.errors()
+    assert error["loc"] == ("space", "threshold") and "straddle 1" in error["msg"] and "[2, 50]" in error["msg"]
+    with pytest.raises(RequestValidationError) as caught:
+        parse_tune_body(json.dumps({"tasks": ["digits"], "config": {"projection": {"rule": "cutoff"}}}))
+    assert "space.threshold" in caught.value.errors()[0]["msg"]
+
+
+def test_a_range_names_the_rule_it_searches():
+    assert projection_for_range([50, 2]) == {"rule": "cutoff", "threshold": 2.0}
+    assert projection_for_range([0.3, 0.01]) == {"rule": "energy", "threshold": 0.01}
+
+
+def test_search_ranges_are_stored_low_high_and_a_rule_picks_its_default_threshold(tmp_path):
+    space = SearchSpace(threshold=(0.4, 0.02), lr=(1e-3, 1e-3))
+    assert space.threshold == (0.02, 0.4) and space.lr == (1e-3, 1e-3)
+    cutoff = TuneRequest(tasks=["digits"], out_dir=str(tmp_path / "a"),
+                         config=TrainConfig().replace(projection_rule="cutoff", projection_threshold=10.0))
+    assert cutoff.space.threshold == DEFAULT_THRESHOLD["cutoff"] and cutoff.space.first_point(1e-5)["threshold"] == 10
+    energy = TuneRequest(tasks=["digits"], out_dir=str(tmp_path / "b"))
+    assert energy.space.threshold == DEFAULT_THRESHOLD["energy"] and energy.space.first_point(1e-5)["threshold"] == 0.15
+    assert TuneRequest.from_dict(json.loads(json.dumps(cutoff.to_dict()))).space == cutoff.space  # request.json
+
+
+def test_a_fixed_range_samples_its_one_value():
+    from service.tuning.run import search_space
+
+    space = search_space(SearchSpace(threshold=(0.1, 0.1), cd_weight=(1.5, 1.5), map_weight=(0, 1), lr=(2e-5, 2e-5)))
+    assert space["cd_weight"].sample() == 1.5 and space["threshold"].sample() == pytest.approx(0.1)
+    assert space["lr"].sample() == pytest.approx(2e-5)
+
+
+TASK_CONFIGS = [
+    ({"projection": {"rule": "cutoff"}}, True),  # the cut-off rule alone gets its own threshold, a = 10
+    ({"projection": {"rule": "cutoff", "threshold": 1}}, True),
+    ({"projection": {"rule": "cutoff", "threshold": 0.5}}, False),
+    ({"projection": {"threshold": 0.99}}, True),
+    ({"projection": {"threshold": 1}}, False),  # energy (the default rule): 0 < ρ < 1
+    ({"projection": {"rule": None, "threshold": 5}}, False),
+    ({"projection": {"rule": "energy", "threshold": None}}, True),
+    ({"schedule": "mtil-order-I", "lr": 0.5, "steps": 2}, True),  # settings beside a schedule win over its row
+]
+
+
+@pytest.mark.parametrize("config, valid", TASK_CONFIGS)
+def test_the_task_schema_and_the_server_accept_the_same_configs(config, valid):
+    stated = TASK_UPLOAD_BODY["content"]["multipart/form-data"]["schema"]["properties"]["config"]
+    assert Draft202012Validator(stated).is_valid(config) is valid, config
+    try:
+        settings = parse_task_config(json.dumps(config))
+    except RequestValidationError as exc:
+        assert not valid and [e["loc"] for e in exc.errors()] == [("config", "projection")], exc.errors()
+        assert "threshold" in exc.errors()[0]["msg"]
+        return
+    assert valid, config
+    own, _ = resolve_schedule(settings, "cars")
+    TrainConfig.from_dict({**own, "method": "gnsp"})  # the trainer accepts what the edge accepted
+
+
+def test_the_cutoff_rule_named_alone_trains_with_its_own_threshold():
+    assert parse_task_config('{"projection": {"rule": "cutoff"}}') == {"projection": {"rule": "cutoff", "threshold": 10.0}}

@@ -38,7 +38,7 @@ from service.api.http_errors import install_error_handlers
 from service.serving.classifier import Classifier
 from service.serving.classify_http import CLASSIFY_ROUTE, classifier_handle, classify_app_name, server_timing
 from service.errors import BadRequestError, hide_dirs, unwrap
-from service.api.task_config import check_method
+from service.api.task_config import check_method, parse_base_version
 from service.jobs.tasks import TASK_ID_PATTERN, new_task_id
 from service.tuning.searches import SEARCH_ID_PATTERN, new_search_id
 from service.api.metrics import MetricsMiddleware
@@ -134,20 +134,24 @@ class Ingress:
             chosen = (form.fields.get("method") or "").strip()
             method = check_method(chosen) if chosen else config.pop("method", None) or self.settings.default_method
             config.pop("method", None)
+            base = parse_base_version(form.fields.get("base_version"))
+            base = await run_in_threadpool(self._resolve_version, None if base == "active" else base) \
+                if base is not None else None
             await call(self.jobs.check_config.remote(method, config, name))
             summary = await self.uploads.run(validate_dataset, form.file, self.settings.archive_limits(),
                                              self.settings.scratch())
-            return await self._queue(name, method, config, form.file, summary)
+            return await self._queue(name, method, config, form.file, summary, base)
 
-    async def _queue(self, name: str, method: str, config: dict, archive: Path, summary: dict) -> api.TaskAccepted:
+    async def _queue(self, name: str, method: str, config: dict, archive: Path, summary: dict,
+                     base: int | None) -> api.TaskAccepted:
         task_id = new_task_id()
         upload = await run_in_threadpool(self.store.put_upload, task_id, archive, archive_filename(archive))
         try:
-            record = await call(self.jobs.submit.remote(task_id, name, method, config, upload, summary))
+            record = await call(self.jobs.submit.remote(task_id, name, method, config, upload, summary, base))
         except BaseException:
             await run_in_threadpool(self.store.delete_job_files, task_id)
             raise
-        return api.TaskAccepted(task_id=record["task_id"], status=record["status"])
+        return api.TaskAccepted(task_id=record["task_id"], status=record["status"], warnings=record["warnings"])
 
     @app.get("/v1/tasks", response_model=api.TaskList, operation_id="listTasks")
     async def list_tasks(self) -> api.TaskList:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gnsp_core.data.builtin import BUILTIN_TASKS
 from gnsp_core.methods.registry import METHODS
 
-from service.api.task_config import TaskConfig, TrainingSettings
+from service.api.task_config import CUTOFF_ENDS, ENERGY_ENDS, TaskConfig, TuneSettings, integer
+from service.api.json_schema import inline_schema
 from service.jobs.states import JobStatus
 from service.settings import ServiceSettings
 
@@ -27,9 +28,15 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+WARNINGS = Field(default_factory=list, description=(
+    "What the job does differently from what its request may suggest, e.g. a task the named schedule "
+    "has no row for trains with the service's lr and steps."))
+
+
 class TaskAccepted(BaseModel):
     task_id: str
     status: JobStatus = "queued"
+    warnings: list[str] = WARNINGS
 
 
 class TaskView(BaseModel):
@@ -48,7 +55,10 @@ class TaskView(BaseModel):
     method: str | None = None
     config: dict[str, Any] = Field(default_factory=dict, description="The TrainConfig fields given with the task.")
     base_version: int | None = Field(
-        None, description="The version this job trains from (the active one when it started).")
+        None, description=("The version this job trains from: the one its request named, else, when it started, "
+                           "the active version (activation auto) or the newest version that passed the quality "
+                           "gate (activation manual)."))
+    warnings: list[str] = WARNINGS
     attempts: int = Field(0, description="Starts of this job: 2 or more means it resumed after an interruption.")
     created: float | None = None
     started: float | None = None
@@ -116,25 +126,37 @@ class Health(BaseModel):
     lease_holder: str | None = None
 
 
-def _integral(value: Any) -> Any:
-    """JSON has one number type: 12.0 is the integer 12 (as JSON Schema says), 12.5 is not."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
+Weight = Annotated[float, Field(ge=0, le=100)]
+LearningRate = Annotated[float, Field(gt=0, le=1)]
+Threshold = Annotated[float, Field(gt=0, le=1000)]
+RANGE_ENDS = "Two ends, in either order; equal ends fix the value (it is not searched)."
 
 
-def _range(bounds: dict[str, float], description: str) -> Any:
-    """A search range `[low, high]` (low < high) whose two ends obey the bounds the search checks."""
-    end = {"type": "number", **bounds}
-    return Field(None, min_length=2, max_length=2, description=description,
-                 json_schema_extra={"items": end, "prefixItems": [end, end]})
+def _range(description: str) -> Any:
+    return Field(None, min_length=2, max_length=2, description=f"{description} {RANGE_ENDS}")
 
 
 class SearchRanges(BaseModel):
+    """The searched values' ranges; one left out (or null) keeps its default range."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
-    threshold: list[float] | None = _range(
-        {"exclusiveMinimum": 0}, "Energy-tail ρ range, low < high (log scale); below 1 with the energy rule.")
-    cd_weight: list[float] | None = _range({"minimum": 0}, "CD weight range, low < high.")
-    map_weight: list[float] | None = _range({"minimum": 0}, "MAP weight range, low < high.")
-    lr: list[float] | None = _range({"exclusiveMinimum": 0}, "Learning-rate range, low < high (log scale).")
+    threshold: Annotated[list[Threshold], Field(min_length=2, max_length=2, json_schema_extra={
+        "anyOf": [{"items": ENERGY_ENDS}, {"items": CUTOFF_ENDS}]})] | None = Field(
+        None, description=("Null-space threshold range (log scale); it picks the projection rule: ends in (0, 1) search "
+                     "the energy rule's ρ (the default, [0.01, 0.5]), ends in [1, 1000] the cut-off rule's a "
+                     f"(e.g. [2, 50]). {RANGE_ENDS}"))
+    cd_weight: list[Weight] | None = _range("CD weight range, 0 to 100.")
+    map_weight: list[Weight] | None = _range("MAP weight range, 0 to 100.")
+    lr: list[LearningRate] | None = _range("Learning-rate range (log scale), above 0 and at most 1.")
+
+    @field_validator("threshold")
+    @classmethod
+    def _one_rule(cls, ends: list[float] | None) -> list[float] | None:
+        """Both ends on one rule's side of 1 (the schema's anyOf)."""
+        if ends is not None and min(ends) < 1 <= max(ends):
+            raise ValueError(f"the ends {ends} straddle 1: send both below 1 (the energy rule's ρ, e.g. "
+                             "[0.01, 0.5]) or both in [1, 1000] (the cut-off rule's a, e.g. [2, 50])")
+        return ends
 
 
 BUILTIN_TASK_NAMES = sorted(BUILTIN_TASKS)
@@ -150,16 +172,16 @@ class TuneBody(BaseModel):
                              description=("Built-in task names, learned in order; an uploaded dataset (multipart) is "
                                           "learned after them. A search needs at least one task: name one here or "
                                           "upload a dataset."))
-    trials: Annotated[int, Field(ge=1, le=500), BeforeValidator(_integral)] = 12
-    config: TrainingSettings = Field(default_factory=TrainingSettings,
-                                     description="Training settings not searched (steps, ...).")
+    trials: integer(1, 500) = 12
+    config: TuneSettings = Field(default_factory=TuneSettings,
+                                 description="Training settings not searched (steps, ...); method gnsp.")
     space: SearchRanges | None = None
     searcher: Literal["optuna", "random"] = "optuna"
-    max_concurrent: Annotated[int, Field(ge=1), BeforeValidator(_integral)] | None = None
-    max_train_per_class: Annotated[int, Field(ge=1), BeforeValidator(_integral)] | None = None
+    max_concurrent: integer(1) | None = None
+    max_train_per_class: integer(1) | None = None
     val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each task's train split used to validate.")
-    seed: Annotated[int, BeforeValidator(_integral)] = 0
-    base_version: Annotated[int, Field(ge=1), BeforeValidator(_integral)] | Literal["active"] | None = Field(
+    seed: integer(0, 2**31 - 1) = 0
+    base_version: integer(1) | Literal["active"] | None = Field(
         "active", description="Trials start from this stored version; null: from the bare model.")
     apply_best: bool = Field(False, description="When it succeeds, its best config becomes the default for new tasks.")
 
@@ -189,22 +211,6 @@ class TuneList(BaseModel):
     defaults: TuneDefaults | None = None
 
 
-def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The model's JSON schema with its `$defs` written in place: a request body given through
-    `openapi_extra` is not registered in the document's components, so a `#/$defs/...` reference
-    would point nowhere in it."""
-    schema = model.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def resolve(node: Any) -> Any:
-        if isinstance(node, dict):
-            rest = {key: resolve(value) for key, value in node.items() if key != "$ref"}
-            return {**resolve(defs[node["$ref"].rsplit("/", 1)[-1]]), **rest} if "$ref" in node else rest
-        return [resolve(item) for item in node] if isinstance(node, list) else node
-
-    return resolve(schema)
-
-
 # OpenAPI request bodies of the routes that parse their own body (streamed uploads, two content types).
 ARCHIVE_MEDIA_TYPES = "application/zip, application/x-tar, application/gzip"
 """What a dataset part may be (the server reads its bytes: zip, tar or tar.gz, whatever the part says)."""
@@ -225,6 +231,12 @@ TASK_UPLOAD_BODY = {
                        "description": "The continual-learning method (default: the service's)."},
             "config": {**inline_schema(TaskConfig), "description": "JSON object (a part of type application/json) "
                        "of the training settings a client may choose, e.g. {\"steps\": 100}."},
+            "base_version": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "enum": ["active"]}],
+                             "description": "The stored version to train from (404 if there is none), or \"active\" "
+                                            "(the active version now). Left out: the active version when the job "
+                                            "starts (activation auto) or the newest version that passed the "
+                                            "quality gate (activation manual), so each version holds every task "
+                                            "learned before it."},
         },
     }, "encoding": {"config": {"contentType": "application/json"}, "dataset": {"contentType": ARCHIVE_MEDIA_TYPES}}}},
 }

@@ -20,9 +20,9 @@ from gnsp_core.models import DEFAULT_MODEL, ModelSpec
 
 from service.cli.arguments import add_model_arguments, task_sources
 from service.cli.learn import build_config
-from service.tuning.request import SearchSpace, TuneRequest
+from service.tuning.request import DEFAULT_THRESHOLD, SearchSpace, TuneRequest
 
-DEFAULT_RANGES = dataclasses.asdict(SearchSpace())
+DEFAULT_RANGES = {**dataclasses.asdict(SearchSpace()), "threshold": DEFAULT_THRESHOLD["energy"]}
 
 
 def add_tune_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -45,7 +45,8 @@ def add_tune_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the CPUs fit)")
     p.add_argument("--range", action="append", default=[], metavar="NAME=LOW,HIGH",
                    help="search range of threshold, cd_weight, map_weight or lr (repeatable; defaults: "
-                        f"{', '.join(f'{k}={lo:g},{hi:g}' for k, (lo, hi) in DEFAULT_RANGES.items())})")
+                        f"{', '.join(f'{k}={lo:g},{hi:g}' for k, (lo, hi) in DEFAULT_RANGES.items())}; "
+                        "threshold=%g,%g with the cut-off rule)" % DEFAULT_THRESHOLD["cutoff"])
     p.add_argument("--seed", type=int, default=0, help="searcher seed")
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     add_model_arguments(p)

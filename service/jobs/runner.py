@@ -127,15 +127,15 @@ class JobRunner:
             future.cancel()
 
     async def check_config(self, method: str, config: dict[str, Any], name: str | None = None) -> None:
-        """Raise ConfigError for an unknown method, a bad training setting, an unknown schedule or a
-        task `name` the schedule has no row for (before the upload is stored)."""
+        """Raise ConfigError for an unknown method, a bad training setting or an unknown schedule
+        (before the upload is stored)."""
         from gnsp_core.config import TrainConfig
         from gnsp_core.errors import ConfigError
         from gnsp_core.methods.registry import method_class
         from gnsp_core.schedules import resolve_schedule
 
         method_class(method)
-        config = resolve_schedule(config, name)
+        config, _ = resolve_schedule(config, name)
         try:
             TrainConfig.from_dict({**config, "method": method})
         except ConfigError:
@@ -144,15 +144,16 @@ class JobRunner:
             raise ConfigError(f"invalid training config: {exc}") from None
 
     async def submit(self, task_id: str, name: str, method: str, config: dict[str, Any], upload: str,
-                     dataset: dict[str, Any]) -> dict[str, Any]:
-        """Queue a job; a `"schedule": NAME` in its config becomes the lr and steps of the task's row."""
+                     dataset: dict[str, Any], base_version: int | None = None) -> dict[str, Any]:
+        """Queue a job; a `"schedule": NAME` in its config gives the lr and steps of the task's row
+        (those the config sets itself win; a task with no row gets a warning on its record)."""
         from gnsp_core.schedules import resolve_schedule
 
         def queue() -> dict[str, Any]:
-            own = resolve_schedule(config, name)
+            own, warnings = resolve_schedule(config, name)
             queue, searches = self._writer()
             full = {**recommended_training(self.settings.model), **searches.task_config(method, own)}
-            return queue.submit(task_id, name, method, full, upload, dataset)
+            return queue.submit(task_id, name, method, full, upload, dataset, base_version, warnings)
 
         return await asyncio.to_thread(queue)
 

@@ -33,6 +33,7 @@ from typing import Any, Callable, Protocol
 from gnsp_core.errors import GnspError
 
 from service.errors import ConflictError, UnknownTaskError, user_reason
+from service.jobs.lineage import chain_base
 from service.jobs.queue import WorkQueue
 from service.jobs.states import ENDED, STATUSES
 from service.settings import ServiceSettings
@@ -148,14 +149,18 @@ class JobQueue:
     # --- requests --------------------------------------------------------------------------------
 
     def submit(self, task_id: str, name: str, method: str, config: dict[str, Any], upload: str,
-               dataset: dict[str, Any] | None = None) -> dict[str, Any]:
+               dataset: dict[str, Any] | None = None, base_version: int | None = None,
+               warnings: list[str] | None = None) -> dict[str, Any]:
+        """Queue a job. `base_version` (checked to exist by the caller) fixes the version it trains
+        from; None: the head of the chain when it starts (service.jobs.lineage)."""
         with self._lock:
             self._seq += 1
             record = {"task_id": task_id, "seq": self._seq, "name": name, "status": "queued", "method": method,
                       "config": config, "upload": upload, "dataset": dataset or {}, "created": time.time(),
-                      "started": None, "finished": None, "base_version": None, "model_version": None,
+                      "started": None, "finished": None, "base_version": base_version,
+                      "base_requested": base_version is not None, "model_version": None,
                       "activated": False, "metrics": {}, "error": None, "attempts": 0, "progress": 0.0,
-                      "phase": "queued"}
+                      "phase": "queued", "warnings": list(warnings or [])}
             self._save(record)
             self._queue.put(task_id)
         return self.view(task_id)
@@ -246,7 +251,8 @@ class JobQueue:
 
     def _start(self, record: dict[str, Any]) -> None:
         with self._lock:
-            base = record.get("base_version") or self.store.active()
+            base = record.get("base_version") or chain_base(self.store, self.settings.activation,
+                                                            self._records.values())
             self._save(record, status="running", started=time.time(), attempts=record.get("attempts", 0) + 1,
                        base_version=base, phase="starting")
             self._live[record["task_id"]] = (record.get("progress") or 0.0, "starting")
@@ -304,9 +310,12 @@ class JobQueue:
             if self.store.active() == version:  # activated just before a crash cut the job short
                 self._end(task_id, "succeeded", activated=True)
                 return
-            if self.store.active() != record["base_version"]:
-                self._end(task_id, "succeeded",
-                          note=f"the active version changed while the job ran; version {version} stored, not activated")
+            active = self.store.active()
+            if active != record["base_version"]:
+                why = (f"it was trained from version {record['base_version']}, not the active version {active}"
+                       if record.get("base_requested") else "the active version changed while the job ran")
+                self._end(task_id, "succeeded", note=f"{why}; version {version} stored, not activated: activate it "
+                                                     f"with POST /v1/models/{version}/activate")
                 return
             try:
                 self.check_version(version)

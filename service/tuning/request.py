@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,29 +24,56 @@ REQUEST_FILE = "request.json"
 SEARCHERS = ("optuna", "random")
 PAPER_POINT = {"threshold": 0.15, "cd_weight": 1.0, "map_weight": 0.75}
 """The published GNSP recipe (ρ = 0.15, L = CE + 1.0 CD + 0.75 MAP): always the first trial, as the baseline."""
+CUTOFF_POINT = 10.0
+"""The first trial's threshold with the cut-off rule: the `gnsp-exact` preset's a = 10."""
+DEFAULT_THRESHOLD = {"energy": (0.01, 0.5), "cutoff": (2.0, 50.0)}
+"""The threshold range searched when a request leaves it out, by projection rule: ρ log-uniform where
+the protection changes most (small ρ), a log-uniform around the exact preset's 10."""
+
+
+def projection_for_range(ends: Sequence[float]) -> dict[str, Any]:
+    """The projection rule a threshold range searches, as config data: ρ < 1 is the energy rule's,
+    a >= 1 the cut-off rule's (the two domains do not meet, so the range names its rule). The
+    threshold is the range's low end, a valid value of the rule; each trial sets its own."""
+    return {"rule": "cutoff" if min(ends) >= 1 else "energy", "threshold": float(min(ends))}
 
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Ranges (low, high) of the searched values; threshold and lr are sampled log-uniformly."""
+    """Ranges of the searched values; threshold and lr are sampled log-uniformly.
 
-    threshold: tuple[float, float] = (0.01, 0.5)
-    """Energy-tail ρ: the null space holds less than ρ of the old inputs' energy. Log scale: the
-    protection changes most at small ρ."""
+    A range's two ends may come in either order (they are stored low, high); equal ends fix the
+    value. `threshold` None: the default range of the config's projection rule (DEFAULT_THRESHOLD)."""
+
+    threshold: tuple[float, float] | None = None
+    """Energy-tail ρ in (0, 1), or the cut-off rule's a >= 1 (TuneRequest.check ties it to the rule)."""
     cd_weight: tuple[float, float] = (0.0, 2.0)
     map_weight: tuple[float, float] = (0.0, 1.5)
     lr: tuple[float, float] = (3e-6, 1e-4)
     """Around the paper's per-task 1e-5..5e-5."""
 
+    def __post_init__(self) -> None:
+        for name in ("threshold", "cd_weight", "map_weight", "lr"):
+            ends = getattr(self, name)
+            if ends is not None:
+                if len(ends) != 2:
+                    raise ConfigError(f"search range {name} must be two numbers [low, high], got {list(ends)}")
+                object.__setattr__(self, name, tuple(sorted(ends)))
+
+    def for_rule(self, rule: str) -> "SearchSpace":
+        """This space with the rule's default threshold range where it has none."""
+        return self if self.threshold is not None else dataclasses.replace(self, threshold=DEFAULT_THRESHOLD[rule])
+
     def check(self) -> None:
         for name in ("threshold", "cd_weight", "map_weight", "lr"):
-            low, high = getattr(self, name)
-            if not 0 <= low < high or (name in ("threshold", "lr") and low <= 0):
-                raise ConfigError(f"search range {name} must be 0 <= low < high (low > 0 for log scales), got {low}, {high}")
+            low, high = getattr(self, name) or DEFAULT_THRESHOLD["energy"]
+            if low < 0 or (name in ("threshold", "lr") and low <= 0):
+                raise ConfigError(f"search range {name} must be >= 0 (> 0 for log scales), got {low}, {high}")
 
     def first_point(self, lr: float) -> dict[str, float]:
         """The paper's point, clipped into the ranges; `lr` is the base config's."""
-        point = {**PAPER_POINT, "lr": lr}
+        threshold = self.threshold or DEFAULT_THRESHOLD["energy"]
+        point = {**PAPER_POINT, "lr": lr, **({"threshold": CUTOFF_POINT} if threshold[0] >= 1 else {})}
         return {k: min(max(v, getattr(self, k)[0]), getattr(self, k)[1]) for k, v in point.items()}
 
 
@@ -78,6 +106,8 @@ class TuneRequest:
         self.out_dir = str(Path(self.out_dir).resolve())
         if self.job_id is None:
             self.job_id = run_name(self.out_dir)
+        if self.config.projection.rule in DEFAULT_THRESHOLD:
+            self.space = self.space.for_rule(self.config.projection.rule)
         self.check()
 
     def check(self) -> None:
@@ -87,7 +117,7 @@ class TuneRequest:
         if self.config.method != "gnsp":
             raise ConfigError(f"tune searches GNSP's threshold and loss weights; method must be gnsp, not {self.config.method!r}")
         if self.config.projection.rule == "energy" and self.space.threshold[1] >= 1:
-            raise ConfigError("with the energy rule the threshold is a fraction of energy: keep its range below 1")
+            raise ConfigError("with the energy rule the threshold is a share of the energy: keep its range below 1")
         if self.config.projection.rule == "cutoff" and self.space.threshold[0] < 1:
             raise ConfigError("with the cut-off rule the threshold is a multiple a ≥ 1 of λ_min: keep its range at or above 1")
         if self.searcher not in SEARCHERS:
@@ -112,7 +142,7 @@ class TuneRequest:
             if isinstance(data.get("config"), dict):
                 data["config"] = TrainConfig.from_dict(data["config"])
             if isinstance(data.get("space"), dict):
-                data["space"] = SearchSpace(**{k: tuple(v) for k, v in data["space"].items()})
+                data["space"] = SearchSpace(**{k: None if v is None else tuple(v) for k, v in data["space"].items()})
             return cls(**data)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"bad tune request: {exc}") from exc

@@ -39,7 +39,7 @@ from service.jobs.states import ENDED
 from service.settings import ServiceSettings
 from service.store import ModelStore
 from service.tuning.report import read_results, write_status
-from service.tuning.request import REQUEST_FILE, TuneRequest
+from service.tuning.request import REQUEST_FILE, TuneRequest, projection_for_range
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,8 @@ class TuneJobs:
         if not isinstance(config, dict):
             raise BadRequestError("config must be a JSON object of training settings")
         body["config"] = {**recommended_training(self.settings.model), **config, "method": config.get("method", "gnsp")}
+        if "threshold" in body.get("space", {}):  # the range names the rule it searches
+            body["config"]["projection"] = {**config.get("projection", {}), **projection_for_range(body["space"]["threshold"])}
         service = {"out_dir": str(out), "job_id": job_id, "tasks": tasks, "workers": self.settings.workers,
                    "gpus_per_worker": self.settings.gpus_per_worker}
         if base_version is None:
