@@ -78,7 +78,7 @@ def test_labels_are_bounded_in_count_and_length():
     assert check_labels([" cat ", "dog"], 2, 5) == ["cat", "dog"]
     with pytest.raises(BadRequestError, match=r"too many labels \(3\); the limit is 2 \(max_labels\)"):
         check_labels(["a", "b", "c"], 2, 5)
-    with pytest.raises(BadRequestError, match=r"1 to 5 printable characters \(max_label_chars\)"):
+    with pytest.raises(BadRequestError, match=r"1 to 5 characters \(max_label_chars\), not all blank"):
         check_labels(["a", "abcdef"], 2, 5)
 
 

@@ -247,8 +247,9 @@ def classify_body(settings: ServiceSettings) -> dict[str, Any]:
               "max_classify_pixels), PNG, JPEG, WebP, BMP or GIF (first frame).")
     images = {"minItems": 1, "maxItems": settings.max_classify_images,
               "description": f"1 to {settings.max_classify_images} images (max_classify_images). {pixels}"}
-    label = {"type": "string", "minLength": 1, "maxLength": settings.max_label_chars,
-             "description": f"1 to {settings.max_label_chars} printable characters (max_label_chars)."}
+    label = {"type": "string", "minLength": 1, "maxLength": settings.max_label_chars, "pattern": TASK_NAME_PATTERN,
+             "description": f"1 to {settings.max_label_chars} characters (max_label_chars), not all blank, "
+                            "without control characters."}
     labels = {"type": "array", "items": label, "minItems": 1, "maxItems": settings.max_labels, "uniqueItems": True,
               "description": f"1 to {settings.max_labels} distinct candidate class names (max_labels); "
                              "scores are over these labels."}

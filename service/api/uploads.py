@@ -278,11 +278,10 @@ def check_labels(labels: list[str], max_labels: int, max_chars: int) -> list[str
     if len(labels) > max_labels:
         raise BadRequestError(f"too many labels ({len(labels)}); the limit is {max_labels} (max_labels): "
                               "split the labels over several requests")
-    labels = [label.strip() if isinstance(label, str) else label for label in labels]
     for label in labels:
-        if not isinstance(label, str) or not label or len(label) > max_chars or not label.isprintable():
-            raise BadRequestError(f"every label must be 1 to {max_chars} printable characters (max_label_chars), "
-                                  f"got {label!r:.60}")
+        if not isinstance(label, str) or len(label) > max_chars or not re.fullmatch(TASK_NAME_PATTERN, label):
+            raise BadRequestError(f"every label must be 1 to {max_chars} characters (max_label_chars), not all "
+                                  f"blank, without control characters; got {label!r:.60}")
     if len(set(labels)) != len(labels):
         raise BadRequestError("labels must be unique (scores are keyed by label)")
     return labels
@@ -383,11 +382,16 @@ async def _classify_form(request: Request, settings: ServiceSettings) -> Classif
                                   "repeat the field once per label instead") from None
         if not isinstance(labels, list):
             raise BadRequestError("labels must be a list of strings")
-    raw_version = form.get("model_version")
-    pinned = None
-    if isinstance(raw_version, str) and raw_version.strip() and raw_version.strip() != "null":
-        try:
-            pinned = int(raw_version)
-        except ValueError:
-            raise BadRequestError(f"model_version must be an integer, got {raw_version!r:.40}") from None
-    return images, labels, pinned
+    return images, labels, _form_version(form.getlist("model_version"))
+
+
+def _form_version(values: list[Any]) -> int | None:
+    """The pinned version of a classify form: absent, or one field holding an integer."""
+    if not values:
+        return None
+    if len(values) > 1 or not isinstance(values[0], str):
+        raise BadRequestError("model_version must be one form field holding an integer (not a file)")
+    try:
+        return int(values[0])
+    except ValueError:
+        raise BadRequestError(f"model_version must be an integer, got {values[0]!r:.40}") from None
