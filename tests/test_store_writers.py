@@ -159,3 +159,18 @@ def test_records_and_pointer_are_one_put_each_on_s3(seaweedfs, monkeypatch, tmp_
     listed = [Path(i.path).name for i in seaweedfs.filesystem().get_file_info(
         __import__("pyarrow.fs").fs.FileSelector(uri.removeprefix("s3://"), recursive=True))]
     assert not [name for name in listed if "tmp" in name], listed
+
+
+def test_a_restarted_service_takes_over_from_its_dead_predecessor_at_once(tmp_path):
+    """A holder on this machine whose process has exited (the service was killed and restarted)
+    is not waited out; a live holder still is."""
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    store = ModelStore.open(str(tmp_path / "store"))
+    before = StoreLease(store, holder=f"{socket.gethostname()}-{dead.pid}-0000abcd", ttl_s=TTL_S)
+    assert before.try_acquire()
+    assert StoreLease(store, ttl_s=TTL_S).try_acquire(), "its process is gone: no need to wait 30 s"
+    assert not StoreLease(store, ttl_s=TTL_S).try_acquire(), "the new holder is alive (this process)"

@@ -53,6 +53,21 @@ def new_holder_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def _gone(holder: str | None) -> bool:
+    """A holder on this machine whose process has exited (a restarted service): its lease need not
+    be waited out. Holders elsewhere, or whose process may live, count as alive."""
+    host, pid, _ = (holder or "--").rsplit("-", 2) if (holder or "").count("-") >= 2 else ("", "", "")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def lease_path(token: int) -> str:
     return f"{LEASE_DIR}/{token:09d}.json"
 
@@ -100,7 +115,7 @@ class StoreLease:
             tokens = self.tokens()
             top = tokens[-1] if tokens else 0
             newest = self.record(top) if top else None
-            if newest is not None and newest.get("expires", 0.0) > time.time():
+            if newest is not None and newest.get("expires", 0.0) > time.time() and not _gone(newest.get("holder")):
                 return False
             started = time.monotonic()
             if not self.store.create_exclusive(lease_path(top + 1), self._payload(top + 1)):
