@@ -30,14 +30,26 @@ import socket
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
+
+import pyarrow.fs as pafs
 
 from service.errors import NotReadyError
 
-if TYPE_CHECKING:
-    from service.store.model_store import ModelStore
-
 log = logging.getLogger(__name__)
+
+
+class LeaseStore(Protocol):
+    """What a lease needs of the store it guards (a ModelStore), stated here so the store may
+    import its lease without the lease importing the store."""
+
+    uri: str
+
+    def create_exclusive(self, rel: str, data: dict[str, Any] | bytes) -> bool: ...
+    def exists(self, rel: str) -> bool: ...
+    def listdir(self, rel: str) -> list[pafs.FileInfo]: ...
+    def put_json_unfenced(self, rel: str, data: dict[str, Any] | bytes) -> None: ...
+    def read_json(self, rel: str) -> dict[str, Any] | None: ...
 
 LEASE_DIR = "lease"
 DEFAULT_TTL_S = 15.0
@@ -75,7 +87,7 @@ def lease_path(token: int) -> str:
 class StoreLease:
     """The writer lease on one store, held (or waited for) by one service."""
 
-    def __init__(self, store: "ModelStore", holder: str | None = None, ttl_s: float = DEFAULT_TTL_S) -> None:
+    def __init__(self, store: LeaseStore, holder: str | None = None, ttl_s: float = DEFAULT_TTL_S) -> None:
         self.store, self.holder, self.ttl_s = store, holder or new_holder_id(), ttl_s
         self.token: int | None = None
         self._deadline = 0.0
