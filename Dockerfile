@@ -29,7 +29,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # hadolint ignore=DL3008
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        fonts-noto-color-emoji iso-flags-png-320x240 iso-codes dataset-fashion-mnist \
+        fonts-noto-color-emoji iso-flags-png-320x240 iso-codes dataset-fashion-mnist opencv-doc \
     && rm -rf /var/lib/apt/lists/* \
     && mkdir -p /data/store \
     && chown -R ray:users /data
