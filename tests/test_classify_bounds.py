@@ -75,7 +75,11 @@ def test_image_formats_are_an_allow_list():
 
 
 def test_labels_are_bounded_in_count_and_length():
-    assert check_labels([" cat ", "dog"], 2, 5) == ["cat", "dog"]
+    # Kept as sent: the schema's uniqueItems and pattern judge the labels a client sends.
+    assert check_labels([" cat ", "cat"], 2, 5) == [" cat ", "cat"]
+    for bad in (["  "], ["a\tb"], ["a\x85"]):
+        with pytest.raises(BadRequestError, match="not all blank, without control characters"):
+            check_labels(bad, 2, 5)
     with pytest.raises(BadRequestError, match=r"too many labels \(3\); the limit is 2 \(max_labels\)"):
         check_labels(["a", "b", "c"], 2, 5)
     with pytest.raises(BadRequestError, match=r"1 to 5 characters \(max_label_chars\), not all blank"):

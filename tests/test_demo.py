@@ -11,6 +11,7 @@ from service.cli import demo_service
 from service.cli.demo_measure import Measures
 from service.cli.demo_table import MethodRun, bwt, print_story
 from service.cli.main import main
+from service.serving.classify_http import classify_app_name
 
 NOISE = ("Token authentication", "job metrics", "graceful_shutdown", "(raylet)", "{'")
 
@@ -91,9 +92,11 @@ def test_own_ray_stops_quietly(monkeypatch):
     monkeypatch.setattr(ray.serve.context, "_get_global_client",
                         lambda: types.SimpleNamespace(http_config=types.SimpleNamespace(port=8123)))
     monkeypatch.setattr("service.api.app.build_app", lambda settings: "app")
+    monkeypatch.setattr("service.api.app.build_classify_app", lambda settings: "classify app")
     before = notice.level
     with demo_service.local_service(settings=None) as url:
         assert url == "http://127.0.0.1:8123"
-    assert calls == ["init log_to_driver=False notice=ERROR", "serve.start", "serve.run", "serve.delete gnsp-demo",
-                     "ray.shutdown"]
+    classify = classify_app_name(demo_service.APP_NAME)
+    assert calls == ["init log_to_driver=False notice=ERROR", "serve.start", "serve.run", "serve.run",
+                     f"serve.delete {classify}", "serve.delete gnsp-demo", "ray.shutdown"]
     assert notice.level == before
