@@ -37,7 +37,7 @@ from service.jobs.runner import JobRunner
 from service.api.http_errors import install_error_handlers
 from service.serving.classifier import Classifier
 from service.serving.classify_http import CLASSIFY_ROUTE, classifier_handle, classify_app_name, server_timing
-from service.errors import BadRequestError, hide_dirs, unwrap
+from service.errors import BadRequestError, NotReadyError, UnknownVersionError, hide_dirs, unwrap
 from service.api.task_config import check_method, parse_base_version
 from service.jobs.tasks import TASK_ID_PATTERN, new_task_id
 from service.tuning.searches import SEARCH_ID_PATTERN, new_search_id
@@ -135,12 +135,22 @@ class Ingress:
             method = check_method(chosen) if chosen else config.pop("method", None) or self.settings.default_method
             config.pop("method", None)
             base = parse_base_version(form.fields.get("base_version"))
-            base = await run_in_threadpool(self._resolve_version, None if base == "active" else base) \
-                if base is not None else None
+            base = await run_in_threadpool(self._base_version, base) if base is not None else None
             await call(self.jobs.check_config.remote(method, config, name))
             summary = await self.uploads.run(validate_dataset, form.file, self.settings.archive_limits(),
                                              self.settings.scratch())
             return await self._queue(name, method, config, form.file, summary, base)
+
+    def _base_version(self, requested: int | str) -> int:
+        """The version a task's request names to train from: `active` (now) or a stored version."""
+        if requested == "active":
+            active = self.store.active()
+            if active is None:
+                raise NotReadyError("the service has no active model version yet; retry shortly")
+            return active
+        if not self.store.has_version(int(requested)):
+            raise UnknownVersionError(f"base_version {requested} does not exist; GET /v1/models lists the versions")
+        return int(requested)
 
     async def _queue(self, name: str, method: str, config: dict, archive: Path, summary: dict,
                      base: int | None) -> api.TaskAccepted:
