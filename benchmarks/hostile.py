@@ -22,205 +22,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import json
+import multiprocessing
 import os
-import re
 import shutil
 import socket
-import struct
 import tempfile
 import threading
 import time
-import zipfile
-import zlib
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import httpx
-import numpy as np
-from PIL import Image
 
-TOKEN = "hostile-benchmark-token"
-LABELS = ["a dog", "a cat", "a car", "a tree", "a house"]
+from hostile_attacks import ATTACKS, TOKEN, Attack, payloads, status_of
+
 ANSWER_TARGET_S = 2.0
 P99_FACTOR = 3.0
 MEMORY_TARGET = 1024**3
-
-
-# ------------------------------------------------------------------------------- payloads
-
-
-def jpeg(size: tuple[int, int], quality: int = 85) -> bytes:
-    """A smooth colour gradient: decoded like a photo, small to send."""
-    x = np.linspace(0, 255, size[0]).astype(np.uint8)[None, :]
-    y = np.linspace(0, 255, size[1]).astype(np.uint8)[:, None]
-    pixels = np.stack(np.broadcast_arrays(x, y, x // 2 + y // 2), axis=2)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def bomb_png(side: int = 10_000) -> bytes:
-    """A real decompression bomb: side x side RGB of zeros (300 MB decoded at 10,000) in about 300 KB."""
-    row = b"\0" * (1 + 3 * side)
-    packer = zlib.compressobj(9)
-    data = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
-    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b"")
-
-
-def dataset_zip(extra: dict[str, bytes] | None = None) -> bytes:
-    """A valid two-class dataset (4 small PNGs), with `extra` entries added."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
-        for cls, colour in (("red", (220, 30, 30)), ("blue", (30, 60, 220))):
-            for i in range(2):
-                image = io.BytesIO()
-                Image.new("RGB", (32, 32), colour).save(image, format="PNG")
-                zf.writestr(f"{cls}/{i}.png", image.getvalue())
-        for name, data in (extra or {}).items():
-            zf.writestr(name, data)
-    return buffer.getvalue()
-
-
-def empty_folders_zip(count: int = 100_000) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
-        for i in range(count):
-            zf.writestr(zipfile.ZipInfo(f"data/folder-{i:06d}/"), b"")
-    return buffer.getvalue()
-
-
-def payloads() -> dict[str, Any]:
-    photo = jpeg((224, 224))
-    good = {"images": [b64(photo)], "labels": LABELS}
-    truncated = jpeg((96, 96), quality=95)
-    return {"good": good, "photo": photo, "truncated": b64(truncated[: len(truncated) // 3]),
-            "huge_jpeg": b64(jpeg((6000, 6000), quality=70)), "bomb": b64(bomb_png()),
-            "zip": dataset_zip(), "folders_zip": empty_folders_zip(),
-            "traversal_zip": dataset_zip({"../../outside.png": b"x"})}
-
-
-# -------------------------------------------------------------------------------- attacks
-
-Attack = Callable[[httpx.AsyncClient, dict[str, Any]], Awaitable[str]]
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def status_of(response: httpx.Response) -> str:
-    try:
-        code = response.json().get("error", {}).get("code", "")
-    except ValueError:
-        code = ""
-    return f"{response.status_code} {code}".strip()
-
-
-async def classify(http: httpx.AsyncClient, body: dict) -> httpx.Response:
-    return await http.post("/v1/classify", json=body)
-
-
-async def task(http: httpx.AsyncClient, dataset: bytes, config: dict | None = None, **fields: str) -> str:
-    """POST /v1/tasks; a task the service queues (202) is cancelled at once, so nothing trains."""
-    data = {"name": "hostile", **fields, **({"config": json.dumps(config)} if config is not None else {})}
-    response = await http.post("/v1/tasks", data=data, files={"dataset": ("d.zip", dataset, "application/zip")},
-                               headers=AUTH)
-    if response.status_code == 202:
-        await http.delete(f"/v1/tasks/{response.json()['task_id']}", headers=AUTH)
-        return "202 queued (cancelled)"
-    return status_of(response)
-
-
-async def truncated_among_good(http: httpx.AsyncClient, p: dict) -> str:
-    bodies = [p["good"]] * 7 + [{"images": [p["truncated"]], "labels": LABELS}]
-    answers = await asyncio.gather(*(classify(http, body) for body in bodies))
-    good = sum(r.status_code == 200 for r in answers[:7])
-    return f"{status_of(answers[7])} ({good}/7 good answered 200)"
-
-
-async def raw_multipart(http: httpx.AsyncClient, parts: list[str]) -> str:
-    boundary = "hostile-boundary"
-    body = "".join(f"--{boundary}\r\n{part}\r\n" for part in parts) + f"--{boundary}--\r\n"
-    response = await http.post("/v1/tasks", content=body.encode(), headers={
-        **AUTH, "content-type": f"multipart/form-data; boundary={boundary}"})
-    return status_of(response)
-
-
-async def oversized_body(http: httpx.AsyncClient, p: dict) -> str:
-    body = b'{"images": ["' + b"A" * (40 * 1024**2) + b'"], "labels": ["a"]}'
-    try:
-        response = await http.post("/v1/classify", content=body, headers={"content-type": "application/json"})
-    except httpx.HTTPError as exc:  # the server may close while the client still sends
-        return f"connection closed ({type(exc).__name__})"
-    return status_of(response)
-
-
-async def slow_body(http: httpx.AsyncClient, p: dict) -> str:
-    """Declares a 1,000-byte classify body, sends 12 bytes of it, then nothing: the service must give
-    up on its own. (A raw socket: an HTTP client would not read the answer before its body is sent.)"""
-    reader, writer = await asyncio.open_connection(http.base_url.host, http.base_url.port)
-    try:
-        writer.write(b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 1000\r\n\r\n{\"images\": [")
-        await writer.drain()
-        head = await reader.readuntil(b"\r\n\r\n")
-        rest = await asyncio.wait_for(reader.read(4096), 5)
-    finally:
-        writer.close()
-    status = head.split(b" ", 2)[1].decode()
-    code = re.search(rb'"code":\s*"([a-z_]+)"', rest)
-    return f"{status} {code.group(1).decode() if code else ''}".strip()
-
-
-async def unknown_pins(http: httpx.AsyncClient, p: dict) -> str:
-    answers = await asyncio.gather(*(classify(http, {**p["good"], "model_version": 1000 + i}) for i in range(50)))
-    return " / ".join(sorted({status_of(r) for r in answers})) + " (50 requests)"
-
-
-async def old_version_churn(http: httpx.AsyncClient, p: dict) -> str:
-    """40 requests pinned round-robin to versions 2-5 (more than the 3 a replica keeps): loads churn."""
-    answers = await asyncio.gather(*(classify(http, {**p["good"], "model_version": 2 + i % 4}) for i in range(40)))
-    counts: dict[str, int] = {}
-    for response in answers:
-        counts[status_of(response)] = counts.get(status_of(response), 0) + 1
-    worst = max(counts, key=lambda status: int(status.split()[0]))  # 200s are fair answers; the rest?
-    return f"{worst} ({', '.join(f'{n}x {status}' for status, n in sorted(counts.items()))} of 40 pinned)"
-
-
-ATTACKS: dict[str, Attack] = {
-    "truncated JPEG among 7 good": truncated_among_good,
-    "8 images of 6000x6000": lambda h, p: classify(h, {"images": [p["huge_jpeg"]] * 8, "labels": LABELS}),
-    "decompression bomb PNG (10000^2)": lambda h, p: classify(h, {"images": [p["bomb"]], "labels": LABELS}),
-    "5,000 labels": lambda h, p: classify(h, {**p["good"], "labels": [f"label {i}" for i in range(5000)]}),
-    "one 100,000-char label": lambda h, p: classify(h, {**p["good"], "labels": ["a", "x" * 100_000]}),
-    "40 MB classify body": oversized_body,
-    "stalled classify body": slow_body,
-    "50 pins to unknown versions": unknown_pins,
-    "pins churning 4 old versions": old_version_churn,
-    'config {"method": 5}': lambda h, p: task(h, p["zip"], {"method": 5}),
-    'config {"trainable": "(a+)+$"}': lambda h, p: task(h, p["zip"], {"trainable": "(a+)+$"}),
-    'config {"projection": {"scope": "("}}': lambda h, p: task(h, p["zip"], {"projection": {"scope": "("}}),
-    'config {"num_workers": 64}': lambda h, p: task(h, p["zip"], {"num_workers": 64}),
-    'config {"device": "cuda:7"}': lambda h, p: task(h, p["zip"], {"device": "cuda:7"}),
-    "zip of 100,000 empty folders": lambda h, p: task(h, p["folders_zip"]),
-    "zip with ../ path": lambda h, p: task(h, p["traversal_zip"]),
-    "PNG as the dataset": lambda h, p: task(h, p["photo"]),
-    "100 form parts": lambda h, p: raw_multipart(h, [f'Content-Disposition: form-data; name="f{i}"\r\n\r\nx'
-                                                   for i in range(100)]),
-    "part with 50 headers": lambda h, p: raw_multipart(h, ['Content-Disposition: form-data; name="name"\r\n' +
-                                                         "".join(f"X-{i}: {'p' * 200}\r\n" for i in range(50)) +
-                                                         "\r\nx"]),
-    "write without the token": lambda h, p: h.post("/v1/models/1/activate"),
-}
 
 
 # ------------------------------------------------------------------------- measurements
@@ -242,6 +61,8 @@ class MemorySampler:
         total = 0
         for child in self.psutil.Process(os.getpid()).children(recursive=True):
             try:
+                if "ray" not in " ".join(child.cmdline()):  # the neighbour's own process is not the service
+                    continue
                 total += child.memory_info().rss
             except self.psutil.Error:
                 pass
@@ -265,53 +86,75 @@ def p99(latencies: list[float]) -> float:
     return ms[min(len(ms) - 1, int(0.99 * len(ms)))] if ms else float("nan")
 
 
-async def neighbour(http: httpx.AsyncClient, body: dict, stop: asyncio.Event, latencies: list[float],
-                    failures: list[str]) -> None:
-    """A well-behaved client: one request at a time until `stop`."""
-    while not stop.is_set():
-        start = time.perf_counter()
+def neighbour(url: str, body: dict, seconds: float, stop: Any, results: Any) -> None:
+    """A well-behaved client in its own process (so the attacker's client work never delays its
+    loop): one request at a time until `stop` is set (at most `seconds`); puts (latencies in s,
+    failure kinds) on `results`."""
+    async def loop() -> tuple[list[float], list[str]]:
+        latencies: list[float] = []
+        failures: list[str] = []
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end and not stop.is_set():
+                start = time.perf_counter()
+                try:
+                    response = await http.post("/v1/classify", json=body)
+                    if response.status_code == 200:
+                        latencies.append(time.perf_counter() - start)
+                    else:
+                        failures.append(status_of(response))
+                except httpx.HTTPError as exc:
+                    failures.append(type(exc).__name__)
+        return latencies, failures
+
+    results.put(asyncio.run(loop()))
+
+
+class NeighbourProcess:
+    """`neighbour` started in a child process; `result()` stops it and returns its latencies and failures."""
+
+    def __init__(self, url: str, body: dict, seconds: float) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.results, self.stop = context.Queue(), context.Event()
+        self.process = context.Process(target=neighbour, args=(url, body, seconds, self.stop, self.results),
+                                       daemon=True)
+        self.process.start()
+
+    def result(self, timeout_s: float, stop: bool = True) -> tuple[list[float], list[str]]:
+        if stop:
+            self.stop.set()
         try:
-            response = await http.post("/v1/classify", json=body)
-            if response.status_code == 200:
-                latencies.append(time.perf_counter() - start)
-            else:
-                failures.append(status_of(response))
-        except httpx.HTTPError as exc:
-            failures.append(type(exc).__name__)
+            return self.results.get(timeout=timeout_s)
+        finally:
+            self.process.join(timeout=5)
+            if self.process.is_alive():
+                self.process.kill()
 
 
-async def quiet(url: str, body: dict, seconds: float) -> list[float]:
-    latencies: list[float] = []
-    failures: list[str] = []
-    stop = asyncio.Event()
-    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+def warm(url: str, body: dict) -> None:
+    with httpx.Client(base_url=url, timeout=30) as http:
         for _ in range(3):
-            await http.post("/v1/classify", json=body)  # warm: version loaded, head cached
-        job = asyncio.create_task(neighbour(http, body, stop, latencies, failures))
-        await asyncio.sleep(seconds)
-        stop.set()
-        await job
-    return latencies
+            http.post("/v1/classify", json=body)  # the version loaded, the head cached
 
 
-async def under_attack(url: str, attack: Attack, p: dict, window_s: float, timeout_s: float) -> dict[str, Any]:
-    """The attack beside the neighbour; the neighbour runs `window_s` or until the attack ends."""
-    latencies: list[float] = []
-    failures: list[str] = []
-    stop = asyncio.Event()
-    async with httpx.AsyncClient(base_url=url, timeout=timeout_s) as http, \
-            httpx.AsyncClient(base_url=url, timeout=timeout_s) as attacker:
-        job = asyncio.create_task(neighbour(http, p["good"], stop, latencies, failures))
-        await asyncio.sleep(0.3)
-        start = time.perf_counter()
-        try:
-            answer = await asyncio.wait_for(_answer(attacker, attack, p), timeout_s)
-        except asyncio.TimeoutError:
-            answer = f"no answer in {timeout_s:g} s"
-        took = time.perf_counter() - start
-        await asyncio.sleep(max(0.0, window_s - took))
-        stop.set()
-        await job
+def under_attack(url: str, attack: Attack, p: dict, window_s: float, timeout_s: float) -> dict[str, Any]:
+    """The attack beside the neighbour, which runs `window_s` seconds or until the attack has been
+    answered (the attack starts 1 s in)."""
+    neighbour_run = NeighbourProcess(url, p["good"], window_s + timeout_s)
+    time.sleep(1.0)  # the child process starts and sends its first requests
+
+    async def attacked() -> tuple[str, float]:
+        async with httpx.AsyncClient(base_url=url, timeout=timeout_s) as attacker:
+            start = time.perf_counter()
+            try:
+                answer = await asyncio.wait_for(_answer(attacker, attack, p), timeout_s)
+            except asyncio.TimeoutError:
+                answer = f"no answer in {timeout_s:g} s"
+            return answer, time.perf_counter() - start
+
+    answer, took = asyncio.run(attacked())
+    time.sleep(max(0.0, window_s - 1.0 - took))
+    latencies, failures = neighbour_run.result(timeout_s + window_s + 30)
     return {"answer": answer, "answer_s": took, "neighbour_requests": len(latencies) + len(failures),
             "neighbour_failures": len(failures), "neighbour_failure_kinds": sorted(set(failures)),
             "neighbour_p99_ms": p99(latencies)}
@@ -355,7 +198,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(4):
             add_copy_of_version(store, 1)
         memory = MemorySampler()
-        quiet_latencies = asyncio.run(quiet(url, p["good"], args.quiet))
+        warm(url, p["good"])
+        quiet_latencies, _ = NeighbourProcess(url, p["good"], args.quiet).result(args.quiet + 60, stop=False)
         idle = memory.reset()
         quiet_p99 = p99(quiet_latencies)
         print(f"quiet: {len(quiet_latencies)} requests, p99 {quiet_p99:.1f} ms; idle RSS {idle / 2**20:.0f} MiB",
@@ -364,7 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.only and not any(word in name for word in args.only):
                 continue
             before = memory.reset()
-            row = {"attack": name, **asyncio.run(under_attack(url, attack, p, args.window, args.timeout))}
+            row = {"attack": name, **under_attack(url, attack, p, args.window, args.timeout)}
             row["peak_rss_over_idle_mib"] = (memory.peak - idle) / 2**20
             row["peak_rss_over_start_mib"] = (memory.peak - before) / 2**20
             row.update(verdict(row, quiet_p99, idle, memory.peak))
@@ -410,7 +254,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="open_clip name or 'tiny'; left out: gnsp-mini")
     parser.add_argument("--quiet", type=float, default=5.0, help="seconds of neighbour load alone (quiet p99)")
-    parser.add_argument("--window", type=float, default=3.0, help="least seconds the neighbour runs per attack")
+    parser.add_argument("--window", type=float, default=4.0, help="seconds the neighbour runs per attack (the attack starts 1 s in)")
     parser.add_argument("--timeout", type=float, default=30.0, help="longest wait for any one answer (s)")
     parser.add_argument("--only", nargs="*", default=None, help="run only attacks whose name contains a word")
     parser.add_argument("--num-cpus", type=int, default=None)

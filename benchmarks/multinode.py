@@ -35,25 +35,10 @@ from service_support import colour_zip, wait_for, write_colour_folder  # noqa: E
 TRAINER = "trainer"
 
 
-def serve_command(address: str, store: str, port: int, scratch: Path, heldout: Path, workers: int) -> list[str]:
-    settings = {"work_dir": str(scratch), "heldout": str(heldout), "max_heldout_drop": 100.0,
-                "default_method": "finetune", "checkpoint_every": 1000, "cpus_per_worker": 1,
-                "worker_resources": {TRAINER: 1}}
-    return [sys.executable, "-m", "service.cli.serve", "--address", address, "--port", str(port), "--store", store,
-            "--model", "tiny", "--workers", str(workers),
-            *[f"--set={key}={json.dumps(value)}" for key, value in settings.items()]]
-
-
-def wait_healthy(client: httpx.Client, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if client.get("/healthz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    raise TimeoutError("the service did not answer /healthz")
+def service_settings(scratch: Path, heldout: Path) -> dict[str, Any]:
+    return {"work_dir": str(scratch), "heldout": str(heldout), "max_heldout_drop": 100.0,
+            "default_method": "finetune", "checkpoint_every": 1000, "cpus_per_worker": 1,
+            "worker_resources": {TRAINER: 1}}
 
 
 def run_layout(nodes: int, args: argparse.Namespace, s3, tmp: Path) -> dict[str, Any]:
@@ -65,9 +50,9 @@ def run_layout(nodes: int, args: argparse.Namespace, s3, tmp: Path) -> dict[str,
     try:
         with LocalCluster(head_cpus=1, env=env) as cluster, \
                 httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            cluster.spawn(serve_command(cluster.address, s3.uri(f"bench-{nodes}-{int(time.time())}"), port,
-                                        scratch, heldout, args.workers), "serve")
-            wait_healthy(client)  # the service's replicas are on the head before any trainer node joins
+            cluster.serve(s3.uri(f"bench-{nodes}-{int(time.time())}"), port, service_settings(scratch, heldout),
+                          "--workers", str(args.workers))
+            cluster.wait_healthy(client)  # the service's replicas are on the head before any trainer node joins
             per_node = args.workers // nodes
             for i in range(nodes):
                 cluster.add_node(f"trainer-{i}", num_cpus=per_node, resources={TRAINER: per_node})

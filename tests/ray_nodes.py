@@ -186,6 +186,27 @@ class LocalCluster:
             time.sleep(1.0)
         raise TimeoutError(f"{count} Ray nodes not alive after {timeout:.0f} s:\n{self.log(self.nodes[-1].name)}")
 
+    def serve(self, store: str, port: int, settings: dict[str, Any], *args: str) -> subprocess.Popen:
+        """Start `gnsp serve` on the head against `store` (the tiny model), with `settings` as `--set`
+        options; ended by close(). `wait_healthy` waits for it."""
+        sets = [f"--set={key}={json.dumps(value)}" for key, value in settings.items()]
+        return self.spawn([sys.executable, "-m", "service.cli.serve", "--address", self.address, "--port", str(port),
+                           "--store", store, "--model", "tiny", *args, *sets], "serve")
+
+    def wait_healthy(self, client: Any, timeout: float = 300) -> None:
+        """Until the service started by `serve` answers /healthz 200 through `client` (an httpx.Client)."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if client.get("/healthz", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(f"the service did not answer /healthz:\n{self.log('serve')}")
+
     # --- teardown --------------------------------------------------------------------------------
 
     def close(self) -> None:

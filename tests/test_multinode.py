@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -30,25 +29,10 @@ TRAINER = {"trainer": 1}
 STEPS, CHECKPOINT_EVERY = 24, 3
 
 
-def serve_command(address: str, store: str, port: int, scratch: Path, heldout: Path) -> list[str]:
-    settings = {"model": None, "work_dir": str(scratch), "heldout": str(heldout), "max_heldout_drop": 100.0,
-                "default_method": "finetune", "checkpoint_every": CHECKPOINT_EVERY, "cpus_per_worker": 1,
-                "worker_resources": TRAINER}
-    sets = [f"--set={key}={json.dumps(value)}" for key, value in settings.items() if value is not None]
-    return [sys.executable, "-m", "service.cli.serve", "--address", address, "--port", str(port),
-            "--store", store, "--model", "tiny", *sets]
-
-
-def wait_healthy(client: httpx.Client, cluster: LocalCluster, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if client.get("/healthz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    raise TimeoutError(f"the service did not answer /healthz:\n{cluster.log('serve')}")
+def service_settings(scratch: Path, heldout: Path) -> dict:
+    return {"work_dir": str(scratch), "heldout": str(heldout), "max_heldout_drop": 100.0,
+            "default_method": "finetune", "checkpoint_every": CHECKPOINT_EVERY, "cpus_per_worker": 1,
+            "worker_resources": TRAINER}
 
 
 def checkpoints(fs: pafs.FileSystem, run: str) -> list[str]:
@@ -65,7 +49,7 @@ def test_job_on_a_node_without_shared_disk_survives_losing_that_node(seaweedfs, 
     try:
         with LocalCluster(head_cpus=1, env=env) as cluster, \
                 httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            cluster.spawn(serve_command(cluster.address, store, port, scratch, heldout), "serve")
+            cluster.serve(store, port, service_settings(scratch, heldout))
             lose_the_trainer_node_mid_job(cluster, client, seaweedfs, store, scratch, tmp_path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -73,7 +57,7 @@ def test_job_on_a_node_without_shared_disk_survives_losing_that_node(seaweedfs, 
 
 def lose_the_trainer_node_mid_job(cluster: LocalCluster, client: httpx.Client, seaweedfs, store: str,
                                   scratch: Path, tmp_path: Path) -> None:
-    wait_healthy(client, cluster)
+    cluster.wait_healthy(client, timeout=240)
     print("service healthy", flush=True)
     first = cluster.add_node("trainer-1", num_cpus=1, resources=TRAINER)
 
