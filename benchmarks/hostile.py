@@ -185,6 +185,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     p = payloads()
     work = Path(tempfile.mkdtemp(prefix="gnsp-hostile-"))
+    if args.haproxy:
+        from service.serving.haproxy import haproxy_environment
+
+        os.environ.update(haproxy_environment())
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     port = args.port or free_port()  # after Ray has taken its own ports (its agent listens on 52365)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -220,7 +224,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
-    return {"model": args.model or "gnsp-mini", "quiet_p99_ms": quiet_p99, "quiet_requests": len(quiet_latencies),
+    return {"model": args.model or "gnsp-mini", "ingress": "HAProxy" if args.haproxy else "Serve's proxy", "quiet_p99_ms": quiet_p99, "quiet_requests": len(quiet_latencies),
             "idle_rss_mib": idle / 2**20, "rows": rows,
             "targets": {"answer_4xx_within_s": ANSWER_TARGET_S, "neighbour_failures": 0,
                         "neighbour_p99_over_quiet": P99_FACTOR, "peak_rss_over_idle_mib": MEMORY_TARGET / 2**20},
@@ -238,7 +242,7 @@ def verdict(row: dict[str, Any], quiet_p99: float, idle: int, peak: int) -> dict
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [f"model {result['model']}; neighbour quiet p99 {result['quiet_p99_ms']:.1f} ms "
+    lines = [f"model {result['model']}, ingress {result['ingress']}; neighbour quiet p99 {result['quiet_p99_ms']:.1f} ms "
              f"({result['quiet_requests']} requests); idle RSS {result['idle_rss_mib']:.0f} MiB", "",
              "| attack | answer | time (s) | neighbour failed | neighbour p99 ms (x quiet) | peak RSS over idle "
              "(over the attack's start), MiB | targets |", "|---|---|---|---|---|---|---|"]
@@ -257,6 +261,7 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=4.0, help="seconds the neighbour runs per attack (the attack starts 1 s in)")
     parser.add_argument("--timeout", type=float, default=30.0, help="longest wait for any one answer (s)")
     parser.add_argument("--only", nargs="*", default=None, help="run only attacks whose name contains a word")
+    parser.add_argument("--haproxy", action="store_true", help="Serve's HAProxy ingress instead of its Python proxy")
     parser.add_argument("--num-cpus", type=int, default=None)
     parser.add_argument("--port", type=int, default=0, help="HTTP port on 127.0.0.1 (0: a free one)")
     parser.add_argument("--out", type=Path, default=Path("out/hostile"))

