@@ -97,3 +97,28 @@ def s3_store_uri(seaweedfs, monkeypatch) -> str:
     for name, value in seaweedfs.env().items():
         monkeypatch.setenv(name, value)
     return seaweedfs.uri()
+
+
+# The suite runs on two xdist workers (`make test`: -n 2 --dist loadgroup). Each test module is one
+# group, so a module's fixtures (a deployed service, a Ray) are set up once, on one worker; the
+# modules that start Ray clusters of their own share a group, so two of them never start Rays on
+# the same two cores at once (Ray gives a node 30 s to register). The longest modules go first, so
+# the two workers finish near the same time.
+OWN_RAY_GROUP = "own-ray-clusters"
+OWN_RAY_MODULES = {"test_multinode", "test_service_e2e"}
+LONGEST_FIRST = ["test_multinode", "test_service_e2e", "test_tune", "test_demo", "test_service_tune",
+                 "test_openapi_fuzz", "test_default_model", "test_service_bad_input", "test_train_ray"]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    def module(item) -> str:
+        return item.module.__name__.rpartition(".")[2]
+
+    def rank(item) -> int:
+        return LONGEST_FIRST.index(module(item)) if module(item) in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: a module's tests keep their order
+    for item in items:
+        group = OWN_RAY_GROUP if module(item) in OWN_RAY_MODULES else module(item)
+        item.add_marker(pytest.mark.xdist_group(group))

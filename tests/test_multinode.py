@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e,
               pytest.mark.skipif(not can_isolate_nodes(), reason="needs root and `unshare --mount`")]
 ROOT = Path(__file__).resolve().parents[1]
 TRAINER = {"trainer": 1}
-STEPS, CHECKPOINT_EVERY = 24, 3
+STEPS, CHECKPOINT_EVERY = 12, 2
 
 
 def service_settings(scratch: Path, heldout: Path) -> dict:

@@ -381,8 +381,8 @@ def test_the_openapi_document_states_the_classify_limits(service):
 
 
 def test_an_upload_in_progress_neither_stalls_classify_nor_lets_a_second_upload_in(service):
-    """One upload trickles in for about 3 s (its slot held, the only one): classify requests answer
-    meanwhile, and a second upload is refused with 429 within the 0.5 s slot wait."""
+    """One upload trickles in until the test has its answers (its slot held, the only one): classify
+    requests answer meanwhile, and a second upload is refused with 429 within the 0.5 s slot wait."""
     client, anon, tmp, store = service
     boundary = "gnsp-test-boundary"
 
@@ -390,12 +390,14 @@ def test_an_upload_in_progress_neither_stalls_classify_nor_lets_a_second_upload_
         yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nslow\r\n"
                f"--{boundary}\r\nContent-Disposition: form-data; name=\"dataset\"; filename=\"d.zip\"\r\n"
                "Content-Type: application/zip\r\n\r\n").encode()
-        for _ in range(10):
-            time.sleep(0.3)
+        for _ in range(200):  # at most 60 s; ends as soon as the second upload has been answered
+            if answered.wait(0.3):
+                break
             yield b"PK" * 10
         yield f"\r\n--{boundary}--\r\n".encode()
 
     headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    answered = threading.Event()
     slow: dict[str, httpx.Response] = {}
     uploader = threading.Thread(target=lambda: slow.update(r=client.post("/v1/tasks", content=trickle(),
                                                                           headers=headers)))
@@ -406,7 +408,10 @@ def test_an_upload_in_progress_neither_stalls_classify_nor_lets_a_second_upload_
         started = time.perf_counter()
         assert classify(anon).status_code == 200
         latencies.append(time.perf_counter() - started)
-    second = task(client, good_zip(tmp))
+    try:
+        second = task(client, good_zip(tmp))
+    finally:
+        answered.set()
     uploader.join(timeout=30)
     assert second.status_code == 429 and second.json()["error"]["code"] == "busy", second.text
     assert max(latencies) < 2.0, latencies

@@ -157,7 +157,7 @@ def start_gnsp_serve(store: Path, tmp: Path, port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "service.cli.serve", "--store", str(store), "--model", "tiny",
                "--port", str(port), "--num-cpus", "2", "--set", f"heldout={settings.heldout}",
                "--set", "reference=tests.conftest:reference_pairs", "--set", "default_method=finetune",
-               "--set", "checkpoint_every=3", "--set", "max_heldout_drop=100", "--set", f"work_dir={tmp}"]
+               "--set", "checkpoint_every=2", "--set", "max_heldout_drop=100", "--set", f"work_dir={tmp}"]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
     log = open(tmp / f"serve-{time.monotonic_ns()}.log", "w")
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -198,8 +198,8 @@ def test_service_killed_mid_job_restarts_with_store_intact(tmp_path):
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
             wait_healthy(client, process)
-            task_id = upload(client, tmp_path, "rgb", ["red", "green", "blue"], {**FAST_CONFIG, "steps": 30})
-            while (job := client.get(f"/v1/tasks/{task_id}").json())["progress"] < 0.4:  # past 3 checkpoints
+            task_id = upload(client, tmp_path, "rgb", ["red", "green", "blue"], {**FAST_CONFIG, "steps": 12})
+            while (job := client.get(f"/v1/tasks/{task_id}").json())["progress"] < 0.4:  # past 2 checkpoints
                 assert job["status"] in ("queued", "running"), job
                 time.sleep(0.2)
             kill_session(process)
