@@ -47,7 +47,7 @@ def test_a_worker_fetches_upload_and_version_from_s3_into_its_scratch(s3_store_u
     for name in ("state.json", "stats/ab.safetensors"):
         with store.fs.open_output_stream(f"{checkpoint}/{name}") as stream:
             stream.write(name.encode())
-    state = pickle.loads(pickle.dumps(StoredState.of_checkpoint(store, s3_store_uri, checkpoint)))
+    state = pickle.loads(pickle.dumps(StoredState.of_checkpoint(store, checkpoint)))
     assert state == StoredState(s3_store_uri, "tune/s/work/runs/t0/checkpoint_000002")
     folder = Path(local_source(state, scratch / "state"))
     assert folder.is_relative_to(scratch) and (folder / "stats" / "ab.safetensors").read_bytes() == b"stats/ab.safetensors"
@@ -60,7 +60,7 @@ def test_a_local_store_is_read_in_place_and_scratch_is_made_on_the_node(tmp_path
     fetched = StoredVersion(store.uri, version).fetch(tmp_path / "scratch")
     assert Path(fetched) == tmp_path / "store" / "models" / f"v{version:06d}"  # a shared folder: no copy
     checkpoint = tmp_path / "store" / "tune" / "s" / "work" / "runs" / "t0" / "checkpoint_000001"
-    state = StoredState.of_checkpoint(store, store.uri, str(checkpoint))
+    state = StoredState.of_checkpoint(store, str(checkpoint))
     assert state.rel == "tune/s/work/runs/t0/checkpoint_000001" and state.fetch(tmp_path / "scratch") == str(checkpoint)
     assert scratch_root(str(tmp_path / "node" / "scratch")) == str(tmp_path / "node" / "scratch")
     assert (tmp_path / "node" / "scratch").is_dir() and scratch_root(None) is None

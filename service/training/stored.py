@@ -52,13 +52,13 @@ class StoredState:
     rel: str
 
     @classmethod
-    def of_checkpoint(cls, store: ModelStore, location: str, checkpoint_path: str) -> "StoredState":
-        """The state a Ray Train checkpoint inside `store` (opened from `location`) holds."""
+    def of_checkpoint(cls, store: ModelStore, checkpoint_path: str) -> "StoredState":
+        """The state a Ray Train checkpoint inside `store` holds (its path as Ray reports it)."""
         local = store.local_path()
         base = str(local) if local is not None else store.root
         if not checkpoint_path.startswith(base):
-            raise ValueError(f"checkpoint {checkpoint_path} is not inside the store {location}")
-        return cls(location, checkpoint_path[len(base):].strip("/"))
+            raise ValueError(f"checkpoint {checkpoint_path} is not inside the store {store.uri}")
+        return cls(store.uri, checkpoint_path[len(base):].strip("/"))
 
     def fetch(self, scratch: Path) -> str:
         """The state folder on this node: the store's own folder on a local store, else a download."""

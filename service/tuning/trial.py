@@ -88,7 +88,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         tasks = [task(i) for i in range(progress.next_task)]
         for index in range(progress.next_task, len(setup.tasks)):
             tasks.append(task(index))
-            base = StoredState(setup.work.location, progress.state) if progress.state else setup.base_state
+            base = StoredState(setup.work.store.uri, progress.state) if progress.state else setup.base_state
             job = TrainJob(task=setup.tasks[index], config=config, base_state=base,
                            model=None if base else setup.model, reference=TUNING_REFERENCE,
                            scratch_dir=setup.scratch_dir)
@@ -100,7 +100,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
                 loaded = loaded or load_model(state.spec)
                 accs, r1 = evaluate_state(loaded, state, tasks, pairs)
             metrics = score(accs, progress.learned_accs, r1, setup.baseline_r1).as_metrics()
-            stored = StoredState.of_checkpoint(setup.work.store, setup.work.location, result.checkpoint.path)
+            stored = StoredState.of_checkpoint(setup.work.store, result.checkpoint.path)
             progress = TrialProgress(index + 1, stored.rel, [*progress.learned_accs, accs[-1]])
             _report({**metrics, "tasks_done": index + 1, "task": tasks[index].name,
                      "task_s": time.perf_counter() - started}, progress)
