@@ -69,15 +69,22 @@ def reference() -> CaptionList:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One private local Ray for every integration test in the session (never a machine-wide one)."""
+def ray_session(seaweedfs):
+    """One private local Ray for every integration test in the session (never a machine-wide one).
+
+    Its processes know the session's SeaweedFS (the AWS variables, as a cluster's nodes would), so
+    a service deployed on it can use an `s3://` store; the test process itself gets them only
+    where a test asks for `s3_store_uri`."""
     import os
 
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # read by the Train controller
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # request metrics reach Ray's export in ~1 s
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    with pytest.MonkeyPatch.context() as env:  # the raylet copies the environment once, at start
+        for name, value in seaweedfs.env().items():
+            env.setenv(name, value)
+        ray.init(address="local", num_cpus=4, include_dashboard=False)
     yield ray
     ray.shutdown()
 

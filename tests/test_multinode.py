@@ -4,8 +4,9 @@ A head node runs the service (`gnsp serve --address`); a second node, in its own
 with a private tmpfs over /tmp (and so over the service's scratch folder), offers the `trainer`
 resource that the training workers ask for. Through the REST API a task is uploaded and its job
 starts on that node; the node is killed mid-task; a replacement node joins and the job resumes from
-its checkpoint in the store, publishes a version, and classify answers with it. Nothing reaches
-the workers as a path of the head: had it, the workers could not read it.
+its checkpoint in the store, publishes a version, and classify answers with it. Then, on the same
+cluster, a search (`POST /v1/tune`) trains its trial on the trainer node and keeps its records in
+the store. Nothing reaches the workers as a path of the head: had it, the workers could not read it.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def test_job_on_a_node_without_shared_disk_survives_losing_that_node(seaweedfs, 
                 httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             cluster.serve(store, port, service_settings(scratch, heldout))
             lose_the_trainer_node_mid_job(cluster, client, seaweedfs, store, scratch, tmp_path)
+            search_on_the_trainer_node(cluster, client, seaweedfs, store, tmp_path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -76,7 +78,7 @@ def lose_the_trainer_node_mid_job(cluster: LocalCluster, client: httpx.Client, s
     cluster.kill_node(first)
     print(f"trainer node killed after checkpoints {checkpoints(fs, run)}", flush=True)
     assert client.get(f"/v1/tasks/{task_id}").json()["status"] == "running"
-    cluster.add_node("trainer-2", num_cpus=1, resources=TRAINER)
+    cluster.add_node("trainer-2", num_cpus=2, resources=TRAINER)  # 2: room for a search trial beside its worker
 
     print("replacement trainer node joined", flush=True)
     job = wait_for(client, task_id, timeout=300)
@@ -88,3 +90,25 @@ def lose_the_trainer_node_mid_job(cluster: LocalCluster, client: httpx.Client, s
     assert answer.status_code == 200 and answer.json()["model_version"] == 2, answer.text
     assert fs.get_file_info(f"{store.removeprefix('s3://')}/uploads/{task_id}").type == pafs.FileType.NotFound
     assert not [p.name for p in scratch.iterdir() if task_id in p.name], "the job's scratch is removed when it ends"
+
+
+def search_on_the_trainer_node(cluster: LocalCluster, client: httpx.Client, seaweedfs, store: str, tmp_path: Path) -> None:
+    """A search's trial trains where the `trainer` resource is, from the dataset and the version
+    it fetches from the store; its records and best config end up in the store."""
+    started = time.monotonic()
+    request = {"trials": 1, "searcher": "random", "config": {"steps": 2, "batch_size": 8, "warmup_steps": 1,
+                                                             "ref_batch_size": 8, "stats_augment": False}}
+    response = client.post("/v1/tune", data={"request": json.dumps(request)}, files={
+        "dataset": ("rg.zip", colour_zip(tmp_path, ["red", "green"], n_train=6), "application/zip")})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job_id"]
+    deadline = time.monotonic() + 300
+    while (search := client.get(f"/v1/tune/{job_id}").json())["status"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, (search, cluster.log("serve"))
+        time.sleep(1.0)
+    assert search["status"] == "succeeded", (search, cluster.log("serve"))
+    assert search["request"]["worker_resources"] == TRAINER and search["best"] is not None
+    best = f"{store.removeprefix('s3://')}/tune/{job_id}/best.json"
+    with seaweedfs.filesystem().open_input_stream(best) as stream:
+        assert json.loads(stream.read()) == search["best"]["config"]
+    print(f"search on the trainer node: {time.monotonic() - started:.0f} s", flush=True)

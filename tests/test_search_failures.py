@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,9 +15,14 @@ import ray.exceptions
 
 from service.settings import ServiceSettings
 from service.tuning import searches as searches_module
+from service.tuning.folder import SearchFolder
 from service.tuning.report import write_status
 from service.tuning.searches import TuneJobs
 from test_jobs import store, until  # noqa: F401 (fixture)
+
+
+def folder_of(request: dict[str, Any]) -> SearchFolder:
+    return SearchFolder(request["store"], request["out_dir"])
 
 
 class FakeRef:
@@ -44,10 +48,10 @@ class FakeRay:
         if ref.behaviour == "dies":  # the process died: no status written by the search itself
             raise ray.exceptions.WorkerCrashedError()
         if ref.behaviour == "runs until cancelled":
-            write_status(Path(ref.request["out_dir"]), "running")
+            write_status(folder_of(ref.request), "running")
             assert ref.cancelled.wait(20)
             raise ray.exceptions.TaskCancelledError()
-        write_status(Path(ref.request["out_dir"]), "succeeded")
+        write_status(folder_of(ref.request), "succeeded")
         return {"method": "gnsp"}  # a best config, but no best.json: applying it fails
 
     def cancel(self, ref: FakeRef) -> None:

@@ -1,5 +1,6 @@
 """POST /v1/tune over real HTTP: a tiny search on an uploaded dataset, its table and best config,
-the best config becoming the default of later tasks, cancelling, and bad requests."""
+the best config becoming the default of later tasks, cancelling, and bad requests. The store is an
+object store (SeaweedFS): a search keeps all of itself there and nothing on the service's node."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import time
 
 import httpx
+import pyarrow.fs as pafs
 import pytest
 
 from service_support import colour_zip, service_settings, running_service
@@ -17,10 +19,14 @@ SEARCH_CONFIG = {"steps": 2, "batch_size": 8, "warmup_steps": 1, "ref_batch_size
 
 
 @pytest.fixture(scope="module")
-def service(ray_session, tmp_path_factory):
+def service(ray_session, seaweedfs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tune-api")
-    with running_service(service_settings(tmp), "gnsp-tune-api") as client:
-        yield client, tmp
+    store = seaweedfs.uri()
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in seaweedfs.env().items():
+            env.setenv(name, value)
+        with running_service(service_settings(tmp, store=store, work_dir=str(tmp / "work")), "gnsp-tune-api") as client:
+            yield client, tmp, store, seaweedfs
 
 
 def submit(client: httpx.Client, tmp, request: dict, colours: list[str] | None = None) -> httpx.Response:
@@ -42,7 +48,7 @@ def wait_search(client: httpx.Client, job_id: str, timeout: float = 400) -> list
 
 
 def test_search_on_an_upload_then_its_best_config_is_the_default(service):
-    client, tmp = service
+    client, tmp, store, seaweedfs = service
     request = {"trials": 3, "config": SEARCH_CONFIG, "searcher": "random", "max_concurrent": 1, "apply_best": True,
                "space": {"threshold": [0.01, 0.5], "lr": [1e-5, 3e-3]}}
     response = submit(client, tmp, request, ["red", "green", "blue"])
@@ -59,6 +65,10 @@ def test_search_on_an_upload_then_its_best_config_is_the_default(service):
     objectives = [t["objective"] for t in final["trials"]]
     assert final["best"]["objective"] == max(objectives)
     assert final["applied"] and "base_state" not in final["request"]  # no server paths in the view
+    assert final["request"]["base_version"] == 1  # the trials fetched the version themselves
+    assert_kept_in_the_store(seaweedfs, f"{store.removeprefix('s3://')}/tune/{job_id}", final)
+    left = [p for p in (tmp / "work").rglob("*") if p.is_file()]
+    assert not left, left  # scratch only: nothing of the search stays on the service's node
 
     listing = client.get("/v1/tune").json()
     assert [s["job_id"] for s in listing["searches"]] == [job_id]
@@ -77,8 +87,22 @@ def test_search_on_an_upload_then_its_best_config_is_the_default(service):
     client.delete(f"/v1/tasks/{task.json()['task_id']}")
 
 
+def assert_kept_in_the_store(seaweedfs, root: str, final: dict) -> None:
+    """The search's records, data and Tune experiment are in the bucket; its trial states are gone."""
+    fs = seaweedfs.filesystem()
+    kept = {info.path[len(root) + 1:] for info in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+            if info.type == pafs.FileType.File}
+    records = {"request.json", "status.json", "job.json", "trials.json", "trials.md", "objective_vs_threshold.png",
+               "best.json", "best_trial.json", "dataset/dataset.zip", "data/validation.json", "data/0/dataset.zip"}
+    assert records <= kept, sorted(kept)
+    assert any(name.startswith(f"ray/tune-{final['job_id']}/") for name in kept)  # the Tune experiment
+    assert not any(name.startswith("work/") for name in kept)  # trial states, dropped once every trial finished
+    with fs.open_input_stream(f"{root}/best.json") as stream:
+        assert json.loads(stream.read()) == final["best"]["config"]
+
+
 def test_cancel_a_search_and_bad_requests(service):
-    client, tmp = service
+    client, tmp = service[:2]
     response = submit(client, tmp, {"tasks": ["digits"], "trials": 6, "max_train_per_class": 2,
                                     "config": {**SEARCH_CONFIG, "steps": 50}})
     assert response.status_code == 202, response.text
@@ -110,3 +134,4 @@ def test_cancel_a_search_and_bad_requests(service):
     assert client.get("/v1/tune/tune-nope").status_code == 422  # not a search id
     assert client.delete("/v1/tune/../../etc").status_code == 404
     assert [s["job_id"] for s in client.get("/v1/tune").json()["searches"]][-1] == job_id
+

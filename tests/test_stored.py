@@ -10,7 +10,8 @@ import pyarrow.fs as pafs
 from gnsp_core.models import ModelSpec, load_model
 from gnsp_core.state import ContinualState
 from service.store import ModelStore
-from service.training.stored import StoredUpload, StoredVersion, local_source, run_storage, scratch_root
+from service.training.stored import (StoredState, StoredUpload, StoredVersion, local_source, run_storage,
+                                     scratch_root)
 
 TINY = ModelSpec(name="tiny", seed=0)
 
@@ -41,6 +42,16 @@ def test_a_worker_fetches_upload_and_version_from_s3_into_its_scratch(s3_store_u
     path, filesystem = run_storage(store)  # checkpoints go to the bucket, through the store's own filesystem
     assert isinstance(filesystem, pafs.S3FileSystem) and path == f"{s3_store_uri.removeprefix('s3://')}/runs"
 
+    # A search trial's state: the final checkpoint of its task's run, addressed in the store, fetched whole.
+    checkpoint = f"{store.path('tune/s/work/runs/t0')}/checkpoint_000002"
+    for name in ("state.json", "stats/ab.safetensors"):
+        with store.fs.open_output_stream(f"{checkpoint}/{name}") as stream:
+            stream.write(name.encode())
+    state = pickle.loads(pickle.dumps(StoredState.of_checkpoint(store, checkpoint)))
+    assert state == StoredState(s3_store_uri, "tune/s/work/runs/t0/checkpoint_000002")
+    folder = Path(local_source(state, scratch / "state"))
+    assert folder.is_relative_to(scratch) and (folder / "stats" / "ab.safetensors").read_bytes() == b"stats/ab.safetensors"
+
 
 def test_a_local_store_is_read_in_place_and_scratch_is_made_on_the_node(tmp_path):
     store = ModelStore.open(str(tmp_path / "store"))
@@ -48,5 +59,8 @@ def test_a_local_store_is_read_in_place_and_scratch_is_made_on_the_node(tmp_path
     assert run_storage(store) == (str(tmp_path / "store" / "runs"), None)
     fetched = StoredVersion(store.uri, version).fetch(tmp_path / "scratch")
     assert Path(fetched) == tmp_path / "store" / "models" / f"v{version:06d}"  # a shared folder: no copy
+    checkpoint = tmp_path / "store" / "tune" / "s" / "work" / "runs" / "t0" / "checkpoint_000001"
+    state = StoredState.of_checkpoint(store, str(checkpoint))
+    assert state.rel == "tune/s/work/runs/t0/checkpoint_000001" and state.fetch(tmp_path / "scratch") == str(checkpoint)
     assert scratch_root(str(tmp_path / "node" / "scratch")) == str(tmp_path / "node" / "scratch")
     assert (tmp_path / "node" / "scratch").is_dir() and scratch_root(None) is None

@@ -97,12 +97,12 @@ def run_tune(args: argparse.Namespace) -> int:
     progress.addHandler(logging.StreamHandler(sys.stdout))
     progress.propagate = False  # Ray or a library may have configured the root logger as well
     outcome = run_tune_job(request, resume=args.resume, address=args.address)
-    print((outcome.out_dir / "trials.md").read_text())
+    print(outcome.folder.read_bytes("trials.md").decode())
     if outcome.best is None:
         print("no trial learned every task: no best config", file=sys.stderr)
         return 1
     b = outcome.best
     print(f"best: trial {b['trial_id']} ρ={b['threshold']:.3f} CD={b['cd_weight']:.2f} MAP={b['map_weight']:.2f} "
-          f"lr={b['lr']:.1e} objective {b['objective']:.3f}\nwrote {outcome.out_dir}/best.json "
+          f"lr={b['lr']:.1e} objective {b['objective']:.3f}\nwrote {outcome.folder}/best.json "
           f"(use with `gnsp learn --config` or `gnsp bench --config`), trials.csv, trials.md, objective_vs_threshold.png")
     return 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -178,7 +177,7 @@ class JobRunner:
     # --- searches (service.tuning.searches) -------------------------------------------------------------
 
     async def submit_search(self, body: dict[str, Any], upload: str | None) -> dict[str, Any]:
-        """Queue a search; `upload` is a validated dataset the ingress put in the store (moved out of it here)."""
+        """Queue a search; `upload` is a validated dataset the ingress put in the store (copied into the search's folder, then dropped here)."""
         return await asyncio.to_thread(self._submit_search, body, upload)
 
     def _submit_search(self, body: dict[str, Any], upload: str | None) -> dict[str, Any]:
@@ -186,8 +185,7 @@ class JobRunner:
         if upload is None:
             return searches.submit(body)
         try:
-            with tempfile.TemporaryDirectory(prefix="gnsp-tune-upload-", dir=self.settings.scratch()) as scratch:
-                return searches.submit(body, self.store.fetch_upload(upload, Path(scratch)))
+            return searches.submit(body, upload)
         finally:
             self.store.delete_job_files(Path(upload).parent.name)
 

@@ -40,7 +40,7 @@ from gnsp_core.task_context import Distributed
 from gnsp_core.trainer import learn_task
 
 from service.training.progress import BoardReporter
-from service.training.stored import StoredUpload, StoredVersion, local_source, scratch_root
+from service.training.stored import StoredState, StoredUpload, StoredVersion, local_source, scratch_root
 from service.training.sources import check_reference_spec, load_reference
 
 TRAIN_STATE_FILE = "train_state.pt"
@@ -65,8 +65,9 @@ class TrainJob:
     """A task source for gnsp_core.data.load_task (built-in name, folder, archive, mtil:...), or an
     uploaded archive in the store, which each worker fetches into its own scratch."""
     config: TrainConfig
-    base_state: str | StoredVersion | None = None
-    """The ContinualState to start from (version N), a folder or a version in the store; its model spec is used."""
+    base_state: str | StoredVersion | StoredState | None = None
+    """The ContinualState to start from (version N), a folder, or a version or a search trial's state in
+    the store; its model spec is used."""
     model: ModelSpec | None = None
     """Start from this model's initial weights instead (the first task of a sequence)."""
     reference: str | None = None

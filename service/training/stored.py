@@ -43,9 +43,41 @@ class StoredVersion:
         return str(ModelStore.open(self.store).fetch_version(self.version, scratch))
 
 
-def local_source(source: str | StoredUpload | StoredVersion | None, scratch: Path) -> str | None:
+@dataclass(frozen=True)
+class StoredState:
+    """A ContinualState folder in the store that is no version: a search trial's state after a task
+    (the final checkpoint of that task's Ray Train run), which its next task starts from."""
+
+    store: str
+    rel: str
+
+    @classmethod
+    def of_checkpoint(cls, store: ModelStore, checkpoint_path: str) -> "StoredState":
+        """The state a Ray Train checkpoint inside `store` holds (its path as Ray reports it)."""
+        local = store.local_path()
+        base = str(local) if local is not None else store.root
+        if not checkpoint_path.startswith(base):
+            raise ValueError(f"checkpoint {checkpoint_path} is not inside the store {store.uri}")
+        return cls(store.uri, checkpoint_path[len(base):].strip("/"))
+
+    def fetch(self, scratch: Path) -> str:
+        """The state folder on this node: the store's own folder on a local store, else a download."""
+        store = ModelStore.open(self.store)
+        local = store.local_path(self.rel)
+        if local is not None:
+            return str(local)
+        target = Path(scratch) / Path(self.rel).name
+        pafs.copy_files(store.path(self.rel), str(target), source_filesystem=store.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return str(target)
+
+
+Stored = StoredUpload | StoredVersion | StoredState
+
+
+def local_source(source: str | Stored | None, scratch: Path) -> str | None:
     """A path or task source this node can read: stored things are fetched into `scratch`."""
-    if isinstance(source, (StoredUpload, StoredVersion)):
+    if isinstance(source, (StoredUpload, StoredVersion, StoredState)):
         return source.fetch(scratch)
     return source
 

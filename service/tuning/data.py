@@ -5,7 +5,9 @@ choice itself fits the test set), so every score `gnsp tune` optimises comes fro
 
 - each task's TRAIN split, split once more per class (`split_per_class`, fixed seed): the trials
   train on one part and are scored on the other. Both parts are written as one ImageFolder
-  (`train/` = what the trials learn, `test/` = the validation part) that Ray workers load by path.
+  (`train/` = what the trials learn, `test/` = the validation part) in the search's folder: as
+  folders on a local disk, as one zip archive each in an object store, which every trial and Ray
+  worker fetches into its own scratch (`stored_validation_tasks`).
   The task's real test split is never written, so no trial can see it;
 - the built-in reference pool (emoji + flags), split once by a fixed seed: CD/MAP train on
   `tuning_reference()`, zero-shot retention is measured on the disjoint `validation_reference()`.
@@ -22,12 +24,16 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import tempfile
 from pathlib import Path
 
 from gnsp_core.data import load_task, split_per_class
 from gnsp_core.data.folders import write_image_folder
 from gnsp_core.data.sources import source_folder_name
 from gnsp_core.data.reference import CaptionPairs, load_reference_pairs
+
+from service.training.stored import StoredUpload
+from service.tuning.folder import SearchFolder
 
 REFERENCE_KIND = "emoji+flags"
 VALIDATION_PAIRS = 128
@@ -36,6 +42,8 @@ SPLIT_SEED = 0
 TUNING_REFERENCE = "service.tuning.data:tuning_reference"
 """The reference spec (see service.training.sources) the trials' workers load for CD/MAP."""
 _READY = "validation.json"
+IN_FOLDER = "search:"
+"""A task source that is a file in the search's own folder (an uploaded dataset): `search:dataset/d.zip`."""
 
 
 def _validation_indices(size: int) -> set[int]:
@@ -77,3 +85,35 @@ def prepare_validation_tasks(
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(record))
     return folders
+
+
+def stored_validation_tasks(sources: list[str], folder: SearchFolder, val_fraction: float,
+                            max_train_per_class: int | None, scratch: Path) -> list[str | StoredUpload]:
+    """The search's validation tasks in `folder`'s `data/`, as trials address them.
+
+    On a local disk they are folders, read in place. In an object store each is one zip archive,
+    written once (a resumed search finds them by their record) and fetched by whoever learns it;
+    `search:` sources (an uploaded dataset) are fetched from the folder into `scratch` first."""
+    local = folder.local_path
+    if local is not None:
+        resolved = [str(local / s[len(IN_FOLDER):]) if s.startswith(IN_FOLDER) else s for s in sources]
+        return [str(f) for f in prepare_validation_tasks(resolved, local / "data", val_fraction, max_train_per_class)]
+    record = {"sources": sources, "val_fraction": val_fraction, "max_train_per_class": max_train_per_class}
+    names = [f"data/{i}/{source_folder_name(s)}.zip" for i, s in enumerate(sources)]
+    if folder.read_json(f"data/{_READY}") != record:
+        with tempfile.TemporaryDirectory(prefix="gnsp-tune-data-", dir=scratch) as tmp:
+            work = Path(tmp)
+            resolved = [_fetch(s, folder, work / f"in{i}") for i, s in enumerate(sources)]
+            folders = prepare_validation_tasks(resolved, work / "data", val_fraction, max_train_per_class)
+            for i, (task, name) in enumerate(zip(folders, names)):
+                folder.put_file(Path(shutil.make_archive(str(work / f"{i}"), "zip", root_dir=task)), name)
+        folder.write_text(f"data/{_READY}", json.dumps(record))
+    return [StoredUpload(folder.location, folder.sub(name)) for name in names]
+
+
+def _fetch(source: str, folder: SearchFolder, scratch: Path) -> str:
+    if not source.startswith(IN_FOLDER):
+        return source
+    rel = source[len(IN_FOLDER):]
+    target = scratch / Path(rel).name
+    return str(folder.store.get_file(folder.sub(rel), target))

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from gnsp_core.atomic_files import write_bytes_atomic
 from gnsp_core.config import TrainConfig
 
+from service.tuning.folder import SearchFolder, as_folder
 from service.tuning.trial import trial_config
 
 PARAMS = ("threshold", "cd_weight", "map_weight", "lr")
@@ -52,15 +52,15 @@ def best_row(rows: list[dict]) -> dict | None:
     return max(complete, key=lambda r: r["objective"]) if complete else None
 
 
-def write_table(rows: list[dict], out_dir: Path) -> None:
-    rows = sort_rows(rows)
-    _write_text(out_dir / "trials.json", json.dumps(rows, indent=1))
+def write_table(rows: list[dict], out_dir: SearchFolder | Path) -> None:
+    out, rows = as_folder(out_dir), sort_rows(rows)
+    out.write_text("trials.json", json.dumps(rows, indent=1))
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-    _write_text(out_dir / "trials.csv", text.getvalue())
-    _write_text(out_dir / "trials.md", markdown_table(rows))
+    out.write_text("trials.csv", text.getvalue())
+    out.write_text("trials.md", markdown_table(rows))
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -80,17 +80,17 @@ def _f(value: Any, digits: int | str) -> str:
     return f"{value:.1e}" if digits == "e" else f"{value:.{digits}f}"
 
 
-def write_best(row: dict, base: TrainConfig, out_dir: Path) -> TrainConfig:
+def write_best(row: dict, base: TrainConfig, out_dir: SearchFolder | Path) -> TrainConfig:
     """best.json (the flat TrainConfig) and best_trial.json (config + metrics)."""
-    config = trial_config(base, row)
-    _write_text(out_dir / BEST_FILE, json.dumps(config.to_dict(), indent=2))
-    _write_text(out_dir / BEST_TRIAL_FILE, json.dumps(
+    out, config = as_folder(out_dir), trial_config(base, row)
+    out.write_text(BEST_FILE, json.dumps(config.to_dict(), indent=2))
+    out.write_text(BEST_TRIAL_FILE, json.dumps(
         {"trial_id": row["trial_id"], "objective": row["objective"], "metrics": row, "config": config.to_dict()}, indent=2))
     return config
 
 
-def plot_trials(rows: list[dict], path: Path) -> None:
-    """Three panels against ρ (log): objective; seen accuracy and forgetting; retention."""
+def plot_trials(rows: list[dict], out_dir: SearchFolder | Path) -> None:
+    """PLOT_FILE: three panels against ρ (log): objective; seen accuracy and forgetting; retention."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,22 +116,18 @@ def plot_trials(rows: list[dict], path: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, dpi=110, format="png")
     plt.close(fig)
+    as_folder(out_dir).write_bytes(PLOT_FILE, image.getvalue())
 
 
-def write_status(out_dir: Path, status: str, error: str | None = None) -> None:
-    _write_text(out_dir / STATUS_FILE, json.dumps({"status": status, "error": error, "updated": time.time()}))
+def write_status(out_dir: SearchFolder | Path, status: str, error: str | None = None) -> None:
+    as_folder(out_dir).write_text(STATUS_FILE, json.dumps({"status": status, "error": error, "updated": time.time()}))
 
 
-def read_results(out_dir: str | Path) -> dict[str, Any]:
+def read_results(out_dir: SearchFolder | str | Path) -> dict[str, Any]:
     """Status, trials table and best trial of a search folder (for `GET /v1/tune/{job_id}`)."""
-    out = Path(out_dir)
-    status = json.loads((out / STATUS_FILE).read_text()) if (out / STATUS_FILE).is_file() else {"status": "queued"}
-    trials = json.loads((out / "trials.json").read_text()) if (out / "trials.json").is_file() else []
-    best = json.loads((out / BEST_TRIAL_FILE).read_text()) if (out / BEST_TRIAL_FILE).is_file() else None
-    return {**status, "trials": trials, "best": best}
-
-
-def _write_text(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode())
+    out = as_folder(out_dir)
+    status = out.read_json(STATUS_FILE) or {"status": "queued"}
+    return {**status, "trials": out.read_json("trials.json") or [], "best": out.read_json(BEST_TRIAL_FILE)}

@@ -1,8 +1,10 @@
 """What a search is: tasks, model, base training config, search space and budget, as plain data.
 
 The same `TuneRequest` comes from `gnsp tune` flags and from the JSON body of `POST /v1/tune`,
-and is saved as `request.json` in the output folder so an interrupted search resumes with exactly
-the same settings.
+and is saved as `request.json` in the search's folder so an interrupted search resumes with exactly
+the same settings. A CLI search's folder is a local `--out` folder; a REST search's is
+`<store>/tune/<job_id>/` (`store` set, `out_dir` relative to it), and it names its base version
+and its uploaded dataset by their place in the store, never by a path of the service's node.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gnsp_core.atomic_files import write_json_atomic
 from gnsp_core.config import TrainConfig, check_keys
 from gnsp_core.errors import ConfigError
 from gnsp_core.models import ModelSpec
 from service.training.naming import run_name
+from service.tuning.folder import SearchFolder
 
 REQUEST_FILE = "request.json"
 SEARCHERS = ("optuna", "random")
@@ -93,6 +95,8 @@ class TuneRequest:
     searcher: str = "optuna"
     workers: int = 1
     gpus_per_worker: float = 0.0
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each training worker asks for (the service's `worker_resources`): where trials train."""
     max_concurrent: int | None = None
     """Trials at once; None: as many as the cluster's CPUs (or GPUs) fit."""
     max_train_per_class: int | None = None
@@ -101,9 +105,16 @@ class TuneRequest:
     seed: int = 0
     job_id: str | None = None
     """Names the Ray Tune run; None: derived from out_dir, so a re-run finds its experiment."""
+    store: str | None = None
+    """The store the search lives in (REST searches); `out_dir` is then a folder inside it."""
+    base_version: int | None = None
+    """Start from this version of `store` instead of a `base_state` folder (REST searches)."""
+    scratch_dir: str | None = None
+    """Node-local scratch where the driver and the trials fetch stored inputs (None: the system temp dir)."""
 
     def __post_init__(self) -> None:
-        self.out_dir = str(Path(self.out_dir).resolve())
+        if self.store is None:
+            self.out_dir = str(Path(self.out_dir).resolve())
         if self.job_id is None:
             self.job_id = run_name(self.out_dir)
         if self.config.projection.rule in DEFAULT_THRESHOLD:
@@ -114,6 +125,8 @@ class TuneRequest:
         """Reject a search that cannot run, before Ray starts."""
         if not self.tasks:
             raise ConfigError("a search needs at least one task")
+        if self.base_version is not None and (self.store is None or self.base_state is not None):
+            raise ConfigError("base_version names a version of the search's store, instead of base_state")
         if self.config.method != "gnsp":
             raise ConfigError(f"tune searches GNSP's threshold and loss weights; method must be gnsp, not {self.config.method!r}")
         if self.config.projection.rule == "energy" and self.space.threshold[1] >= 1:
@@ -147,21 +160,26 @@ class TuneRequest:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"bad tune request: {exc}") from exc
 
-    def save(self) -> Path:
+    def folder(self) -> SearchFolder:
+        """Where the search lives: `out_dir` in the store, or the local folder `out_dir`."""
+        return SearchFolder(self.store, self.out_dir) if self.store is not None else SearchFolder.local(self.out_dir)
+
+    def save(self) -> None:
         """File the request once, atomically. It is never rewritten (readers such as the API may be
         reading it at any moment): saving the same request again is a no-op, a different one an error."""
-        path = Path(self.out_dir) / REQUEST_FILE
-        if path.is_file():
-            if json.loads(path.read_text()) != json.loads(json.dumps(self.to_dict())):
-                raise ConfigError(f"{self.out_dir} already holds a different search request; "
+        folder = self.folder()
+        saved = folder.read_json(REQUEST_FILE)
+        if saved is not None:
+            if saved != json.loads(json.dumps(self.to_dict())):
+                raise ConfigError(f"{folder} already holds a different search request; "
                                   "resume it with `gnsp tune --resume` or choose a new output folder")
-            return path
-        write_json_atomic(path, self.to_dict())
-        return path
+            return
+        folder.write_text(REQUEST_FILE, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
-    def load(cls, out_dir: str | Path) -> "TuneRequest":
-        path = Path(out_dir) / REQUEST_FILE
-        if not path.is_file():
-            raise ConfigError(f"{out_dir} holds no search to resume (no {REQUEST_FILE})")
-        return cls.from_dict(json.loads(path.read_text()))
+    def load(cls, out_dir: str | Path | SearchFolder) -> "TuneRequest":
+        folder = out_dir if isinstance(out_dir, SearchFolder) else SearchFolder.local(out_dir)
+        saved = folder.read_json(REQUEST_FILE)
+        if saved is None:
+            raise ConfigError(f"{folder} holds no search to resume (no {REQUEST_FILE})")
+        return cls.from_dict(saved)

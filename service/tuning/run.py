@@ -8,10 +8,12 @@ validation objective (service.tuning.objective) after every task. Optuna's TPE p
 (`searcher="random"` is the documented alternative), starting from the paper's recipe so the
 table always shows whether the search beat it. ASHA stops trials that trail the others at the
 same task; Optuna is told such trials were pruned, so TPE never compares an objective over one
-task with one over the whole sequence. The Tune run is named by the job id and stored in
-out_dir/ray; `run_tune_job(TuneRequest.load(out_dir), resume=True)` (`gnsp tune --resume`)
-restores it with `Tuner.restore`: unfinished trials continue, failed ones retry from their last
-finished task. Output files: service.tuning.report.
+task with one over the whole sequence. The Tune run is named by the job id and stored in the
+search's folder (service.tuning.folder: a local `--out` folder, or `<store>/tune/<job_id>/` for a
+REST search, through the store's own pyarrow filesystem), under `ray/`;
+`run_tune_job(TuneRequest.load(out_dir), resume=True)` (`gnsp tune --resume`) restores it with
+`Tuner.restore`: unfinished trials continue, failed ones retry from their last finished task, on
+any node. Output files: service.tuning.report.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,9 @@ from gnsp_core.state import ContinualState
 from service.errors import user_reason
 from service.training.cluster import quiet_ray_warnings, ray_cluster
 from service.training.ray_train import WorkerResources
-from service.tuning.data import prepare_validation_tasks, validation_reference
+from service.training.stored import StoredVersion, scratch_root
+from service.tuning.data import stored_validation_tasks, validation_reference
+from service.tuning.folder import SearchFolder
 from service.tuning.objective import OBJECTIVE, retrieval_r1
 from service.tuning.report import (best_row, plot_trials, read_results, sort_rows, trial_row, write_best, write_status,
                           write_table)
@@ -55,7 +59,7 @@ __all__ = ["TuneOutcome", "TuneRequest", "SearchSpace", "read_results", "run_tun
 
 @dataclass
 class TuneOutcome:
-    out_dir: Path
+    folder: SearchFolder
     rows: list[dict[str, Any]]
     """The trials table, best first."""
     best: dict[str, Any] | None
@@ -97,8 +101,8 @@ class LiveTable(tune.Callback):
     and logs each result to the `gnsp.tune` logger. Tune pickles callbacks with the run, so what
     is shown is left to the logging setup of the process that runs (or resumes) the search."""
 
-    def __init__(self, out_dir: str, num_tasks: int) -> None:
-        self.out_dir, self.num_tasks = out_dir, num_tasks
+    def __init__(self, folder: SearchFolder, num_tasks: int) -> None:
+        self.folder, self.num_tasks = folder, num_tasks
 
     def rows(self, trials: list, latest: tuple | None = None) -> list[dict[str, Any]]:
         """Rows from each trial's last result; `latest` (trial, result): one Tune has not stored yet."""
@@ -108,7 +112,7 @@ class LiveTable(tune.Callback):
         return [trial_row(t.trial_id, t.config, metrics(t), t.status.lower(), self.num_tasks) for t in trials]
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
-        write_table(self.rows(trials, (trial, result)), Path(self.out_dir))
+        write_table(self.rows(trials, (trial, result)), self.folder)
         p = trial.config
         log.info(f"trial {trial.trial_id} task {result['tasks_done']}/{self.num_tasks} ({result['task']}): "
                  f"ρ={p['threshold']:.3f} CD={p['cd_weight']:.2f} MAP={p['map_weight']:.2f} lr={p['lr']:.1e} -> "
@@ -116,24 +120,23 @@ class LiveTable(tune.Callback):
                  f"retention {result['retention']:.3f}, objective {result[OBJECTIVE]:.3f}")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        write_table(self.rows(trials), Path(self.out_dir))
+        write_table(self.rows(trials), self.folder)
         log.warning(f"trial {trial.trial_id} failed; `gnsp tune --resume` retries it")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        write_table(self.rows(trials), Path(self.out_dir))
+        write_table(self.rows(trials), self.folder)
 
 
 def run_tune_job(request: TuneRequest, *, resume: bool = False, address: str | None = None) -> TuneOutcome:
     """Run (or with `resume`, continue) a search; blocks until it ends. Starts a private local Ray
-    unless one is running or `address` names a cluster. Status goes to out_dir/status.json."""
-    out = Path(request.out_dir)
-    if not resume and (out / "ray").exists():
+    unless one is running or `address` names a cluster. Status goes to the folder's status.json."""
+    out = request.folder()
+    if not resume and out.exists("ray"):
         raise ConfigError(f"{out} already holds a search: resume it with `gnsp tune --resume --out {out}` "
                           "or choose a new --out folder")
     quiet_ray_warnings()
     # Each trial reports a checkpoint only once per task, so Tune's snapshot-per-checkpoint is cheap here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    out.mkdir(parents=True, exist_ok=True)
     request.save()
     # One logical CPU more than the cores holds the trials' 0.01-CPU drivers, so N cores run N trials.
     with ray_cluster(address, num_cpus=(os.cpu_count() or 1) + 1):
@@ -160,27 +163,35 @@ def _final_status(outcome: TuneOutcome, trials: int) -> tuple[str, str | None]:
 
 
 def _search(request: TuneRequest, resume: bool) -> TuneOutcome:
-    out = Path(request.out_dir)
-    folders = prepare_validation_tasks(request.tasks, out / "data", request.val_fraction, request.max_train_per_class)
-    setup = TrialSetup([str(f) for f in folders], request.config, None if request.base_state else request.model,
-                       request.base_state, _baseline_r1(request), str(out / "work"),
-                       WorkerResources(request.workers, request.gpus_per_worker))
-    _tuner(request, setup, len(folders), resume).fit()
-    rows = sort_rows(json.loads((out / "trials.json").read_text()))
+    out = request.folder()
+    with tempfile.TemporaryDirectory(prefix="gnsp-tune-", dir=scratch_root(request.scratch_dir)) as scratch:
+        tasks = stored_validation_tasks(request.tasks, out, request.val_fraction, request.max_train_per_class,
+                                        Path(scratch))
+        base = StoredVersion(request.store, request.base_version) if request.base_version is not None \
+            else request.base_state
+        baseline = _baseline_r1(request, out, base, Path(scratch))
+    setup = TrialSetup(tasks, request.config, None if base else request.model, base, baseline, out.child("work"),
+                       WorkerResources(request.workers, request.gpus_per_worker,
+                                       extra=tuple(sorted(request.worker_resources.items()))), request.scratch_dir)
+    _tuner(request, setup, len(tasks), resume).fit()
+    rows = sort_rows(out.read_json("trials.json"))
     best = best_row(rows)
     write_table(rows, out)
-    plot_trials(rows, out / "objective_vs_threshold.png")
+    plot_trials(rows, out)
     config = write_best(best, request.config, out) if best is not None else None
     if not any(r["status"] == "error" for r in rows):
-        shutil.rmtree(out / "work", ignore_errors=True)  # trial states: only a failed trial's resume needs them
+        out.delete("work")  # trial states: only a failed trial's resume needs them
     return TuneOutcome(out, rows, best, config)
 
 
 def _tuner(request: TuneRequest, setup: TrialSetup, num_tasks: int, resume: bool) -> tune.Tuner:
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": TRIAL_CPU})
-    path = Path(request.out_dir) / "ray" / f"tune-{request.job_id}"
-    if resume and tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+    storage_path, filesystem = request.folder().storage("ray")
+    name = f"tune-{request.job_id}"
+    path = f"{storage_path}/{name}"
+    if resume and tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=filesystem)
     scheduler = ASHAScheduler(time_attr="tasks_done", max_t=num_tasks, grace_period=1, reduction_factor=2)
     return tune.Tuner(
         trainable,
@@ -188,8 +199,8 @@ def _tuner(request: TuneRequest, setup: TrialSetup, num_tasks: int, resume: bool
         tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="max", num_samples=request.trials,
                                     search_alg=_searcher(request, num_tasks), scheduler=scheduler,
                                     max_concurrent_trials=_max_concurrent(request)),
-        run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=0,
-                                  callbacks=[LiveTable(request.out_dir, num_tasks)],
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem, verbose=0,
+                                  callbacks=[LiveTable(request.folder(), num_tasks)],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
 
@@ -212,15 +223,19 @@ def _max_concurrent(request: TuneRequest) -> int:
     fits = int(resources.get("CPU", 1) // (request.workers + TRIAL_CPU))
     if request.gpus_per_worker:
         fits = min(fits, int(resources.get("GPU", 0) // (request.workers * request.gpus_per_worker)))
+    for name, amount in request.worker_resources.items():
+        fits = min(fits, int(resources.get(name, 0) // (request.workers * amount)))
     return max(1, fits)
 
 
-def _baseline_r1(request: TuneRequest) -> float:
-    """Reference R@1 of the pre-trained model (the state's own model for base_state); cached."""
-    spec = ContinualState.load(request.base_state).spec if request.base_state else request.model
-    cache = Path(request.out_dir) / "baseline.json"
-    if cache.is_file() and json.loads(cache.read_text())["spec"] == spec.to_dict():
-        return json.loads(cache.read_text())["r1"]
+def _baseline_r1(request: TuneRequest, out: SearchFolder, base: str | StoredVersion | None, scratch: Path) -> float:
+    """Reference R@1 of the pre-trained model (the base state's own model, if any); cached in the folder."""
+    if isinstance(base, StoredVersion):
+        base = base.fetch(scratch)
+    spec = ContinualState.load(base).spec if base else request.model
+    cached = out.read_json("baseline.json")
+    if cached is not None and cached["spec"] == spec.to_dict():
+        return cached["r1"]
     r1 = retrieval_r1(load_model(spec), validation_reference())
-    cache.write_text(json.dumps({"spec": spec.to_dict(), "r1": r1}))
+    out.write_text("baseline.json", json.dumps({"spec": spec.to_dict(), "r1": r1}))
     return r1

@@ -1,34 +1,35 @@
 """Searches started through the API (`POST /v1/tune`): queued, run one at a time, resumed after a restart.
 
-Each search lives in its own folder, `<store>/tune/<job_id>/` (under `work_dir` when the store is
-remote), holding exactly what `gnsp tune --out` writes (request.json, status.json, the trials table,
-the plot, best.json) plus `job.json`: when it was asked for, whether its winner becomes the default
-training config for later tasks, and whether a user cancelled it. The search runs in a Ray task so
+Each search lives in its own folder in the store, `<store>/tune/<job_id>/`, on a local disk or in an
+object store alike, holding exactly what `gnsp tune --out` writes (request.json, status.json, the
+trials table, the plot, best.json, its validation data and its Tune experiment under `ray/`) plus
+`job.json`: when it was asked for, whether its winner becomes the default training config for
+later tasks, and whether a user cancelled it. Nothing of it stays on the service's node, so the
+search's driver and trials may run on any node, and a new service on another node finds and
+resumes it (service.tuning.folder). The search runs in a Ray task so
 `DELETE` can stop it; a search the service was running when it stopped is continued with
 `Tuner.restore` on the next start, a search a user cancelled is not. Whatever goes wrong around a
 search (its Ray task dies, its folder cannot be read) ends that search `failed`; the searches
 queued behind it still run.
 
-Over REST the tasks are built-in names or one uploaded dataset (never a path on the server), and
-trials start from a stored model version (the active one unless `base_version` says otherwise).
+Over REST the tasks are built-in names or one uploaded dataset (never a path on the server; the
+archive is copied into the search's folder), and trials start from a stored model version (the
+active one unless `base_version` says otherwise), which each trial fetches by its number.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 
 from gnsp_core.data.builtin import BUILTIN_TASKS
-from gnsp_core.atomic_files import write_json_atomic
 from gnsp_core.config import TrainConfig
 from gnsp_core.errors import ConfigError
 from gnsp_core.models import recommended_training
@@ -38,7 +39,9 @@ from service.jobs.queue import WorkQueue
 from service.jobs.states import ENDED
 from service.settings import ServiceSettings
 from service.store import ModelStore
-from service.tuning.report import read_results, write_status
+from service.tuning.data import IN_FOLDER
+from service.tuning.folder import SearchFolder
+from service.tuning.report import BEST_FILE, read_results, write_status
 from service.tuning.request import REQUEST_FILE, TuneRequest, projection_for_range
 
 log = logging.getLogger(__name__)
@@ -47,8 +50,11 @@ TUNE_DIR = "tune"
 JOB_FILE = "job.json"
 DEFAULTS_FILE = "defaults.json"
 """Store file with the training config that tasks submitted without one start from."""
-SERVICE_KEYS = ("out_dir", "job_id", "model", "base_state", "workers", "gpus_per_worker")
+SERVICE_KEYS = ("out_dir", "job_id", "model", "base_state", "workers", "gpus_per_worker", "worker_resources", "store",
+                "scratch_dir")
 """TuneRequest fields the service sets itself (where results go, what model, what hardware)."""
+HIDDEN_KEYS = ("out_dir", "base_state", "store", "scratch_dir")
+"""TuneRequest fields a view leaves out: where things are kept is the service's business."""
 
 
 class UnknownSearchError(NotFoundError):
@@ -72,13 +78,10 @@ def new_search_id() -> str:
 
 
 class TuneJobs:
-    """The searches of one store: one worker thread, records on disk, defaults in the store."""
+    """The searches of one store: one worker thread, records and defaults in the store."""
 
     def __init__(self, store: ModelStore, settings: ServiceSettings) -> None:
         self.store, self.settings = store, settings
-        local = store.local_path(TUNE_DIR)
-        self.root = local if local is not None else Path(settings.work_dir or tempfile.gettempdir()) / "gnsp-tune"
-        self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._queue = WorkQueue("gnsp-tune", self._take, on_error=self._unexpected)
         self._running: dict[str, ray.ObjectRef] = {}
@@ -91,7 +94,7 @@ class TuneJobs:
         """Queue again every search a previous process left unfinished (not those a user cancelled)."""
         notes = []
         for job_id in sorted(self._job_ids(), key=lambda j: self._record(j).get("created", 0)):
-            record, status = self._record(job_id), read_results(self.root / job_id)["status"]
+            record, status = self._record(job_id), read_results(self._at(job_id))["status"]
             if status in ("succeeded", "failed") or record.get("cancelled"):
                 continue
             self._queue.put(job_id)
@@ -107,28 +110,30 @@ class TuneJobs:
 
     # --- requests --------------------------------------------------------------------------------
 
-    def submit(self, body: dict[str, Any], dataset: Path | None = None) -> dict[str, Any]:
-        """Check the request, file it and queue it; `dataset` is an uploaded, validated archive."""
+    def submit(self, body: dict[str, Any], upload: str | None = None) -> dict[str, Any]:
+        """Check the request, file it and queue it; `upload` is a validated archive in the store,
+        copied into the search's folder (the caller drops the original)."""
         job_id = new_search_id()
-        out = self.root / job_id
-        out.mkdir(parents=True)
+        out = self._at(job_id)
         try:
             options = {k: body.pop(k) for k in ("apply_best", "base_version") if k in body}
-            if dataset is not None:
-                dataset = Path(shutil.move(str(dataset), out / dataset.name))
+            dataset = f"dataset/{Path(upload).name}" if upload is not None else None
             request = self._request(body, out, job_id, dataset, options.get("base_version", "active"))
+            if upload is not None:  # a copy inside the store (server-side on S3): trials on any node find it
+                self.store.fs.create_dir(self.store.path(out.sub("dataset")), recursive=True)
+                self.store.fs.copy_file(self.store.path(upload), self.store.path(out.sub(dataset)))
             request.save()
             self._write_record(job_id, {"job_id": job_id, "created": time.time(),
                                         "apply_best": bool(options.get("apply_best", False)),
                                         "base_version": options.get("base_version", "active"), "cancelled": False})
             write_status(out, "queued")
         except BaseException:
-            shutil.rmtree(out, ignore_errors=True)
+            out.delete()
             raise
         self._queue.put(job_id)
         return self.view(job_id)
 
-    def _request(self, body: dict[str, Any], out: Path, job_id: str, dataset: Path | None,
+    def _request(self, body: dict[str, Any], out: SearchFolder, job_id: str, dataset: str | None,
                  base_version: Any) -> TuneRequest:
         from service.versions import model_spec
 
@@ -143,7 +148,7 @@ class TuneJobs:
             raise BadRequestError(f"unknown tasks {strangers}: the API tunes on built-in tasks "
                                   f"({', '.join(sorted(BUILTIN_TASKS))}) and on an uploaded dataset "
                                   "(multipart field 'dataset'); it never reads paths on the server")
-        tasks = [*tasks, *([str(dataset)] if dataset is not None else [])]
+        tasks = [*tasks, *([IN_FOLDER + dataset] if dataset is not None else [])]
         if not tasks:
             raise BadRequestError("a search needs tasks: name built-in tasks or upload a dataset")
         space = body.pop("space", None) or {}  # null (the whole space or one range): the default ranges
@@ -155,33 +160,36 @@ class TuneJobs:
         body["config"] = {**recommended_training(self.settings.model), **config, "method": config.get("method", "gnsp")}
         if "threshold" in body.get("space", {}):  # the range names the rule it searches
             body["config"]["projection"] = {**config.get("projection", {}), **projection_for_range(body["space"]["threshold"])}
-        service = {"out_dir": str(out), "job_id": job_id, "tasks": tasks, "workers": self.settings.workers,
-                   "gpus_per_worker": self.settings.gpus_per_worker}
+        service = {"out_dir": out.rel, "store": out.location, "job_id": job_id, "tasks": tasks,
+                   "workers": self.settings.workers, "gpus_per_worker": self.settings.gpus_per_worker,
+                   "worker_resources": dict(self.settings.worker_resources), "scratch_dir": self.settings.work_dir}
         if base_version is None:
             service["model"] = model_spec(self.settings).to_dict()
         else:
-            service["base_state"] = str(self._base_state(base_version))
+            service["base_version"] = self._base_version(base_version)
         try:
             return TuneRequest.from_dict({**body, **service})
         except ConfigError as exc:
             raise BadRequestError(str(exc)) from None
 
-    def _base_state(self, base_version: Any) -> Path:
+    def _base_version(self, base_version: Any) -> int:
+        """The committed version trials start from (they fetch it themselves, wherever they run)."""
         version = self.store.active() if base_version == "active" else base_version
         if not isinstance(version, int) or isinstance(version, bool):
             raise BadRequestError('base_version must be a version number, "active" or null (the bare model)')
-        return self.store.fetch_version(version, self.root / "versions")
+        self.store.manifest(version)  # UnknownVersionError unless committed
+        return version
 
     def view(self, job_id: str) -> dict[str, Any]:
         """The search as the API shows it: status, progress over its trials, table, best trial."""
         out = self._folder(job_id)
         record, results = self._record(job_id), read_results(out)
-        request = json.loads((out / REQUEST_FILE).read_text())
+        request = out.read_json(REQUEST_FILE)
         tasks, trials = len(request["tasks"]), request["trials"]
         done = sum(1.0 if r["status"] in ("complete", "stopped", "error") else min(r["tasks_done"] / tasks, 1.0)
                    for r in results["trials"])
         progress = 1.0 if results["status"] == "succeeded" else round(min(done / trials, 0.99), 4)
-        visible = {k: v for k, v in request.items() if k not in ("out_dir", "base_state")}
+        visible = {k: v for k, v in request.items() if k not in HIDDEN_KEYS}
         if job_id in self._unrecorded:
             results.update(status="failed", error=self._unrecorded[job_id])
         return {**record, **results, "progress": progress, "request": visible,
@@ -199,7 +207,7 @@ class TuneJobs:
         self._write_record(job_id, {**self._record(job_id), "cancelled": True})
         with self._lock:  # the worker checks `cancelled` under this lock before it starts a search
             if self._queue.remove(job_id):
-                write_status(self.root / job_id, "cancelled", "cancelled before it started")
+                write_status(self._at(job_id), "cancelled", "cancelled before it started")
             ref = self._running.get(job_id)
         if ref is not None:
             ray.cancel(ref)  # KeyboardInterrupt in the search; the worker records the end
@@ -207,10 +215,10 @@ class TuneJobs:
 
     def apply(self, job_id: str) -> dict[str, Any]:
         """Make the search's best config the default training config of later tasks."""
-        best = self._folder(job_id) / "best.json"
-        if not best.is_file():
+        best = self._folder(job_id).read_json(BEST_FILE)
+        if best is None:
             raise ConflictError(f"search {job_id!r} has no best config (yet); GET /v1/tune/{job_id} shows its status")
-        config = TrainConfig.from_dict(json.loads(best.read_text())).to_dict()
+        config = TrainConfig.from_dict(best).to_dict()
         self.store.write_json(DEFAULTS_FILE, {"config": config, "source": job_id, "updated": time.time()})
         return self.defaults() or {}
 
@@ -230,16 +238,16 @@ class TuneJobs:
         """The queue's handler: start the search in a Ray task (unless cancelled meanwhile), wait for it."""
         with self._lock:
             if self._record(job_id).get("cancelled"):
-                write_status(self.root / job_id, "cancelled", "cancelled before it started")
+                write_status(self._at(job_id), "cancelled", "cancelled before it started")
                 return True
-            request = json.loads((self.root / job_id / REQUEST_FILE).read_text())
+            request = self._at(job_id).read_json(REQUEST_FILE)
             ref = _run_search.remote(request, self._started(job_id))
             self._running[job_id] = ref
         self._finish(job_id, ref)
         return True
 
     def _finish(self, job_id: str, ref: ray.ObjectRef) -> None:
-        out = self.root / job_id
+        out = self._at(job_id)
         try:
             best = ray.get(ref)
         except Exception as exc:  # the search wrote its own status; this covers what happened around it
@@ -268,29 +276,36 @@ class TuneJobs:
         with self._lock:
             self._running.pop(job_id, None)
         try:
-            if read_results(self.root / job_id)["status"] not in ENDED:
+            if read_results(self._at(job_id))["status"] not in ENDED:
                 cancelled = bool(self._record(job_id).get("cancelled"))
                 reason = "cancelled by the user" if cancelled else user_reason(error)
-                write_status(self.root / job_id, "cancelled" if cancelled else "failed", reason)
+                write_status(self._at(job_id), "cancelled" if cancelled else "failed", reason)
         except Exception:
             log.exception("search %s: could not record its end", job_id)
             self._unrecorded[job_id] = "the service could not record this search's end; see the service log"
 
     # --- records ---------------------------------------------------------------------------------
 
+    def _at(self, job_id: str) -> SearchFolder:
+        return SearchFolder(self.store.uri, f"{TUNE_DIR}/{job_id}")
+
     def _started(self, job_id: str) -> bool:
-        return (self.root / job_id / "ray").exists()
+        return self._at(job_id).exists("ray")
 
     def _job_ids(self) -> list[str]:
-        return [p.name for p in self.root.iterdir() if (p / JOB_FILE).is_file()]
+        return [info.base_name for info in self.store.listdir(TUNE_DIR)
+                if info.type == pafs.FileType.Directory and self.store.exists(f"{TUNE_DIR}/{info.base_name}/{JOB_FILE}")]
 
-    def _folder(self, job_id: str) -> Path:
-        if not job_id.startswith("tune-") or "/" in job_id or not (self.root / job_id / JOB_FILE).is_file():
+    def _folder(self, job_id: str) -> SearchFolder:
+        if not job_id.startswith("tune-") or "/" in job_id or not self._at(job_id).exists(JOB_FILE):
             raise UnknownSearchError(f"search {job_id!r} does not exist; GET /v1/tune lists the searches")
-        return self.root / job_id
+        return self._at(job_id)
 
     def _record(self, job_id: str) -> dict[str, Any]:
-        return json.loads((self.root / job_id / JOB_FILE).read_text())
+        record = self.store.read_json(f"{TUNE_DIR}/{job_id}/{JOB_FILE}")
+        if record is None:
+            raise UnknownSearchError(f"search {job_id!r} has no record")
+        return record
 
     def _write_record(self, job_id: str, record: dict[str, Any]) -> None:
-        write_json_atomic(self.root / job_id / JOB_FILE, record)
+        self.store.write_json(f"{TUNE_DIR}/{job_id}/{JOB_FILE}", record)

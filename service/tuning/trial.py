@@ -3,15 +3,19 @@
 Ray 2.60 runs Tune over Train as a function trainable that builds and fits a TorchTrainer itself
 (`service.training.ray_train.train_task`). The trial requests only 0.01 CPU, so the trainer's workers get the
 cores. After each task the trial scores the new state on validation data, then reports the metrics
-with a small checkpoint (the next task, the state folder, the accuracies right after learning each
+with a small checkpoint (the next task, where the state is, the accuracies right after learning each
 task). A trial restored from that checkpoint continues with the next task; a task interrupted
 mid-way resumes from its own Ray Train checkpoint (same run storage and name).
+
+Nothing a trial reads or writes is a path of another node: the validation tasks and the base
+version come by their address in the search's folder and the store, and are fetched into this
+node's scratch; each task's run, and so the state after it (its final checkpoint), is kept in the
+search's `work/runs/`, so a trial restored on another node continues from it.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,7 +30,9 @@ from gnsp_core.models import ModelSpec, load_model
 from gnsp_core.state import ContinualState
 
 from service.training.ray_train import TrainJob, WorkerResources, train_task
+from service.training.stored import StoredState, StoredUpload, StoredVersion, local_source, scratch_root
 from service.tuning.data import TUNING_REFERENCE, validation_reference
+from service.tuning.folder import SearchFolder
 from service.tuning.objective import evaluate_state, score
 
 PROGRESS_FILE = "trial_progress.json"
@@ -36,21 +42,26 @@ PROGRESS_FILE = "trial_progress.json"
 class TrialSetup:
     """What every trial shares (passed once with tune.with_parameters)."""
 
-    task_folders: list[str]
-    """Validation ImageFolders: `train/` is learned, `test/` is the validation part."""
+    tasks: list[str | StoredUpload]
+    """Validation ImageFolders (`train/` is learned, `test/` is the validation part): folders, or
+    archives in the search's folder when the search lives in an object store."""
     config: TrainConfig
     model: ModelSpec | None
-    base_state: str | None
+    base_state: str | StoredVersion | None
     baseline_r1: float
     """Reference R@1 of the pre-trained model, the denominator of retention."""
-    work_dir: str
+    work: SearchFolder
+    """Where trials keep their task runs (`runs/<trial>-t<i>`), whose final checkpoints are their states."""
     resources: WorkerResources = field(default_factory=WorkerResources)
+    scratch_dir: str | None = None
+    """Node-local scratch for fetched inputs (None: the system temp dir)."""
 
 
 @dataclass
 class TrialProgress:
     next_task: int = 0
     state: str | None = None
+    """The state after the last learned task: its place in the store of `TrialSetup.work`."""
     learned_accs: list[float] = field(default_factory=list)
     """Validation accuracy of each task right after it was learned (for forgetting)."""
 
@@ -66,30 +77,35 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     config = trial_config(setup.config, params)
     progress = _restore(tune.get_checkpoint())
     trial_id = tune.get_context().get_trial_id()
-    work = Path(setup.work_dir)
-    tasks = [load_task(folder) for folder in setup.task_folders[: progress.next_task]]
-    pairs = validation_reference()
-    loaded = None
-    for index in range(progress.next_task, len(setup.task_folders)):
-        tasks.append(load_task(setup.task_folders[index]))  # a broken folder fails here, before a trainer starts
-        base = progress.state or setup.base_state
-        job = TrainJob(task=setup.task_folders[index], config=config, base_state=base,
-                       model=None if base else setup.model, reference=TUNING_REFERENCE)
-        run_name = f"{trial_id}-t{index}"
-        started = time.perf_counter()
-        result = train_task(job, storage_path=str(work / "runs"), name=run_name,
-                            out_dir=work / trial_id / f"after_{index}", resources=setup.resources)
-        shutil.rmtree(work / "runs" / run_name, ignore_errors=True)  # the state was copied out
-        state = ContinualState.load(result.state_dir)
-        loaded = loaded or load_model(state.spec)
-        accs, r1 = evaluate_state(loaded, state, tasks, pairs)
-        metrics = score(accs, progress.learned_accs, r1, setup.baseline_r1).as_metrics()
-        previous = progress.state
-        progress = TrialProgress(index + 1, str(result.state_dir), [*progress.learned_accs, accs[-1]])
-        _report({**metrics, "tasks_done": index + 1, "task": tasks[index].name,
-                 "task_s": time.perf_counter() - started}, progress)
-        if previous is not None:
-            shutil.rmtree(previous, ignore_errors=True)  # the next task starts from the new state
+    storage_path, filesystem = setup.work.storage("runs")
+    pairs, loaded = validation_reference(), None
+    with tempfile.TemporaryDirectory(prefix=f"gnsp-{trial_id}-", dir=scratch_root(setup.scratch_dir)) as name:
+        scratch = Path(name)
+
+        def task(i: int):  # a broken task fails here, before a trainer starts
+            return load_task(local_source(setup.tasks[i], scratch / f"in{i}"), work_dir=scratch)
+
+        tasks = [task(i) for i in range(progress.next_task)]
+        for index in range(progress.next_task, len(setup.tasks)):
+            tasks.append(task(index))
+            base = StoredState(setup.work.store.uri, progress.state) if progress.state else setup.base_state
+            job = TrainJob(task=setup.tasks[index], config=config, base_state=base,
+                           model=None if base else setup.model, reference=TUNING_REFERENCE,
+                           scratch_dir=setup.scratch_dir)
+            started = time.perf_counter()
+            result = train_task(job, storage_path=storage_path, storage_filesystem=filesystem,
+                                name=f"{trial_id}-t{index}", resources=setup.resources)
+            with result.checkpoint.as_directory() as folder:
+                state = ContinualState.load(folder)
+                loaded = loaded or load_model(state.spec)
+                accs, r1 = evaluate_state(loaded, state, tasks, pairs)
+            metrics = score(accs, progress.learned_accs, r1, setup.baseline_r1).as_metrics()
+            stored = StoredState.of_checkpoint(setup.work.store, result.checkpoint.path)
+            progress = TrialProgress(index + 1, stored.rel, [*progress.learned_accs, accs[-1]])
+            _report({**metrics, "tasks_done": index + 1, "task": tasks[index].name,
+                     "task_s": time.perf_counter() - started}, progress)
+            if index > 0:
+                setup.work.delete(f"runs/{trial_id}-t{index - 1}")  # the next task starts from the new state
 
 
 def _report(metrics: dict[str, Any], progress: TrialProgress) -> None:
