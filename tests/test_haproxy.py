@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
+from gnsp_core.errors import ConfigError
 from service.cli.main import build_parser
+from service.cli.serve import run_serve
 from service.serving.haproxy import DRAINING_S, haproxy_environment
 
 
@@ -18,3 +22,11 @@ def test_serve_takes_the_haproxy_flag():
     args = build_parser().parse_args(["serve", "--haproxy", "--model", "tiny"])
     assert args.haproxy is True
     assert build_parser().parse_args(["serve"]).haproxy is False
+
+
+def test_haproxy_without_a_token_is_refused_before_ray_starts(monkeypatch):
+    """Ray binds the replicas' ports on every interface under HAProxy: writes need a token (or --insecure)."""
+    monkeypatch.delenv("GNSP_API_TOKEN", raising=False)
+    args = build_parser().parse_args(["serve", "--haproxy", "--model", "tiny"])
+    with pytest.raises(ConfigError, match="without an API token"):
+        run_serve(args)

@@ -31,6 +31,8 @@ from service.cli.arguments import add_model_arguments
 from service.settings import ServiceSettings
 
 APP_NAME = "gnsp"
+REPLICA_HOST_UNDER_HAPROXY = "0.0.0.0"
+"""Under the HAProxy ingress Ray binds each replica's own HTTP port on every interface, whatever --host says."""
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -47,7 +49,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--num-cpus", type=int, help="CPUs of the private local Ray (default: all)")
     p.add_argument("--haproxy", action="store_true",
                    help="route HTTP with Serve's HAProxy ingress straight to the replicas (private local Ray; "
-                        "on a cluster set RAY_SERVE_ENABLE_HA_PROXY=1 on every node)")
+                        "on a cluster set RAY_SERVE_ENABLE_HA_PROXY=1 on every node). The replicas then listen "
+                        "on every interface, so writes need GNSP_API_TOKEN (or --insecure)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers per job")
     p.add_argument("--activation", choices=("auto", "manual"), default="auto",
                    help="auto: activate a new version that passes the quality gate; manual: only on request")
@@ -84,6 +87,8 @@ def run_serve(args: argparse.Namespace) -> int:
     """Start Ray (or join it), deploy the app, serve until a signal, then shut down cleanly."""
     settings = settings_from_args(args)
     settings.check_exposure(args.host)  # before Ray starts: a refused start costs nothing
+    if getattr(args, "haproxy", False):
+        settings.check_exposure(REPLICA_HOST_UNDER_HAPROXY)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     import ray
     from ray import serve
