@@ -106,26 +106,28 @@ def s3_store_uri(seaweedfs, monkeypatch) -> str:
     return seaweedfs.uri()
 
 
-# The suite runs on two xdist workers (`make test`: -n 2 --dist loadgroup). Each test module is one
-# group, so a module's fixtures (a deployed service, a Ray) are set up once, on one worker; the
-# modules that start Ray clusters of their own share a group, so two of them never start Rays on
-# the same two cores at once (Ray gives a node 30 s to register). The longest modules go first, so
-# the two workers finish near the same time.
-OWN_RAY_GROUP = "own-ray-clusters"
-OWN_RAY_MODULES = {"test_multinode", "test_service_e2e"}
+# The suite runs on two xdist workers (`make test`: -n 2 --dist loadfile): each test module runs
+# whole on one worker, so its fixtures (a deployed service, a Ray) are set up once. The longest
+# modules go first, so the two workers finish near the same time.
 LONGEST_FIRST = ["test_multinode", "test_service_e2e", "test_tune", "test_demo", "test_service_tune",
                  "test_openapi_fuzz", "test_default_model", "test_service_bad_input", "test_train_ray"]
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    def module(item) -> str:
-        return item.module.__name__.rpartition(".")[2]
-
     def rank(item) -> int:
-        return LONGEST_FIRST.index(module(item)) if module(item) in LONGEST_FIRST else len(LONGEST_FIRST)
+        module = item.module.__name__.rpartition(".")[2]
+        return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: a module's tests keep their order
-    for item in items:
-        group = OWN_RAY_GROUP if module(item) in OWN_RAY_MODULES else module(item)
-        item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.fixture()
+def own_ray_slot(tmp_path_factory):
+    """Held by a test that starts Ray processes of its own (a `gnsp serve`, a multi-node cluster):
+    one such test at a time across the xdist workers of this run, because Ray gives a starting
+    node 30 s to register with its GCS and two clusters starting at once on two cores miss that."""
+    import fcntl
+
+    with open(tmp_path_factory.getbasetemp().parent / "own-ray.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

@@ -41,7 +41,7 @@ def checkpoints(fs: pafs.FileSystem, run: str) -> list[str]:
     return sorted(i.base_name for i in infos if i.base_name.startswith("checkpoint_") and i.type == pafs.FileType.Directory)
 
 
-def test_job_on_a_node_without_shared_disk_survives_losing_that_node(seaweedfs, tmp_path):
+def test_job_on_a_node_without_shared_disk_survives_losing_that_node(own_ray_slot, seaweedfs, tmp_path):
     store = seaweedfs.uri()
     scratch = Path("/tmp") / f"gnsp-scratch-{tmp_path.name}"  # private on every worker node (its own /tmp)
     heldout = write_colour_folder(tmp_path / "heldout", ["red", "green", "blue"], n_train=2, n_test=2, seed=7)

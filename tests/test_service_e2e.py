@@ -192,7 +192,7 @@ def wait_healthy(client: httpx.Client, process: subprocess.Popen, timeout: float
         time.sleep(0.5)
 
 
-def test_service_killed_mid_job_restarts_with_store_intact(tmp_path):
+def test_service_killed_mid_job_restarts_with_store_intact(own_ray_slot, tmp_path):
     store, port = tmp_path / "store", free_port()
     process = start_gnsp_serve(store, tmp_path, port)
     try:
