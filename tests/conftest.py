@@ -106,11 +106,13 @@ def s3_store_uri(seaweedfs, monkeypatch) -> str:
     return seaweedfs.uri()
 
 
-# The suite runs on two xdist workers (`make test`: -n 2 --dist loadfile): each test module runs
-# whole on one worker, so its fixtures (a deployed service, a Ray) are set up once. The longest
-# modules go first, so the two workers finish near the same time.
-LONGEST_FIRST = ["test_multinode", "test_service_e2e", "test_tune", "test_demo", "test_service_tune",
-                 "test_openapi_fuzz", "test_default_model", "test_service_bad_input", "test_train_ray"]
+# The suite runs on two xdist workers (`make test`: -n 2 --dist loadfile --no-loadscope-reorder):
+# each test module runs whole on one worker, so its fixtures (a deployed service, a Ray) are set up
+# once, and modules are handed out in this order (xdist would otherwise order them by their number
+# of tests): the longest first, so the two workers finish near the same time.
+LONGEST_FIRST = ["test_multinode", "test_tune", "test_service_e2e", "test_demo", "test_service_tune",
+                 "test_openapi_fuzz", "test_default_model", "test_gpu_check", "test_service_bad_input",
+                 "test_train_ray", "test_metrics_replicas", "test_deploy"]
 
 
 def pytest_collection_modifyitems(config, items):
