@@ -28,7 +28,7 @@ TARGET_S, TARGET_ACCURACY = 60.0, 80.0
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from gnsp_core.data import load_task
-    from gnsp_core.models import DEFAULT_MODEL, recommended_training
+    from gnsp_core.models import DEFAULT_MODEL
     from service.cli.build_default import build_default_with_bar
     from service.cli.demo_rest import submit_task, task_zip
     from service.cli.demo_service import check, local_service, wait_ready
@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     accuracy = metrics.get("task_accuracy")
     return {"model": args.model or DEFAULT_MODEL, "task": task.name, "classes": len(task.classnames),
             "train_images": len(task.train.labels), "test_images": len(task.test.labels),
-            "method": settings.default_method, "training": model.get("recommended_training")
-            or recommended_training(args.model), "status": record["status"], "wall_s": round(wall, 1),
+            "method": settings.default_method, "training": model["recommended_training"],
+            "status": record["status"], "wall_s": round(wall, 1),
             "phases_first_seen_s": seen, "task_accuracy": accuracy, "metrics": metrics,
             "target_met": record["status"] == "succeeded" and wall <= TARGET_S
             and accuracy is not None and accuracy >= TARGET_ACCURACY}

@@ -87,7 +87,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """Start Ray (or join it), deploy the app, serve until a signal, then shut down cleanly."""
     settings = settings_from_args(args)
     settings.check_exposure(args.host)  # before Ray starts: a refused start costs nothing
-    if getattr(args, "haproxy", False):
+    if args.haproxy:
         settings.check_exposure(REPLICA_HOST_UNDER_HAPROXY)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     import ray
