@@ -201,6 +201,25 @@ def test_default_model_is_a_standard_open_clip_model_with_frozen_batchnorm(built
 
 @pytest.mark.slow
 @needs_reference_data
+def test_default_model_prepared_for_serving_gives_the_same_features(built):
+    from gnsp_core.models import ModelSpec, load_model
+    from gnsp_core.models.inference import prepare_image_tower
+
+    loaded = load_model(ModelSpec(name="gnsp-mini"))
+    model = loaded.model.eval()
+    trunk = model.visual.trunk
+    images = torch.randn(3, 3, dm.IMAGE_SIZE, dm.IMAGE_SIZE)
+    with torch.no_grad():
+        before = model.encode_image(images)
+        assert prepare_image_tower(model, loaded.image_size)
+        after = model.encode_image(images.contiguous(memory_format=torch.channels_last))
+    assert model.visual.trunk is not trunk
+    assert not any("BatchNorm" in type(m).__name__ for m in model.visual.modules())
+    assert torch.allclose(after, before, atol=1e-4)
+
+
+@pytest.mark.slow
+@needs_reference_data
 def test_default_model_reads_the_heldout_suite_far_above_chance(built):
     from gnsp_core.data.heldout import PAIRS_NAME, load_heldout_suite
     from gnsp_core.evaluation import heldout_metrics

@@ -39,3 +39,34 @@ def test_requests_decoded_apart_give_the_same_answers(tiny):
     heads = TextHeadCache(8)
     decoded = [{"pixels": served.pixels(r["images"]), "labels": r["labels"]} for r in requests]
     assert served.classify(decoded, heads) == served.classify(requests, heads)
+
+
+def test_versions_loaded_from_a_template_are_their_own_models(tiny, tmp_path):
+    """The second version of an architecture is a copy of the first one built, filled with its own
+    weights: it answers as a model loaded alone would, and shares no tensor with the first."""
+    import torch
+
+    from gnsp_core.state import ContinualState
+    from service.serving.served_model import VersionLoader, load_served_model
+    from service.store import ModelStore
+
+    store = ModelStore.open(str(tmp_path / "store"))
+    state = ContinualState.initial(tiny.model, tiny.spec)
+    store.publish_version(state.save(tmp_path / "a"), {})
+    state.weights = {k: v * 1.5 if v.is_floating_point() else v for k, v in state.weights.items()}
+    store.publish_version(state.save(tmp_path / "b"), {})
+
+    loader = VersionLoader(store, tmp_path / "cache", device="cpu")
+    first, second = loader.load(1), loader.load(2)
+    alone = load_served_model(store, 2, tmp_path / "alone", device="cpu")
+    assert list(loader.templates) == [tiny.spec]
+    assert first.loaded.model is not second.loaded.model
+    assert all(a.data_ptr() != b.data_ptr()
+               for a, b in zip(first.loaded.model.parameters(), second.loaded.model.parameters()))
+    for key, value in second.loaded.model.state_dict().items():
+        assert torch.equal(value, alone.loaded.model.state_dict()[key]), key
+    request = [{"images": [png_bytes("red")], "labels": ["red", "blue", "a tree"]}]
+    first_scores, second_scores, alone_scores = (scores(served.classify(request, TextHeadCache(8)))[0]
+                                                 for served in (first, second, alone))
+    assert second_scores == pytest.approx(alone_scores, abs=1e-5)
+    assert first_scores != pytest.approx(second_scores, abs=1e-3)

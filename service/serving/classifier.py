@@ -10,9 +10,10 @@ image fails its own request and nothing else. A batch counts images (`max_batch_
 by version, and waits to fill only while other requests are in the replica (batch_window.py).
 
 Versions (version_pool.py): the active one is held resident (pinned requests never evict it);
-others sit in a bounded LRU and load one at a time on a loader thread of their own, never on the
-event loop nor on the forward's thread, at most one per `min_version_load_interval_s` for pinned
-requests (more get 429 with Retry-After). Swapping the active version never touches a loaded
+others sit in a bounded LRU and load one at a time (served_model.VersionLoader: each architecture
+built once, each version's image tower prepared for serving) on a loader thread of their own,
+never on the event loop nor on the forward's thread, at most one per `min_version_load_interval_s`
+for pinned requests (more get 429 with Retry-After). Swapping the active version never touches a loaded
 model: new requests resolve the new version, requests in flight finish on theirs.
 
 No `from __future__ import annotations` here: FastAPI must see the route's real types through
@@ -42,7 +43,7 @@ from service.api.schemas import ClassifyResponse
 from service.api.uploads import check_image, read_classify_request
 from service.serving.batch_window import BatchWindow
 from service.serving.classify_http import CLASSIFIER_DEPLOYMENT, CLASSIFY_ROUTE, classify_app, server_timing
-from service.serving.served_model import ServedModel, load_served_model
+from service.serving.served_model import ServedModel, VersionLoader
 from service.serving.version_cache import VersionCache
 from service.serving.version_pool import VersionPool
 from service.settings import ServiceSettings
@@ -104,6 +105,7 @@ class Classifier:
         self.store = ModelStore.open(settings.store)
         self.versions = VersionCache(self.store.active, self.store.versions, settings.active_pointer_ttl_s)
         self.cache_dir = Path(tempfile.mkdtemp(prefix="gnsp-versions-", dir=settings.scratch()))
+        self.version_loader = VersionLoader(self.store, self.cache_dir)
         self.heads = TextHeadCache(settings.text_head_cache, settings.text_head_cache_labels)
         # New label sets are encoded one at a time, outside the image batch.
         self.head_builds = asyncio.Semaphore(1)
@@ -115,7 +117,7 @@ class Classifier:
 
     async def _load_version(self, version: int) -> ServedModel:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.loader, load_served_model, self.store, version, self.cache_dir)
+        return await loop.run_in_executor(self.loader, self.version_loader.load, version)
 
     @classify_api.post(CLASSIFY_ROUTE, response_model=ClassifyResponse)
     async def classify_http(self, request: Request) -> Response:
