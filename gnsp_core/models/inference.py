@@ -5,8 +5,8 @@ A model that only answers requests never updates its batch-norm statistics, so e
 that directly follows a convolution is an affine map that can live in the convolution's weights
 and bias: one pass over the activations less per layer. Channels-last memory is the layout CPU
 (oneDNN) and GPU convolution kernels are fastest on. On gnsp-mini's EfficientNet-Lite0 the two
-together cut the image tower's time on CPU by about 1.3x for one image and 1.7x for a batch of
-eight (README, "Serving speed"). The text tower is left as it is (it runs once per label set).
+together cut the image tower's time on a 2-core CPU by about 1.3x for one image and 1.7x for a
+batch of eight (benchmarks/serve_load.py reports the whole classify call both ways). The text tower is left as it is (it runs once per label set).
 
 Which batch norm follows which convolution is read from the module tree (adjacent children of one
 parent, as timm and torchvision register them), which is a convention, not a guarantee: the
