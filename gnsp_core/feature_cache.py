@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from gnsp_core.data.samples import ImageSamples
+from gnsp_core.models.inference import image_probe, prepared_copy
 
 TASK, REFERENCE = 0, 1
 VAL_VIEW = -1
@@ -155,7 +156,7 @@ class FeatureCache:
         """Per frozen part, the inputs this task computed (filled by `close`)."""
         image_part = _frozen_image_part(model)
         if image_part is not None:
-            self._patch_images(*image_part)
+            self._patch_images(*image_part, image_size=_image_size(model))
             self._hidden.update(id(p) for p in image_part[1].parameters())
         text_part = _frozen_text_part(model)
         if text_part is not None:
@@ -204,15 +205,23 @@ class FeatureCache:
 
     # --- images -----------------------------------------------------------------------------------
 
-    def _patch_images(self, name: str, module: nn.Module) -> None:
+    def _patch_images(self, name: str, module: nn.Module, image_size: int | None) -> None:
         original = module.forward
         memo = self._memo(f"image:{name}", module)
+        # Missing outputs are computed by a copy prepared for inference (batch norms folded,
+        # channels-last) when the part has one: the same function, about half the time on gnsp-mini.
+        fast = None if image_size is None else prepared_copy(module, image_probe(image_size, self.device))
+
+        def outputs(pixels: Tensor) -> list[Tensor]:
+            if fast is None:
+                return list(original(pixels))
+            return list(fast(pixels.contiguous(memory_format=torch.channels_last)))
 
         def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
             if not is_keys(x):
                 return original(x, *args, **kwargs)
             keys = [tuple(row) for row in x.tolist()]
-            compute = lambda rows: list(original(self.pixels(x[rows]).to(self.device)))  # noqa: E731
+            compute = lambda rows: outputs(self.pixels(x[rows]).to(self.device))  # noqa: E731
             return torch.stack(memo.lookup(keys, compute))
 
         self._install(module, "forward", forward)
@@ -256,6 +265,13 @@ class FeatureCache:
                 delattr(module, attribute)
 
         self._restore.append(restore)
+
+
+def _image_size(model: nn.Module) -> int | None:
+    size = getattr(getattr(model, "visual", None), "image_size", None)
+    if isinstance(size, (tuple, list)):
+        size = size[0] if len(set(size)) == 1 else None
+    return int(size) if isinstance(size, int) else None
 
 
 def _frozen_image_part(model: nn.Module) -> tuple[str, nn.Module] | None:

@@ -7,7 +7,7 @@ import torch
 from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d
 from torch import nn
 
-from gnsp_core.models.inference import fold_batch_norms, prepare_image_tower
+from gnsp_core.models.inference import fold_batch_norms, prepare_image_tower, prepared_copy
 
 
 def with_statistics(module: nn.Module) -> nn.Module:
@@ -77,10 +77,17 @@ def test_prepared_tower_replaces_the_original_only_when_it_agrees():
     assert wrong.visual is original
 
 
-def test_a_tower_without_batch_norms_is_prepared_unchanged(tiny):
+def test_a_tower_without_batch_norms_is_left_as_it_is(tiny):
     model = copy.deepcopy(tiny.model).eval()
-    images = torch.randn(2, 3, tiny.image_size, tiny.image_size)
-    with torch.no_grad():
-        before = model.encode_image(images)
-        assert prepare_image_tower(model, tiny.image_size)
-        assert torch.allclose(model.encode_image(images), before, atol=1e-6)
+    visual = model.visual
+    assert not prepare_image_tower(model, tiny.image_size)
+    assert model.visual is visual
+
+
+def test_a_training_module_is_compared_in_eval_mode_and_left_training():
+    tower = with_statistics(Tower()).train()
+    running_mean = tower.bn2.running_mean.clone()
+    prepared = prepared_copy(tower, torch.randn(2, 3, 32, 32))
+    assert prepared is not None and not prepared.training
+    assert tower.training and tower.bn2.training
+    assert torch.equal(tower.bn2.running_mean, running_mean)  # the probe did not update its statistics

@@ -10,14 +10,17 @@ batch of eight (benchmarks/serve_load.py reports the whole classify call both wa
 
 Which batch norm follows which convolution is read from the module tree (adjacent children of one
 parent, as timm and torchvision register them), which is a convention, not a guarantee: the
-prepared tower is therefore checked against the original on a probe batch, and kept only if they
-agree.
+prepared copy is therefore checked against the original on a probe batch, and kept only if they
+agree. Training uses the same copies for the parts of a model that do not train during a task
+(feature_cache.py, pretrained_cache.py): frozen and in eval mode, they compute a fixed function.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -62,24 +65,54 @@ def fold_batch_norms(module: nn.Module) -> int:
     return folded
 
 
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """`module` in eval mode for the block, each submodule's own mode restored after it."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 @torch.no_grad()
-def prepare_image_tower(model: nn.Module, image_size: int, probe_batch: int = 2) -> bool:
-    """Replace `model.visual` (eval mode, inference only) by a copy with its batch norms folded and
-    channels-last weights, if that copy gives the same features as the original on a seeded probe
-    batch. Returns whether the tower was replaced. Never use on a model that will train."""
-    original = model.visual
-    prepared = copy.deepcopy(original).eval()
+def prepared_copy(module: nn.Module, probe: torch.Tensor) -> nn.Module | None:
+    """A copy of `module` for inference only (eval mode, batch norms folded, channels-last weights)
+    if it has a batch norm to fold and gives the same output as `module` in eval mode on `probe`
+    (N, C, H, W); else None (nothing to gain, or its module order does not match its forward).
+    The copy takes channels-last input best. `module` itself is left as it was."""
+    prepared = copy.deepcopy(module).eval()
     folded = fold_batch_norms(prepared)
+    if folded == 0:
+        return None
     prepared = prepared.to(memory_format=torch.channels_last)
-    device = next(original.parameters()).device
+    with evaluating(module):
+        expected = module(probe)
+    got = prepared(probe.contiguous(memory_format=torch.channels_last))
+    if not (isinstance(expected, torch.Tensor) and isinstance(got, torch.Tensor) and got.shape == expected.shape):
+        return None
+    difference = (got.float() - expected.float()).abs().max().item()
+    if not difference <= PROBE_TOLERANCE * max(1.0, expected.float().abs().max().item()):
+        log.warning("folding %d batch norms changed %s's output by %.3g; keeping it as it is",
+                    folded, type(module).__name__, difference)
+        return None
+    return prepared
+
+
+def image_probe(image_size: int, device: torch.device | str, batch: int = 2) -> torch.Tensor:
+    """Seeded random pixels to compare an image tower (or a prefix of it) with its prepared copy."""
     generator = torch.Generator().manual_seed(0)
-    probe = torch.randn(probe_batch, 3, image_size, image_size, generator=generator).to(device)
-    expected = original.eval()(probe).float()
-    got = prepared(probe.contiguous(memory_format=torch.channels_last)).float()
-    difference = (got - expected).abs().max().item()
-    if not difference <= PROBE_TOLERANCE * max(1.0, expected.abs().max().item()):
-        log.warning("the prepared image tower differs from the original by %.3g; serving the original", difference)
+    return torch.randn(batch, 3, image_size, image_size, generator=generator).to(device)
+
+
+def prepare_image_tower(model: nn.Module, image_size: int) -> bool:
+    """Replace `model.visual` by its prepared copy (see `prepared_copy`), if it has one. Returns
+    whether the tower was replaced. Only for a model that will never train again (a served one)."""
+    device = next(model.visual.parameters()).device
+    prepared = prepared_copy(model.visual, image_probe(image_size, device))
+    if prepared is None:
         return False
     model.visual = prepared
-    log.info("image tower prepared for serving: %d batch norms folded, channels-last", folded)
     return True
