@@ -83,6 +83,8 @@ def prepared_copy(module: nn.Module, probe: torch.Tensor) -> nn.Module | None:
     if it has a batch norm to fold and gives the same output as `module` in eval mode on `probe`
     (N, C, H, W); else None (nothing to gain, or its module order does not match its forward).
     The copy takes channels-last input best. `module` itself is left as it was."""
+    if not any("BatchNorm" in type(m).__name__ for m in module.modules()):
+        return None  # a ViT: nothing to fold, and no copy of a large tower for nothing
     prepared = copy.deepcopy(module).eval()
     folded = fold_batch_norms(prepared)
     if folded == 0:
