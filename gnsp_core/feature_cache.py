@@ -126,6 +126,8 @@ class _Memo:
 
 
 _SHARED: "weakref.WeakKeyDictionary[object, dict[tuple, _Memo]]" = weakref.WeakKeyDictionary()
+_DIGESTS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+"""Weight digests of frozen modules of other models (the frozen pre-trained model), hashed once."""
 
 
 def _weights_digest(module: nn.Module) -> str:
@@ -148,6 +150,8 @@ class FeatureCache:
         self.pixels, self.device, self.run = pixels, device, run
         self._restore: list[Callable[[], None]] = []
         self._installed: list[tuple[nn.Module, str, Callable]] = []
+        self._parts: list[tuple[str, str, nn.Module, Callable]] = []
+        """(memo name, path of the patched module in the model, the module, its patched attribute)."""
         self._hidden: set[int] = set()
         """ids of the parameters inside a patched part: their modules do not run on cached inputs."""
         self.memos: dict[str, _Memo] = {}
@@ -158,10 +162,15 @@ class FeatureCache:
         if image_part is not None:
             self._patch_images(*image_part, image_size=_image_size(model))
             self._hidden.update(id(p) for p in image_part[1].parameters())
+            self._parts.append((f"image:{image_part[0]}", _PATHS[image_part[0]], image_part[1], "forward"))
         text_part = _frozen_text_part(model)
         if text_part is not None:
             self._patch_text(*text_part)
             self._hidden.update(id(p) for p in _text_part_parameters(model, *text_part))
+            name, module, attribute = text_part
+            if name != "clip-text":  # that part is the whole model's encode_text: nothing to lend
+                self._parts.append((f"text:{name}", _PATHS[name], module, attribute))
+        self._digests: dict[str, str] = {}
 
     @property
     def caches_images(self) -> bool:
@@ -170,6 +179,39 @@ class FeatureCache:
     def hides(self, parameter: nn.Parameter) -> bool:
         """Whether `parameter` sits in a patched part (its module does not run on cached inputs)."""
         return id(parameter) in self._hidden
+
+    @contextmanager
+    def lent_to(self, other: nn.Module) -> Iterator[set[str]]:
+        """For the block, run each part of `other` that is the very function of one of this cache's
+        frozen parts (same place in the model, same weights) through this cache's memo: the frozen
+        pre-trained model that distillation reads shares its trunks with the model being trained
+        (gnsp-mini), and each reference pair is then encoded by them once, not twice. Yields the
+        lent memo names ("image:..." among them means `other` takes this cache's image keys)."""
+        lent: set[str] = set()
+        restore: list[Callable[[], None]] = []
+        try:
+            for name, path, module, attribute in self._parts:
+                theirs = _module_at(other, path)
+                if theirs is None or theirs is module or not self._same_weights(name, module, theirs):
+                    continue
+                had_own, previous = attribute in theirs.__dict__, theirs.__dict__.get(attribute)
+                setattr(theirs, attribute, getattr(module, attribute))
+                restore.append(lambda m=theirs, a=attribute, h=had_own, p=previous:
+                               setattr(m, a, p) if h else delattr(m, a))
+                lent.add(name)
+            yield lent
+        finally:
+            for undo in reversed(restore):
+                undo()
+
+    def _same_weights(self, name: str, ours: nn.Module, theirs: nn.Module) -> bool:
+        """Whether two parts hold the same weights. Both are frozen for the task, so each is hashed
+        once (the other model's parts in a weak map: they may outlive or predate this cache)."""
+        if name not in self._digests:
+            self._digests[name] = _weights_digest(ours)
+        if theirs not in _DIGESTS:
+            _DIGESTS[theirs] = _weights_digest(theirs)
+        return _DIGESTS[theirs] == self._digests[name]
 
     @contextmanager
     def suspended(self) -> Iterator[None]:
@@ -265,6 +307,17 @@ class FeatureCache:
                 delattr(module, attribute)
 
         self._restore.append(restore)
+
+
+_PATHS = {"visual": "visual", "trunk": "visual.trunk", "text": "text", "hf-transformer": "text.transformer"}
+"""Where each kind of frozen part sits in an open_clip model."""
+
+
+def _module_at(model: nn.Module, path: str) -> nn.Module | None:
+    module: Any = model
+    for attribute in path.split("."):
+        module = getattr(module, attribute, None)
+    return module if isinstance(module, nn.Module) else None
 
 
 def _image_size(model: nn.Module) -> int | None:

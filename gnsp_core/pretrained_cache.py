@@ -9,11 +9,13 @@ gnsp-mini that is about 2 s of a 5 s GNSP step from the second task on.
 from __future__ import annotations
 
 import weakref
+from contextlib import nullcontext
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from gnsp_core.feature_cache import FeatureCache, is_keys
 from gnsp_core.models.inference import image_probe, prepared_copy
 from gnsp_core.models.loading import load_model
 from gnsp_core.models.spec import ModelSpec
@@ -48,15 +50,22 @@ class PretrainedFeatures:
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, tokens: torch.Tensor, index: Sequence[int],
-                 pixels: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 pixels: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 frozen: FeatureCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised image and text features of the pairs `index`; only unseen pairs are encoded.
-        `pixels` turns the images into pixels first (the trained model may take cache keys instead)."""
+        `pixels` turns the images into pixels first (the trained model may take cache keys instead).
+        With the trained model's `frozen` feature cache, the parts this model shares with it (same
+        weights) read that cache: one pass of a shared trunk serves both models."""
         missing = [i for i, k in enumerate(index) if k not in self._pairs]
         if missing:
             base = self.model()
-            batch = images[missing] if pixels is None else pixels(images[missing])
-            img = nn.functional.normalize(self._encode_image(batch).float(), dim=-1)
-            txt = nn.functional.normalize(base.encode_text(tokens[missing]).float(), dim=-1)
+            with frozen.lent_to(base) if frozen is not None else nullcontext(set()) as lent:
+                if any(name.startswith("image:") for name in lent) and is_keys(images):
+                    image_features = base.encode_image(images[missing])
+                else:
+                    image_features = self._encode_image(images[missing] if pixels is None else pixels(images[missing]))
+                img = nn.functional.normalize(image_features.float(), dim=-1)
+                txt = nn.functional.normalize(base.encode_text(tokens[missing]).float(), dim=-1)
             for j, i in enumerate(missing):
                 self._pairs[index[i]] = (img[j], txt[j])
         return torch.stack([self._pairs[k][0] for k in index]), torch.stack([self._pairs[k][1] for k in index])

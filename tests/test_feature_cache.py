@@ -175,3 +175,29 @@ def test_reference_outputs_are_reused_by_the_next_task_of_a_run(split_model_regi
     first, second = (c.computed["image:trunk"] for c in opened_caches)
     assert (first, second) == (12 + 8, 10)
     assert opened_caches[1].computed["text:hf-transformer"] == 2  # only the new class prompts
+
+
+def test_the_pretrained_model_reads_the_trunks_it_shares_from_the_cache(split_model_registered, opened_caches,
+                                                                        monkeypatch):
+    """Distillation's frozen pre-trained model has the very trunks of the model being trained (only
+    the heads train): its reference features come from the task's memos, not a second pass."""
+    from gnsp_core.pretrained_cache import PretrainedFeatures
+
+    own_passes, pairs = [], []
+    features = PretrainedFeatures.features
+
+    def spy(self, *args, **kwargs):
+        out = features(self, *args, **kwargs)
+        pairs.append(len(self._pairs))
+        return out
+
+    monkeypatch.setattr(PretrainedFeatures, "features", spy)
+    monkeypatch.setattr(PretrainedFeatures, "_encode_image", lambda self, pixels: own_passes.append(len(pixels)))
+    loaded = unaugmented(split_model_registered)
+    config = TrainConfig(method="gnsp", trainable=HEADS_ONLY, cache_views=1, **{**FAST, "steps": 6})
+    state = ContinualState.initial(loaded.model, loaded.spec)
+    learn_task(state, loaded, colour_task("A", ["red", "blue"], n_train=6), config, reference=reference_pairs(2))
+    (cache,) = opened_caches
+    assert pairs and pairs[-1] == 8  # the pre-trained features of every reference pair were read
+    assert own_passes == []  # and none needed the pre-trained model's own trunk
+    assert cache.computed["image:trunk"] == 12 + 8 and cache.computed["text:hf-transformer"] == 2 + 4

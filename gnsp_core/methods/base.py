@@ -97,4 +97,5 @@ class Method:
 
     def base_features(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The pre-trained model's features of the last reference batch, each pair computed once per run."""
-        return self.ctx.pretrained.features(images, tokens, self._ref_index.tolist(), self.ctx.pixels)
+        return self.ctx.pretrained.features(images, tokens, self._ref_index.tolist(), self.ctx.pixels,
+                                            self.ctx.feature_cache)
