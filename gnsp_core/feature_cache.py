@@ -33,9 +33,10 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from gnsp_core.data.samples import ImageSamples
+from gnsp_core.frozen_outputs import REFERENCE_POOL, FrozenOutputFiles
 from gnsp_core.models.inference import image_probe, prepared_copy
 
-TASK, REFERENCE = 0, 1
+TASK, REFERENCE = 0, REFERENCE_POOL
 VAL_VIEW = -1
 _CHUNK = 64
 _RENDERED_REFERENCES = 128
@@ -146,8 +147,13 @@ class FeatureCache:
     of token rows are kept for as long as that object lives and reused by later tasks whose frozen
     part has the very same weights; task images are per task."""
 
-    def __init__(self, model: nn.Module, pixels: PixelSource, device: torch.device, run: object | None = None) -> None:
+    def __init__(self, model: nn.Module, pixels: PixelSource, device: torch.device, run: object | None = None,
+                 files: FrozenOutputFiles | None = None) -> None:
         self.pixels, self.device, self.run = pixels, device, run
+        self.files = files if run is not None else None
+        """Where the reference rows of the image memos are read from and saved to (frozen_outputs.py)."""
+        self._saved: dict[str, tuple[str, int]] = {}
+        """Per image memo backed by `files`: its weights digest and the reference rows on file."""
         self._restore: list[Callable[[], None]] = []
         self._installed: list[tuple[nn.Module, str, Callable]] = []
         self._parts: list[tuple[str, str, nn.Module, Callable]] = []
@@ -227,6 +233,9 @@ class FeatureCache:
 
     def close(self) -> None:
         self.computed = {name: memo.computed - self._computed_before[name] for name, memo in self.memos.items()}
+        for name, (digest, on_file) in self._saved.items():
+            if self.files is not None and sum(k[0] == REFERENCE for k in self.memos[name].rows) > on_file:
+                self.files.save(name, digest, self.memos[name].rows)
         for restore in reversed(self._restore):
             restore()
         self._restore.clear()
@@ -237,13 +246,22 @@ class FeatureCache:
             memo = _Memo()
         else:
             memos = _SHARED.setdefault(self.run, {})
-            memo = memos.setdefault((name, _weights_digest(module), str(self.device)), _Memo())
+            digest = _weights_digest(module)
+            memo = memos.setdefault((name, digest, str(self.device)), _Memo())
             if name.startswith("image:"):  # keys (pool, item, view): the previous task's images go
                 for key in [k for k in memo.rows if k[0] == TASK]:
                     del memo.rows[key]
+                if self.files is not None:
+                    self._read_saved(name, digest, memo)
         self.memos[name] = memo
         self._computed_before[name] = memo.computed
         return memo
+
+    def _read_saved(self, name: str, digest: str, memo: _Memo) -> None:
+        saved = self.files.load(name, digest)
+        for key, row in saved.items():
+            memo.rows.setdefault(key, row.to(self.device))
+        self._saved[name] = (digest, len(saved))
 
     # --- images -----------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -20,6 +21,7 @@ from gnsp_core.config import TrainConfig
 from gnsp_core.data.samples import Task
 from gnsp_core.errors import DatasetError
 from gnsp_core.feature_cache import TASK, FeatureCache, PixelSource, eval_untrained_modules
+from gnsp_core.frozen_outputs import FrozenOutputFiles
 from gnsp_core.methods.registry import build_method
 from gnsp_core.models.loading import resolve_device
 from gnsp_core.models.spec import LoadedModel
@@ -97,8 +99,12 @@ def learn_task(
     resume: dict[str, Any] | None = None,
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     checkpoint_every: int = 0,
+    frozen_outputs: str | Path | None = None,
 ) -> ContinualState:
-    """Learn `task` starting from `state`; return the next state (weights, statistics, history)."""
+    """Learn `task` starting from `state`; return the next state (weights, statistics, history).
+
+    `frozen_outputs`: a folder where the frozen image part's outputs for the reference pairs are
+    kept between processes (gnsp_core.frozen_outputs), e.g. node-local scratch of a service."""
     config.validate()
     dist = distributed or Distributed()
     device = resolve_device(config.device)
@@ -123,7 +129,7 @@ def learn_task(
     start = 0
     if resume is not None:
         start = _restore(resume, model, optimizer, scheduler, method)
-    _open_feature_cache(ctx, reference)
+    _open_feature_cache(ctx, reference, frozen_outputs)
     try:
         step = _train_loop(ctx, method, optimizer, scheduler, start, total, progress, on_checkpoint, checkpoint_every)
         method.end_task()
@@ -141,14 +147,18 @@ def learn_task(
     )
 
 
-def _open_feature_cache(ctx: TaskContext, reference: Dataset | None) -> None:
+def _open_feature_cache(ctx: TaskContext, reference: Dataset | None, folder: str | Path | None) -> None:
     """Cache the outputs of what does not train this task (known only after `begin_task`)."""
     if ctx.config.cache_views < 1:
         return
     pixels = PixelSource(ctx.task.train, ctx.loaded.preprocess_train, ctx.loaded.preprocess_val,
                          None if ctx.reference is None else ctx.reference.dataset,
                          ctx.config.seed + 7919 * ctx.task_index)
-    ctx.feature_cache = FeatureCache(ctx.model, pixels, ctx.device, run=reference)
+    files = None
+    if folder is not None and ctx.reference is not None:
+        files = FrozenOutputFiles(folder, ctx.reference.dataset, ctx.loaded.preprocess_val,
+                                  writable=ctx.distributed.rank == 0)
+    ctx.feature_cache = FeatureCache(ctx.model, pixels, ctx.device, run=reference, files=files)
     if ctx.reference is not None:
         ctx.reference.as_keys = ctx.caches_images
 

@@ -197,8 +197,15 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             state, loaded, task, config, reference=load_reference(job.reference),
             progress=reporter.board, distributed=distributed, resume=resume,
             on_checkpoint=reporter.checkpoint, checkpoint_every=job.checkpoint_every,
+            frozen_outputs=frozen_outputs_folder(job.scratch_dir),
         )
     reporter.final(new_state, resumed_from, time.perf_counter() - started)
+
+
+def frozen_outputs_folder(work_dir: str | None) -> Path:
+    """Node-local: the reference pairs' frozen outputs that jobs on this node share (every job runs
+    in fresh worker processes; see gnsp_core.frozen_outputs)."""
+    return Path(scratch_root(work_dir) or tempfile.gettempdir()) / "gnsp-frozen-outputs"
 
 
 def _starting_point(base_state: str | None, model: ModelSpec | None,
