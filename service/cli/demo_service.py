@@ -22,13 +22,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import time
 from typing import Any, Iterator
 
 import httpx
 
 from gnsp_core.errors import GnspError
+
+from service.ports import free_local_port
 
 APP_NAME = "gnsp-demo"
 AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
@@ -39,12 +40,6 @@ class DemoError(GnspError):
     """The demo could not finish: Ray did not start, a job failed or the service answered an error."""
 
     code = "demo_failed"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _start_ray() -> None:
@@ -76,7 +71,7 @@ def local_service(settings: Any) -> Iterator[str]:
     if own_ray:
         _start_ray()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()},
+        serve.start(http_options={"host": "127.0.0.1", "port": free_local_port()},
                     logging_config={"log_level": "WARNING", "enable_access_log": False})
         port = _get_global_client().http_config.port  # an already running Serve keeps its own port
         deploy_service(settings, APP_NAME, logging_config={"enable_access_log": False, "log_level": "WARNING"})

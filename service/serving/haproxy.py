@@ -12,17 +12,11 @@ every node's environment carries them (deploy/).
 
 from __future__ import annotations
 
-import socket
+from service.ports import free_local_port
 
 DRAINING_S = 2.0
 """How long a stopping replica keeps answering HAProxy (Serve's default, 30 s, makes every
 redeploy and shutdown wait that long)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def haproxy_environment(draining_s: float = DRAINING_S) -> dict[str, str]:
@@ -31,6 +25,6 @@ def haproxy_environment(draining_s: float = DRAINING_S) -> dict[str, str]:
     HAProxy's own stats and Prometheus ports default to fixed numbers (8404, 9101), which two
     services on one machine would both claim; free ones are picked instead."""
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1",
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_local_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_local_port()),
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(draining_s)}
