@@ -111,11 +111,14 @@ class LocalCluster:
                 "--object-store-memory=200000000", "--disable-usage-stats", "--block"]
 
     def _start_head(self) -> None:
-        command = [ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.port}", f"--num-cpus={self.head_cpus}",
-                   f"--resources={json.dumps(self.head_resources)}", "--include-dashboard=false",
-                   f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}",
-                   f"--system-config={json.dumps(SYSTEM_CONFIG)}", *self._ports()]
-        for attempt in range(START_ATTEMPTS):
+        for attempt in range(START_ATTEMPTS):  # each attempt on fresh ports: a port picked twice fails a start
+            if attempt:
+                self.port = free_port()
+                self.address = f"127.0.0.1:{self.port}"
+            command = [ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.port}",
+                       f"--num-cpus={self.head_cpus}", f"--resources={json.dumps(self.head_resources)}",
+                       "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
+                       f"--temp-dir={self.temp_dir}", f"--system-config={json.dumps(SYSTEM_CONFIG)}", *self._ports()]
             head = Node("head", self._spawn(command, "head"), self.head_resources)
             self.nodes = [head]
             try:
@@ -130,11 +133,11 @@ class LocalCluster:
         """A worker node in its own mount namespace: a fresh tmpfs over /tmp and over each `private` folder."""
         folders = ["/tmp", *private]
         mounts = " && ".join(f"mkdir -p {shlex.quote(f)} && mount -t tmpfs tmpfs {shlex.quote(f)}" for f in folders)
-        ray_start = " ".join(shlex.quote(a) for a in [
-            ray_bin(), "start", f"--address={self.address}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
-            f"--resources={json.dumps(resources)}", *self._ports()])
-        command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{mounts} && exec {ray_start}"]
         for attempt in range(START_ATTEMPTS):  # Ray gives a raylet 30 s to register: a busy machine may miss that
+            ray_start = " ".join(shlex.quote(a) for a in [
+                ray_bin(), "start", f"--address={self.address}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+                f"--resources={json.dumps(resources)}", *self._ports()])  # fresh ports on every attempt
+            command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{mounts} && exec {ray_start}"]
             node = Node(name, self._spawn(command, name), resources)
             self.nodes.append(node)
             try:

@@ -6,7 +6,9 @@ resource that the training workers ask for. Through the REST API a task is uploa
 starts on that node; the node is killed mid-task; a replacement node joins and the job resumes from
 its checkpoint in the store, publishes a version, and classify answers with it. Then, on the same
 cluster, a search (`POST /v1/tune`) trains its trial on the trainer node and keeps its records in
-the store. Nothing reaches the workers as a path of the head: had it, the workers could not read it.
+the store; that node is killed while the trial learns its second task, and on a replacement node
+the trial resumes from the checkpoint it reported after the first. Nothing reaches the workers as
+a path of the head: had it, the workers could not read it.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pyarrow.fs as pafs
 import pytest
 
-from ray_nodes import LocalCluster, can_isolate_nodes, free_port
+from ray_nodes import LocalCluster, Node, can_isolate_nodes, free_port
 from service_support import colour_zip, png_b64, wait_for, write_colour_folder
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e,
@@ -41,7 +44,7 @@ def checkpoints(fs: pafs.FileSystem, run: str) -> list[str]:
     return sorted(i.base_name for i in infos if i.base_name.startswith("checkpoint_") and i.type == pafs.FileType.Directory)
 
 
-def test_job_on_a_node_without_shared_disk_survives_losing_that_node(own_ray_slot, seaweedfs, tmp_path):
+def test_a_job_and_a_search_on_a_node_without_shared_disk_survive_losing_that_node(own_ray_slot, seaweedfs, tmp_path):
     store = seaweedfs.uri()
     scratch = Path("/tmp") / f"gnsp-scratch-{tmp_path.name}"  # private on every worker node (its own /tmp)
     heldout = write_colour_folder(tmp_path / "heldout", ["red", "green", "blue"], n_train=2, n_test=2, seed=7)
@@ -51,14 +54,15 @@ def test_job_on_a_node_without_shared_disk_survives_losing_that_node(own_ray_slo
         with LocalCluster(head_cpus=1, env=env) as cluster, \
                 httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             cluster.serve(store, port, service_settings(scratch, heldout))
-            lose_the_trainer_node_mid_job(cluster, client, seaweedfs, store, scratch, tmp_path)
-            search_on_the_trainer_node(cluster, client, seaweedfs, store, tmp_path)
+            trainer = lose_the_trainer_node_mid_job(cluster, client, seaweedfs, store, scratch, tmp_path)
+            lose_the_trainer_node_mid_search(cluster, client, seaweedfs, store, tmp_path, trainer)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def lose_the_trainer_node_mid_job(cluster: LocalCluster, client: httpx.Client, seaweedfs, store: str,
-                                  scratch: Path, tmp_path: Path) -> None:
+                                  scratch: Path, tmp_path: Path) -> Node:
+    """Returns the replacement trainer node."""
     cluster.wait_healthy(client, timeout=240)
     print("service healthy", flush=True)
     first = cluster.add_node("trainer-1", num_cpus=1, resources=TRAINER)
@@ -78,7 +82,7 @@ def lose_the_trainer_node_mid_job(cluster: LocalCluster, client: httpx.Client, s
     cluster.kill_node(first)
     print(f"trainer node killed after checkpoints {checkpoints(fs, run)}", flush=True)
     assert client.get(f"/v1/tasks/{task_id}").json()["status"] == "running"
-    cluster.add_node("trainer-2", num_cpus=2, resources=TRAINER)  # 2: room for a search trial beside its worker
+    second = cluster.add_node("trainer-2", num_cpus=2, resources=TRAINER)  # 2: room for a search trial beside its worker
 
     print("replacement trainer node joined", flush=True)
     job = wait_for(client, task_id, timeout=300)
@@ -90,25 +94,52 @@ def lose_the_trainer_node_mid_job(cluster: LocalCluster, client: httpx.Client, s
     assert answer.status_code == 200 and answer.json()["model_version"] == 2, answer.text
     assert fs.get_file_info(f"{store.removeprefix('s3://')}/uploads/{task_id}").type == pafs.FileType.NotFound
     assert not [p.name for p in scratch.iterdir() if task_id in p.name], "the job's scratch is removed when it ends"
+    return second
 
 
-def search_on_the_trainer_node(cluster: LocalCluster, client: httpx.Client, seaweedfs, store: str, tmp_path: Path) -> None:
-    """A search's trial trains where the `trainer` resource is, from the dataset and the version
-    it fetches from the store; its records and best config end up in the store."""
+def lose_the_trainer_node_mid_search(cluster: LocalCluster, client: httpx.Client, seaweedfs, store: str,
+                                     tmp_path: Path, trainer: Node) -> None:
+    """A search's trial trains where the `trainer` resource is (the head's one CPU is the classifier's,
+    so the trial itself runs there too), from the data and the version it fetches from the store.
+    The node dies while the trial learns its second task: Tune restarts the trial on the replacement
+    node from the checkpoint it reported after the first task, which is not learned again."""
     started = time.monotonic()
-    request = {"trials": 1, "searcher": "random", "config": {"steps": 2, "batch_size": 8, "warmup_steps": 1,
-                                                             "ref_batch_size": 8, "stats_augment": False}}
+    request = {"tasks": ["digits"], "trials": 1, "searcher": "random", "max_train_per_class": 5,
+               "config": {"steps": 2, "batch_size": 8, "warmup_steps": 1, "ref_batch_size": 8, "stats_augment": False}}
     response = client.post("/v1/tune", data={"request": json.dumps(request)}, files={
         "dataset": ("rg.zip", colour_zip(tmp_path, ["red", "green"], n_train=6), "application/zip")})
     assert response.status_code == 202, response.text
     job_id = response.json()["job_id"]
-    deadline = time.monotonic() + 300
-    while (search := client.get(f"/v1/tune/{job_id}").json())["status"] not in ("succeeded", "failed", "cancelled"):
-        assert time.monotonic() < deadline, (search, cluster.log("serve"))
-        time.sleep(1.0)
+    search = poll_search(cluster, client, job_id, lambda s: s["trials"] and s["trials"][0]["tasks_done"] >= 1)
+    cluster.kill_node(trainer)
+    print(f"trainer node killed after search {search['trials']}", flush=True)
+    assert [t["tasks_done"] for t in client.get(f"/v1/tune/{job_id}").json()["trials"]] == [1], "killed mid-search"
+    cluster.add_node("trainer-3", num_cpus=2, resources=TRAINER)
+
+    search = poll_search(cluster, client, job_id, lambda s: s["status"] in ("succeeded", "failed", "cancelled"))
     assert search["status"] == "succeeded", (search, cluster.log("serve"))
+    assert [(t["status"], t["tasks_done"]) for t in search["trials"]] == [("complete", 2)], search
     assert search["request"]["worker_resources"] == TRAINER and search["best"] is not None
-    best = f"{store.removeprefix('s3://')}/tune/{job_id}/best.json"
-    with seaweedfs.filesystem().open_input_stream(best) as stream:
+    fs, folder = seaweedfs.filesystem(), f"{store.removeprefix('s3://')}/tune/{job_id}"
+    with fs.open_input_stream(f"{folder}/best.json") as stream:
         assert json.loads(stream.read()) == search["best"]["config"]
-    print(f"search on the trainer node: {time.monotonic() - started:.0f} s", flush=True)
+    experiment = f"{folder}/ray/tune-{job_id}"
+    [trial] = [i.path for i in fs.get_file_info(pafs.FileSelector(experiment)) if i.type == pafs.FileType.Directory]
+    with fs.open_input_stream(f"{trial}/result.json") as stream:
+        results = [json.loads(line) for line in stream.read().decode().splitlines()]
+    assert [r["tasks_done"] for r in results] == [1, 2], "the first task was learned once"
+    assert results[-1]["iterations_since_restore"] == 1, "the trial restarted from its checkpoint after task 1"
+    with fs.open_input_stream(f"{trial}/error.txt") as stream:
+        failures = stream.read().decode()
+    assert failures.count("Failure #") == 1, failures  # one retry: the node's loss
+    print(f"search that lost its trainer node: {time.monotonic() - started:.0f} s", flush=True)
+
+
+def poll_search(cluster: LocalCluster, client: httpx.Client, job_id: str, until: Callable[[dict], bool],
+                timeout: float = 300) -> dict:
+    """GET /v1/tune/{job_id} until `until(search)`; the search must not end before that unless `until` says so."""
+    deadline = time.monotonic() + timeout
+    while not until(search := client.get(f"/v1/tune/{job_id}").json()):
+        assert search["status"] in ("queued", "running") and time.monotonic() < deadline, (search, cluster.log("serve"))
+        time.sleep(0.5)
+    return search

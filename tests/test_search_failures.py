@@ -32,7 +32,7 @@ class FakeRef:
 
 
 class FakeRay:
-    """`_run_search.remote` and the `ray.get` / `ray.cancel` the search queue calls, scripted per search."""
+    """`_start_search` and the `ray.get` / `ray.cancel` the search queue calls, scripted per search."""
 
     def __init__(self, behaviours: list[str]) -> None:
         self.behaviours, self.started = list(behaviours), []
@@ -62,7 +62,7 @@ class FakeRay:
 def searches(store, monkeypatch):
     def make(behaviours: list[str]) -> tuple[TuneJobs, FakeRay]:
         fake = FakeRay(behaviours)
-        monkeypatch.setattr(searches_module, "_run_search", fake)
+        monkeypatch.setattr(searches_module, "_start_search", fake.remote)
         monkeypatch.setattr(searches_module, "ray", SimpleNamespace(get=fake.get, cancel=fake.cancel))
         jobs = TuneJobs(store, ServiceSettings(store=store.uri))
         jobs.recover()

@@ -1,9 +1,13 @@
 """A search's folder in the store, on a local folder and on `s3://` (SeaweedFS): its request and
-status round-trip, Ray gets a storage path on the store's own filesystem, and it is removed whole."""
+status round-trip, Ray gets a storage path on the store's own filesystem, it is removed whole, and a
+file in it read while it is rewritten is read whole."""
 
 from __future__ import annotations
 
+import json
 import pickle
+import threading
+import time
 
 import pyarrow.fs as pafs
 import pytest
@@ -49,3 +53,29 @@ def test_a_local_out_folder_is_a_search_folder_of_its_own(tmp_path):
     assert TuneRequest.load(tmp_path / "out") == request
     with pytest.raises(ConfigError, match="base_version"):
         TuneRequest(tasks=["digits"], out_dir=str(tmp_path / "x"), base_version=2)
+
+
+def test_a_file_rewritten_while_it_is_polled_never_reads_torn(s3_store_uri):
+    """On S3 a read is sized when the file is opened (HEAD) and fetched after (ranged GET): a file
+    replaced in between comes back torn (cut short, or with bytes of neither version). The trials
+    table is rewritten on every result while `GET /v1/tune/{job_id}` polls it, so reading it must
+    see one whole version or another."""
+    folder = SearchFolder(s3_store_uri, "tune/tune-1")
+    versions = [[{"trial": i, "note": "x" * (40 * (i % 3))}] for i in range(6)]
+    folder.write_text("trials.json", json.dumps(versions[0]))
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        while not stop.is_set():
+            for version in versions:
+                folder.write_text("trials.json", json.dumps(version))
+                time.sleep(0.02)
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        seen = [folder.read_json("trials.json") for _ in range(300)]
+    finally:
+        stop.set()
+        writer.join()
+    assert all(rows in versions for rows in seen)

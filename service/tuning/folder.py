@@ -9,7 +9,8 @@ that touches it opens the store itself. `gnsp tune --out DIR` is the same thing 
 as a store of its own.
 
 Small files are written whole (one PUT on an object store, temp file + rename on a local disk:
-service/store/objects.py), so a reader such as `GET /v1/tune/{job_id}` never sees a torn one.
+service/store/objects.py), and `read_json` reads again what it caught mid-rewrite, so a reader
+such as `GET /v1/tune/{job_id}` never sees a torn one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from service.store import ModelStore
+
+
+TORN_READ_ATTEMPTS = 5
+"""Reads of a JSON file before its JSON is taken as broken rather than caught mid-rewrite."""
 
 
 @functools.lru_cache(maxsize=16)
@@ -72,8 +77,16 @@ class SearchFolder:
             return None
 
     def read_json(self, name: str) -> Any:
-        data = self.read_bytes(name)
-        return None if data is None else json.loads(data)
+        """The JSON document `name` (None when absent). On S3 a read is sized when the file is opened
+        and fetched after, so a file replaced in between (the trials table, rewritten on every result
+        while the API polls it) reads torn, which does not parse: such a read is simply made again."""
+        for attempt in range(TORN_READ_ATTEMPTS):
+            data = self.read_bytes(name)
+            try:
+                return None if data is None else json.loads(data)
+            except ValueError:  # JSONDecodeError, or UnicodeDecodeError on the bytes a torn read leaves
+                if attempt == TORN_READ_ATTEMPTS - 1:
+                    raise
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Replace `name` whole (readers see the old file or the new one)."""

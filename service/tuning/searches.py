@@ -6,11 +6,12 @@ trials table, the plot, best.json, its validation data and its Tune experiment u
 `job.json`: when it was asked for, whether its winner becomes the default training config for
 later tasks, and whether a user cancelled it. Nothing of it stays on the service's node, so the
 search's driver and trials may run on any node, and a new service on another node finds and
-resumes it (service.tuning.folder). The search runs in a Ray task so
-`DELETE` can stop it; a search the service was running when it stopped is continued with
-`Tuner.restore` on the next start, a search a user cancelled is not. Whatever goes wrong around a
-search (its Ray task dies, its folder cannot be read) ends that search `failed`; the searches
-queued behind it still run.
+resumes it (service.tuning.folder). The search runs in a Ray task, so `DELETE` can stop it, on the
+service's node when it has room: a training node lost mid-search then takes only trials and their
+Ray Train workers, which Tune restarts from their checkpoints in the store (service.tuning.run).
+A search the service was running when it stopped is continued with `Tuner.restore` on the next
+start, a search a user cancelled is not. Whatever goes wrong around a search (its Ray task dies,
+its folder cannot be read) ends that search `failed`; the searches queued behind it still run.
 
 Over REST the tasks are built-in names or one uploaded dataset (never a path on the server; the
 archive is copied into the search's folder), and trials start from a stored model version (the
@@ -28,6 +29,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from gnsp_core.data.builtin import BUILTIN_TASKS
 from gnsp_core.config import TrainConfig
@@ -67,6 +69,12 @@ def _run_search(request: dict[str, Any], resume: bool) -> dict[str, Any] | None:
 
     outcome = run_tune_job(TuneRequest.from_dict(request), resume=resume)
     return outcome.best_config.to_dict() if outcome.best_config is not None else None
+
+
+def _start_search(request: dict[str, Any], resume: bool) -> ray.ObjectRef:
+    """The search's Ray task, on this node (the service's; soft: elsewhere if this node cannot take it)."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return _run_search.options(scheduling_strategy=here).remote(request, resume)
 
 
 SEARCH_ID_PATTERN = r"^tune-[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$"
@@ -241,7 +249,7 @@ class TuneJobs:
                 write_status(self._at(job_id), "cancelled", "cancelled before it started")
                 return True
             request = self._at(job_id).read_json(REQUEST_FILE)
-            ref = _run_search.remote(request, self._started(job_id))
+            ref = _start_search(request, self._started(job_id))
             self._running[job_id] = ref
         self._finish(job_id, ref)
         return True
