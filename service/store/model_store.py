@@ -50,7 +50,7 @@ import pyarrow.fs as pafs
 
 from gnsp_core.atomic_files import fsync_dir, fsync_file
 from service.errors import ServiceFault, UnknownVersionError
-from service.store.objects import SmallObjects, make_dirs_durable
+from service.store.objects import SmallObjects, make_dirs_durable, parse_json_whole
 
 if TYPE_CHECKING:
     from service.store.lease import StoreLease
@@ -118,10 +118,13 @@ class ModelStore:
         return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
 
     def read_json(self, rel: str) -> dict[str, Any] | None:
-        """The JSON object at `rel`, or None if it does not exist."""
+        """The JSON object at `rel`, or None if it does not exist (never a torn one: parse_json_whole)."""
+        return parse_json_whole(lambda: self._read_bytes(rel))
+
+    def _read_bytes(self, rel: str) -> bytes | None:
         try:
             with self.fs.open_input_stream(self.path(rel)) as stream:
-                return json.loads(stream.read())
+                return stream.read()
         except FileNotFoundError:
             return None
 

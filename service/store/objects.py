@@ -21,13 +21,32 @@ cannot lose a folder whose files were fsynced.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any, Callable
 from urllib.parse import parse_qs, urlparse
 
 import pyarrow.fs as pafs
 
 from gnsp_core.atomic_files import fsync_dir, write_bytes_atomic
+
+
+TORN_READ_ATTEMPTS = 5
+
+
+def parse_json_whole(read: Callable[[], bytes | None]) -> Any:
+    """The JSON document `read` returns (None when it returns None), read again when it does not
+    parse. pyarrow's S3 reader sizes an object when it opens it and fetches its bytes after, so an
+    object replaced in between (one PutObject: a record rewritten while a client polls it) reads
+    torn; the next read sees the new object whole."""
+    for attempt in range(TORN_READ_ATTEMPTS):
+        data = read()
+        try:
+            return None if data is None else json.loads(data)
+        except ValueError:  # JSONDecodeError, or UnicodeDecodeError on the bytes a torn read leaves
+            if attempt == TORN_READ_ATTEMPTS - 1:
+                raise
 
 
 def make_dirs_durable(folder: Path) -> None:

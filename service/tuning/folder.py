@@ -16,7 +16,6 @@ such as `GET /v1/tune/{job_id}` never sees a torn one.
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,9 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from service.store import ModelStore
+from service.store.objects import parse_json_whole
 
 
-TORN_READ_ATTEMPTS = 5
 """Reads of a JSON file before its JSON is taken as broken rather than caught mid-rewrite."""
 
 
@@ -77,16 +76,9 @@ class SearchFolder:
             return None
 
     def read_json(self, name: str) -> Any:
-        """The JSON document `name` (None when absent). On S3 a read is sized when the file is opened
-        and fetched after, so a file replaced in between (the trials table, rewritten on every result
-        while the API polls it) reads torn, which does not parse: such a read is simply made again."""
-        for attempt in range(TORN_READ_ATTEMPTS):
-            data = self.read_bytes(name)
-            try:
-                return None if data is None else json.loads(data)
-            except ValueError:  # JSONDecodeError, or UnicodeDecodeError on the bytes a torn read leaves
-                if attempt == TORN_READ_ATTEMPTS - 1:
-                    raise
+        """The JSON document `name` (None when absent), never a torn one (the trials table is
+        rewritten on every result while the API polls it; see parse_json_whole)."""
+        return parse_json_whole(lambda: self.read_bytes(name))
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Replace `name` whole (readers see the old file or the new one)."""
