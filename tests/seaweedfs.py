@@ -32,13 +32,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
 ACCESS_KEY = "gnsp-test-access"
@@ -278,3 +279,25 @@ class RequestLog:
     def writes(self) -> list[tuple[str, str, str, bool]]:
         """Every request that changes something (all but GET and HEAD)."""
         return [r for r in self.requests if r[0] not in ("GET", "HEAD")]
+
+
+def reads_while_rewritten(write: Callable[[Any], None], read: Callable[[], Any], versions: list[Any],
+                          reads: int = 200) -> list[Any]:
+    """`reads` results of `read()` while another thread writes each of `versions` in turn, one every
+    20 ms: a reader racing PutObjects of the object it reads."""
+    write(versions[0])
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        while not stop.is_set():
+            for version in versions:
+                write(version)
+                time.sleep(0.02)
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        return [read() for _ in range(reads)]
+    finally:
+        stop.set()
+        writer.join()

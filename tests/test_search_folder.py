@@ -60,22 +60,10 @@ def test_a_file_rewritten_while_it_is_polled_never_reads_torn(s3_store_uri):
     replaced in between comes back torn (cut short, or with bytes of neither version). The trials
     table is rewritten on every result while `GET /v1/tune/{job_id}` polls it, so reading it must
     see one whole version or another."""
+    from seaweedfs import reads_while_rewritten
+
     folder = SearchFolder(s3_store_uri, "tune/tune-1")
     versions = [[{"trial": i, "note": "x" * (40 * (i % 3))}] for i in range(6)]
-    folder.write_text("trials.json", json.dumps(versions[0]))
-    stop = threading.Event()
-
-    def rewrite() -> None:
-        while not stop.is_set():
-            for version in versions:
-                folder.write_text("trials.json", json.dumps(version))
-                time.sleep(0.02)
-
-    writer = threading.Thread(target=rewrite)
-    writer.start()
-    try:
-        seen = [folder.read_json("trials.json") for _ in range(300)]
-    finally:
-        stop.set()
-        writer.join()
+    seen = reads_while_rewritten(lambda rows: folder.write_text("trials.json", json.dumps(rows)),
+                                 lambda: folder.read_json("trials.json"), versions, reads=300)
     assert all(rows in versions for rows in seen)

@@ -189,26 +189,11 @@ def test_versions_of_real_states_keep_unchanged_statistics_once(tiny, tmp_path):
 def test_a_record_rewritten_while_it_is_read_is_never_read_torn(s3_store_uri):
     """On S3 pyarrow sizes an object when it opens it and fetches it after: a job record replaced in
     between would come back cut short or mixed. Every read sees one whole version or another."""
-    import threading
-    import time
+    from seaweedfs import reads_while_rewritten
 
     store = ModelStore.open(s3_store_uri)
     versions = [{"task_id": "t", "status": status, "note": "x" * (40 * i)}
                 for i, status in enumerate(["queued", "running", "succeeded"])]
-    store.write_json("jobs/t.json", versions[0])
-    stop = threading.Event()
-
-    def rewrite() -> None:
-        while not stop.is_set():
-            for version in versions:
-                store.write_json("jobs/t.json", version)
-                time.sleep(0.02)
-
-    writer = threading.Thread(target=rewrite)
-    writer.start()
-    try:
-        seen = [store.read_json("jobs/t.json") for _ in range(200)]
-    finally:
-        stop.set()
-        writer.join()
+    seen = reads_while_rewritten(lambda record: store.write_json("jobs/t.json", record),
+                                 lambda: store.read_json("jobs/t.json"), versions)
     assert all(record in versions for record in seen)
