@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import threading
-import time
 
 import pyarrow.fs as pafs
 import pytest
