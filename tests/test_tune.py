@@ -51,7 +51,7 @@ def test_tiny_search_end_to_end_then_resume_after_failed_trials(ray_session, tmp
                str(write_colour_folder(tmp_path / "by", ["blue", "yellow"], n_train=10, n_test=6, seed=1))]
     out = tmp_path / "search"
     request = TuneRequest(tasks=sources, out_dir=str(out), model=TINY, trials=3, config=CONFIG,
-                          space=SearchSpace(lr=(1e-4, 3e-2)), max_concurrent=3)
+                          space=SearchSpace(lr=(1e-4, 3e-2)), max_concurrent=3, trial_retries=0)
     # Break task 2 so every trial fails after reporting task 1: an interrupted search.
     folders = prepare_validation_tasks(sources, out / "data", request.val_fraction, None)
     (folders[1] / "train").rename(folders[1] / "hidden")

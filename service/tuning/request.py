@@ -99,6 +99,11 @@ class TuneRequest:
     """Custom Ray resources each training worker asks for (the service's `worker_resources`): where trials train."""
     max_concurrent: int | None = None
     """Trials at once; None: as many as the cluster's CPUs (or GPUs) fit."""
+    trial_retries: int = 1
+    """Times Tune restarts a failed trial within the run, from its last finished task: one is
+    enough for a node lost mid-trial (its trial and its Ray Train workers go with it). Tune cannot
+    tell that from an error that will repeat (a broken dataset), which then fails again at the cost
+    of one trial start; `gnsp tune --resume` retries it after a fix."""
     max_train_per_class: int | None = None
     val_fraction: float = 0.2
     """Share of each task's TRAIN split held out for validation."""
@@ -125,6 +130,8 @@ class TuneRequest:
         """Reject a search that cannot run, before Ray starts."""
         if not self.tasks:
             raise ConfigError("a search needs at least one task")
+        if self.trial_retries < 0:
+            raise ConfigError(f"trial_retries must be 0 or more, not {self.trial_retries}")
         if self.base_version is not None and (self.store is None or self.base_state is not None):
             raise ConfigError("base_version names a version of the search's store, instead of base_state")
         if self.config.method != "gnsp":

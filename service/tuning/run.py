@@ -13,8 +13,8 @@ search's folder (service.tuning.folder: a local `--out` folder, or `<store>/tune
 REST search, through the store's own pyarrow filesystem), under `ray/`;
 `run_tune_job(TuneRequest.load(out_dir), resume=True)` (`gnsp tune --resume`) restores it with
 `Tuner.restore`: unfinished trials continue, failed ones retry from their last finished task, on
-any node. Within a run, a trial that fails (its node lost, most often) is retried TRIAL_RETRIES
-times the same way, from the checkpoint it reported in the folder. Output files: service.tuning.report.
+any node. Within a run, a trial that fails (its node lost, most often) is retried
+`request.trial_retries` times the same way, from the checkpoint it reported in the folder. Output files: service.tuning.report.
 """
 
 from __future__ import annotations
@@ -52,11 +52,6 @@ from service.tuning.trial import TrialSetup, run_trial
 
 TRIAL_CPU = 0.01
 """A trial only drives its TorchTrainer; the trainer's workers hold the cores."""
-TRIAL_RETRIES = 1
-"""Tune restarts a failed trial this often, from its last finished task: enough for a node lost
-mid-trial (its trial and its Ray Train workers go with it). A trial that fails on its own (a
-broken dataset) fails again at once, at the cost of one trial start; `gnsp tune --resume` retries
-it after a fix."""
 
 log = logging.getLogger("gnsp.tune")
 
@@ -210,7 +205,7 @@ def _tuner(request: TuneRequest, setup: TrialSetup, num_tasks: int, resume: bool
                                     max_concurrent_trials=_max_concurrent(request)),
         run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem, verbose=0,
                                   callbacks=[LiveTable(request.folder(), num_tasks)],
-                                  failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
+                                  failure_config=tune.FailureConfig(max_failures=request.trial_retries),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
 
