@@ -83,6 +83,27 @@ def _parse_value(value: str) -> Any:
         return value
 
 
+LOCAL_RAY_STARTS = 3
+
+
+def start_local_ray(num_cpus: int | None) -> None:
+    """Start this service's private Ray. Ray gives a starting node a fixed 30 s to register with its
+    GCS, which a machine busy with other work (a training job beside a restarted service) can miss;
+    such a start is shut down and made again, up to LOCAL_RAY_STARTS times."""
+    import ray
+
+    for attempt in range(1, LOCAL_RAY_STARTS + 1):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+            return
+        except Exception as exc:  # Ray raises a bare Exception for this timeout
+            if "timed out during startup" not in str(exc) or attempt == LOCAL_RAY_STARTS:
+                raise
+            print(f"gnsp: Ray did not start in time (attempt {attempt} of {LOCAL_RAY_STARTS}); starting it again",
+                  file=sys.stderr, flush=True)
+            ray.shutdown()
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Start Ray (or join it), deploy the app, serve until a signal, then shut down cleanly."""
     settings = settings_from_args(args)
@@ -105,7 +126,7 @@ def run_serve(args: argparse.Namespace) -> int:
             from service.serving.haproxy import haproxy_environment
 
             os.environ.update(haproxy_environment())
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+        start_local_ray(args.num_cpus)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         deploy_service(settings, APP_NAME)
