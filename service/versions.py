@@ -33,9 +33,11 @@ def model_spec(settings: ServiceSettings) -> ModelSpec:
     return ModelSpec(name=settings.model or DEFAULT_MODEL, pretrained=settings.pretrained, seed=settings.seed)
 
 
-def load_state_model(state: ContinualState, device: str | torch.device = "cpu") -> LoadedModel:
-    """The model of a stored state: its spec's architecture with the state's weights, in eval mode."""
-    loaded = load_model(state.spec, device)
+def load_state_model(state: ContinualState, device: str | torch.device = "cpu",
+                     built: LoadedModel | None = None) -> LoadedModel:
+    """The model of a stored state: its spec's architecture with the state's weights, in eval mode;
+    filled into `built` (a model of that spec already built) when given."""
+    loaded = built if built is not None else load_model(state.spec, device)
     try:
         loaded.model.load_state_dict(state.weights)
     except RuntimeError as exc:

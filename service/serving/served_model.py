@@ -22,7 +22,6 @@ from PIL import Image
 
 from gnsp_core.data import to_rgb
 from gnsp_core.data.folders import IMAGE_FORMATS
-from gnsp_core.errors import StateError
 from gnsp_core.models import LoadedModel, ModelSpec, load_model
 from gnsp_core.models.inference import prepare_image_tower
 from gnsp_core.models.loading import resolve_device
@@ -31,6 +30,7 @@ from gnsp_core.zeroshot import TEMPLATES, TextHeadCache, model_device
 
 from service.errors import InvalidImageError, VersionLoadError
 from service.store import ModelStore
+from service.versions import load_state_model
 
 LOGIT_SCALE = 100.0
 
@@ -150,12 +150,7 @@ class VersionLoader:
         folder = self.store.fetch_version(version, self.cache_dir)
         try:
             state = ContinualState.load(folder)
-            loaded = self._built(state.spec)
-            try:
-                loaded.model.load_state_dict(state.weights)
-            except RuntimeError as exc:
-                raise StateError(f"the stored weights do not fit {state.spec.name}: {exc}") from exc
-            loaded.model.eval()
+            loaded = load_state_model(state, self.device, built=self._built(state.spec))
             prepared = self.prepare and prepare_image_tower(loaded.model, loaded.image_size)
             return ServedModel(version, loaded, prepared)
         except Exception as exc:  # a corrupt file can fail in safetensors, torch or open_clip
@@ -166,7 +161,6 @@ class VersionLoader:
         template = self.templates.get(spec)
         if template is None:
             template = load_model(spec, self.device)
-            template.model.eval()
             if not self.keep_templates:
                 return template
             self.templates[spec] = template
