@@ -152,8 +152,10 @@ class FeatureCache:
         self.pixels, self.device, self.run = pixels, device, run
         self.files = files if run is not None else None
         """Where the reference rows of the image memos are read from and saved to (frozen_outputs.py)."""
-        self._saved: dict[str, tuple[str, int]] = {}
-        """Per image memo backed by `files`: its weights digest and the reference rows on file."""
+        self._saved: dict[str, int] = {}
+        """Per image memo backed by `files`: the reference rows on file."""
+        self._digests: dict[str, str] = {}
+        """Weight digests of the patched parts, by memo name (hashed once per task)."""
         self._restore: list[Callable[[], None]] = []
         self._installed: list[tuple[nn.Module, str, Callable]] = []
         self._parts: list[tuple[str, str, nn.Module, Callable]] = []
@@ -176,7 +178,6 @@ class FeatureCache:
             name, module, attribute = text_part
             if name != "clip-text":  # that part is the whole model's encode_text: nothing to lend
                 self._parts.append((f"text:{name}", _PATHS[name], module, attribute))
-        self._digests: dict[str, str] = {}
 
     @property
     def caches_images(self) -> bool:
@@ -213,11 +214,14 @@ class FeatureCache:
     def _same_weights(self, name: str, ours: nn.Module, theirs: nn.Module) -> bool:
         """Whether two parts hold the same weights. Both are frozen for the task, so each is hashed
         once (the other model's parts in a weak map: they may outlive or predate this cache)."""
-        if name not in self._digests:
-            self._digests[name] = _weights_digest(ours)
         if theirs not in _DIGESTS:
             _DIGESTS[theirs] = _weights_digest(theirs)
-        return _DIGESTS[theirs] == self._digests[name]
+        return _DIGESTS[theirs] == self._digest(name, ours)
+
+    def _digest(self, name: str, module: nn.Module) -> str:
+        if name not in self._digests:
+            self._digests[name] = _weights_digest(module)
+        return self._digests[name]
 
     @contextmanager
     def suspended(self) -> Iterator[None]:
@@ -233,9 +237,9 @@ class FeatureCache:
 
     def close(self) -> None:
         self.computed = {name: memo.computed - self._computed_before[name] for name, memo in self.memos.items()}
-        for name, (digest, on_file) in self._saved.items():
+        for name, on_file in self._saved.items():
             if self.files is not None and sum(k[0] == REFERENCE for k in self.memos[name].rows) > on_file:
-                self.files.save(name, digest, self.memos[name].rows)
+                self.files.save(name, self._digests[name], self.memos[name].rows)
         for restore in reversed(self._restore):
             restore()
         self._restore.clear()
@@ -246,7 +250,7 @@ class FeatureCache:
             memo = _Memo()
         else:
             memos = _SHARED.setdefault(self.run, {})
-            digest = _weights_digest(module)
+            digest = self._digest(name, module)
             memo = memos.setdefault((name, digest, str(self.device)), _Memo())
             if name.startswith("image:"):  # keys (pool, item, view): the previous task's images go
                 for key in [k for k in memo.rows if k[0] == TASK]:
@@ -261,7 +265,7 @@ class FeatureCache:
         saved = self.files.load(name, digest)
         for key, row in saved.items():
             memo.rows.setdefault(key, row.to(self.device))
-        self._saved[name] = (digest, len(saved))
+        self._saved[name] = len(saved)
 
     # --- images -----------------------------------------------------------------------------------
 

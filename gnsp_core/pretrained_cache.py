@@ -35,16 +35,18 @@ class PretrainedFeatures:
     def model(self) -> nn.Module:
         """The pre-trained model as it was built (WiSE-FT reads its weights)."""
         if self._model is None:
-            loaded = load_model(self.spec, self.device)
-            self._model = loaded.model.eval().requires_grad_(False)
-            # Its image features come from a copy prepared for inference where it has one (the
-            # same function, about half the time on gnsp-mini's EfficientNet).
-            self._image_tower = prepared_copy(self._model.visual, image_probe(loaded.image_size, self.device))
+            self._model = load_model(self.spec, self.device).model.eval().requires_grad_(False)
         return self._model
 
     def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Its image features from a copy prepared for inference where it has one (the same
+        function, about half the time on gnsp-mini's EfficientNet), made on first use: a model
+        whose trunks are lent from the feature cache never needs it."""
         model = self.model()
         if self._image_tower is None:
+            prepared = prepared_copy(model.visual, image_probe(pixels.shape[-1], self.device))
+            self._image_tower = model.visual if prepared is None else prepared
+        if self._image_tower is model.visual:
             return model.encode_image(pixels)
         return self._image_tower(pixels.contiguous(memory_format=torch.channels_last))
 
