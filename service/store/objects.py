@@ -33,6 +33,7 @@ from gnsp_core.atomic_files import fsync_dir, write_bytes_atomic
 
 
 TORN_READ_ATTEMPTS = 5
+"""Reads of a JSON file before its JSON is taken as broken rather than caught mid-rewrite."""
 
 
 def parse_json_whole(read: Callable[[], bytes | None]) -> Any:

@@ -26,9 +26,6 @@ from service.store import ModelStore
 from service.store.objects import parse_json_whole
 
 
-"""Reads of a JSON file before its JSON is taken as broken rather than caught mid-rewrite."""
-
-
 @functools.lru_cache(maxsize=16)
 def _open(location: str) -> ModelStore:
     """One opened store per location and process (opening one on S3 is a request)."""

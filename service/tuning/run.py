@@ -14,7 +14,8 @@ REST search, through the store's own pyarrow filesystem), under `ray/`;
 `run_tune_job(TuneRequest.load(out_dir), resume=True)` (`gnsp tune --resume`) restores it with
 `Tuner.restore`: unfinished trials continue, failed ones retry from their last finished task, on
 any node. Within a run, a trial that fails (its node lost, most often) is retried
-`request.trial_retries` times the same way, from the checkpoint it reported in the folder. Output files: service.tuning.report.
+`request.trial_retries` times the same way, from the checkpoint it reported in the folder.
+Output files: service.tuning.report.
 """
 
 from __future__ import annotations
