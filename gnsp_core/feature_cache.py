@@ -151,9 +151,9 @@ class FeatureCache:
                  files: FrozenOutputFiles | None = None) -> None:
         self.pixels, self.device, self.run = pixels, device, run
         self.files = files if run is not None else None
-        """Where the reference rows of the image memos are read from and saved to (frozen_outputs.py)."""
+        """Where the reference rows of the _FILE_BACKED memos are read from and saved to (frozen_outputs.py)."""
         self._saved: dict[str, int] = {}
-        """Per image memo backed by `files`: the reference rows on file."""
+        """Per memo backed by `files`: the rows on file."""
         self._digests: dict[str, str] = {}
         """Weight digests of the patched parts, by memo name (hashed once per task)."""
         self._restore: list[Callable[[], None]] = []
@@ -238,8 +238,10 @@ class FeatureCache:
     def close(self) -> None:
         self.computed = {name: memo.computed - self._computed_before[name] for name, memo in self.memos.items()}
         for name, on_file in self._saved.items():
-            if self.files is not None and sum(k[0] == REFERENCE for k in self.memos[name].rows) > on_file:
-                self.files.save(name, self._digests[name], self.memos[name].rows)
+            rows = self.memos[name].rows
+            worth = sum(k[0] == REFERENCE for k in rows) if name.startswith("image:") else len(rows)
+            if self.files is not None and worth > on_file:
+                self.files.save(name, self._digests[name], rows)
         for restore in reversed(self._restore):
             restore()
         self._restore.clear()
@@ -255,8 +257,8 @@ class FeatureCache:
             if name.startswith("image:"):  # keys (pool, item, view): the previous task's images go
                 for key in [k for k in memo.rows if k[0] == TASK]:
                     del memo.rows[key]
-                if self.files is not None:
-                    self._read_saved(name, digest, memo)
+            if self.files is not None and name in _FILE_BACKED:
+                self._read_saved(name, digest, memo)
         self.memos[name] = memo
         self._computed_before[name] = memo.computed
         return memo
@@ -264,7 +266,8 @@ class FeatureCache:
     def _read_saved(self, name: str, digest: str, memo: _Memo) -> None:
         saved = self.files.load(name, digest)
         for key, row in saved.items():
-            memo.rows.setdefault(key, row.to(self.device))
+            memo.rows.setdefault(key, {k: v.to(self.device) for k, v in row.items()} if isinstance(row, dict)
+                                 else row.to(self.device))
         self._saved[name] = len(saved)
 
     # --- images -----------------------------------------------------------------------------------
@@ -307,6 +310,9 @@ class FeatureCache:
                     return [{k: v[j] for k, v in fields.items()} for j in range(len(rows))]
 
                 rows = memo.lookup([tuple(r) for r in ids.tolist()], compute)
+                if memo.output_type is None:  # every row came from a file: one row's forward names the type
+                    with torch.no_grad():
+                        compute([0])
                 return memo.output_type(**{k: torch.stack([r[k] for r in rows]) for k in rows[0]})
         else:
             def forward(text: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -330,6 +336,10 @@ class FeatureCache:
 
         self._restore.append(restore)
 
+
+_FILE_BACKED = {"image:visual", "image:trunk", "text:hf-transformer"}
+"""Memos whose reference rows are kept on file between processes (gnsp_core.frozen_outputs): the
+image parts, and a Hugging Face text trunk (its rows are keyed by token ids alone)."""
 
 _PATHS = {"visual": "visual", "trunk": "visual.trunk", "text": "text", "hf-transformer": "text.transformer"}
 """Where each kind of frozen part sits in an open_clip model."""

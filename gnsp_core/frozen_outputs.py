@@ -1,12 +1,17 @@
-"""A frozen image part's outputs for the reference pairs, kept in a folder between processes.
+"""A frozen part's outputs for the reference pairs, kept in a folder between processes.
 
 Within one process, the feature cache keeps the reference pairs' outputs of a frozen part for as
 long as the reference pool lives (feature_cache.py), so a run's later tasks reuse them. Every job
 of the service runs in fresh Ray Train worker processes, though, and would compute them again:
-on gnsp-mini that is 1,286 reference images through the image trunk, more than the task's own
-images. Saved in a node-local folder and named by everything they depend on (the frozen part's
-weights, the reference pool's content and the preprocessing that renders it), they are read back
-by the next job on that node, and by any later task whose frozen part has the same weights.
+on gnsp-mini that is 1,286 reference images through the image trunk and as many captions through
+the text trunk, more than the task's own inputs. Saved in a node-local folder and named by
+everything they depend on (the frozen part's weights, the reference pool's content and the
+preprocessing that renders it), they are read back by the next job on that node, and by any later
+task whose frozen part has the same weights.
+
+Image rows are keyed `(pool, item, view)` and only the reference pool's are saved. Text rows are
+keyed by their token ids (the captions, and the few class prompts of each task): all of them are
+saved, up to `len(pool) + EXTRA_TEXT_ROWS` (a file is bounded however many tasks passed by).
 
 A pool's content is fingerprinted by its size, its captions, the preprocessing's description and
 the pixels of three of its images (rendering all of them would cost what the file saves).
@@ -18,7 +23,7 @@ import hashlib
 import io
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -29,6 +34,10 @@ from gnsp_core.atomic_files import write_bytes_atomic
 log = logging.getLogger(__name__)
 REFERENCE_POOL = 1
 """The pool number of reference keys (feature_cache.REFERENCE; not imported, which would be a cycle)."""
+EXTRA_TEXT_ROWS = 2048
+"""Text rows a file keeps beyond one per reference pair (class prompts of the tasks seen)."""
+
+Row = Tensor | dict[str, Tensor]
 
 
 def pool_fingerprint(pool: Dataset, preprocess: Callable) -> str:
@@ -45,6 +54,14 @@ def pool_fingerprint(pool: Dataset, preprocess: Callable) -> str:
     return digest.hexdigest()
 
 
+def savable(part: str, keys: Any) -> bool:
+    """Whether a memo's rows can be kept on file: image keys, and text keys that are token ids alone
+    (open_clip's own text towers key their rows with call flags too; those stay in memory)."""
+    if part.startswith("image:"):
+        return True
+    return len({len(k) for k in keys}) == 1 and all(all(isinstance(i, int) for i in k) for k in keys)
+
+
 class FrozenOutputFiles:
     """One folder of saved outputs, for one reference pool rendered by one preprocessing."""
 
@@ -58,28 +75,43 @@ class FrozenOutputFiles:
         name = part.replace(":", "-").replace("/", "-")
         return self.folder / f"{name}-{weights_digest[:20]}-{self._fingerprint[:20]}.pt"
 
-    def load(self, part: str, weights_digest: str) -> dict[tuple, Tensor]:
-        """The saved reference rows of `part` (keys (pool, item, view) -> output); {} if none or unreadable."""
+    def load(self, part: str, weights_digest: str) -> dict[tuple, Row]:
+        """The saved rows of `part` (key -> output); {} if none or unreadable."""
         path = self.path(part, weights_digest)
         if not path.is_file():
             return {}
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
             keys, rows = saved["keys"], saved["rows"]
-            if keys.ndim != 2 or keys.shape[1] != 3 or len(keys) != len(rows):
-                raise ValueError(f"keys {tuple(keys.shape)} and rows {tuple(rows.shape)} do not match")
+            columns = rows if isinstance(rows, dict) else {None: rows}
+            if keys.ndim != 2 or any(len(column) != len(keys) for column in columns.values()):
+                raise ValueError(f"{len(keys)} keys do not match the rows")
         except Exception as exc:  # a torn or foreign file costs a recomputation, never a wrong row
             log.warning("ignoring saved frozen outputs %s: %s", path, exc)
             return {}
-        return {tuple(key): row for key, row in zip(keys.tolist(), rows)}
+        if not isinstance(rows, dict):
+            return {tuple(key): row for key, row in zip(keys.tolist(), rows)}
+        return {tuple(key): {name: column[i] for name, column in rows.items()}
+                for i, key in enumerate(keys.tolist())}
 
-    def save(self, part: str, weights_digest: str, rows: dict[tuple, Tensor]) -> None:
-        """Save the reference rows of `rows` (atomically: a reader sees the old file or the new one)."""
-        reference = {key: row for key, row in rows.items() if key[0] == REFERENCE_POOL}
-        if not self.writable or not reference:
+    def save(self, part: str, weights_digest: str, rows: dict[tuple, Row]) -> None:
+        """Save what `part`'s memo holds that is worth keeping (see the module's docstring),
+        atomically: a reader sees the old file or the new one."""
+        kept = self._kept(part, rows)
+        if not self.writable or not kept or not savable(part, kept):
             return
-        keys = sorted(reference)
+        keys = list(kept)
+        values = [kept[k] for k in keys]
+        if isinstance(values[0], dict):
+            stacked: Any = {name: torch.stack([v[name].detach().to("cpu") for v in values]) for name in values[0]}
+        else:
+            stacked = torch.stack([v.detach().to("cpu") for v in values])
         buffer = io.BytesIO()
-        torch.save({"keys": torch.tensor(keys, dtype=torch.int64),
-                    "rows": torch.stack([reference[k].detach().to("cpu") for k in keys])}, buffer)
+        torch.save({"keys": torch.tensor(keys, dtype=torch.int64), "rows": stacked}, buffer)
         write_bytes_atomic(self.path(part, weights_digest), buffer.getvalue())
+
+    def _kept(self, part: str, rows: dict[tuple, Row]) -> dict[tuple, Row]:
+        if part.startswith("image:"):
+            return {key: row for key, row in sorted(rows.items()) if key[0] == REFERENCE_POOL}
+        limit = len(self.pool) + EXTRA_TEXT_ROWS
+        return dict(list(rows.items())[:limit])  # insertion order: rows read from the file come first

@@ -103,7 +103,7 @@ def learn_task(
 ) -> ContinualState:
     """Learn `task` starting from `state`; return the next state (weights, statistics, history).
 
-    `frozen_outputs`: a folder where the frozen image part's outputs for the reference pairs are
+    `frozen_outputs`: a folder where the frozen parts' outputs for the reference pairs are
     kept between processes (gnsp_core.frozen_outputs), e.g. node-local scratch of a service."""
     config.validate()
     dist = distributed or Distributed()

@@ -204,9 +204,9 @@ def test_the_pretrained_model_reads_the_trunks_it_shares_from_the_cache(split_mo
 
 
 def test_reference_outputs_saved_in_a_folder_serve_the_next_process(split_model_registered, opened_caches, tmp_path):
-    """A job in fresh processes reads the trunk's reference rows that the last one saved (each
-    reference pool is a new object here, as in a new process), with the same result; a file that
-    does not belong to the pool or the weights is never used."""
+    """A job in fresh processes reads the trunks' rows that the last one saved (each reference pool
+    is a new object here, as in a new process), with the same result; a file that does not belong
+    to the pool or the weights is never used."""
     config = TrainConfig(method="gnsp", trainable=HEADS_ONLY, cache_views=1, **{**FAST, "steps": 6})
     folder = tmp_path / "frozen"
 
@@ -218,19 +218,23 @@ def test_reference_outputs_saved_in_a_folder_serve_the_next_process(split_model_
         return learned.weights
 
     first = job(reference_pairs(2))
-    assert [f.suffix for f in folder.iterdir()] == [".pt"]
+    assert sorted(f.name.split("-")[0] for f in folder.iterdir()) == ["image", "text"]
     second = job(reference_pairs(2))
-    assert [c.computed["image:trunk"] for c in opened_caches] == [12 + 8, 12]  # the 8 reference images read back
+    # the 8 reference images, the 4 captions and the 2 class prompts are read back
+    assert [c.computed["image:trunk"] for c in opened_caches] == [12 + 8, 12]
+    assert [c.computed["text:hf-transformer"] for c in opened_caches] == [2 + 4, 0]
     assert all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
 
     other = reference_pairs(2)
-    other.captions[0] = "another caption"  # another pool: its own file, nothing read
-    job(other)
-    assert opened_caches[-1].computed["image:trunk"] == 12 + 8 and len(list(folder.iterdir())) == 2
+    other.captions[0] = "another caption"  # another pool: its own files, nothing read
+    job(other)  # its 8 pairs have 5 distinct captions (the first was one of 4 shared ones)
+    assert opened_caches[-1].computed == {"image:trunk": 12 + 8, "text:hf-transformer": 2 + 5}
+    assert len(list(folder.iterdir())) == 4
 
     for path in folder.iterdir():
         path.write_bytes(b"torn")  # a file cut short: recomputed and rewritten, never read as rows
     job(reference_pairs(2))
-    assert opened_caches[-1].computed["image:trunk"] == 12 + 8
-    rewritten = [p for p in folder.iterdir() if p.read_bytes() != b"torn"]
-    assert len(rewritten) == 1 and torch.load(rewritten[0], weights_only=True)["rows"].shape[0] == 8
+    assert opened_caches[-1].computed == {"image:trunk": 12 + 8, "text:hf-transformer": 2 + 4}
+    rewritten = {p.name.split("-")[0]: torch.load(p, weights_only=True)["keys"].shape[0]
+                 for p in folder.iterdir() if p.read_bytes() != b"torn"}
+    assert rewritten == {"image": 8, "text": 2 + 4}
