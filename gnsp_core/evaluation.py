@@ -2,6 +2,10 @@
 
 Accuracy uses the known-task label space (MTIL): each dataset is scored over its own class names,
 with its own template ensemble (`Task.templates`). MG-CLIP's compensation head joins where it exists for that task.
+
+Every measure runs the model's trunks through `remembered_trunks`: a model whose trunks did not
+train since the last measure (gnsp-mini's, under `trainable=auto`) runs only its heads on inputs
+it was measured on before (a benchmark's test splits, the held-out suite).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from gnsp_core.data.samples import Task
 from gnsp_core.metrics import embed_pairs, modality_gap, retrieval_recall
 from gnsp_core.methods.mgclip_head import compensation_head, compensation_weight
 from gnsp_core.models.spec import LoadedModel
+from gnsp_core.trunk_memo import remembered_trunks
 from gnsp_core.zeroshot import build_text_head, evaluate_accuracy
 
 
@@ -26,15 +31,16 @@ def task_accuracy(
     """Top-1 (percent) on the task's test split over its own labels, with the task's own template
     ensemble unless `templates` is given."""
     model = loaded.model.to(device)
-    head = build_text_head(model, loaded.tokenizer, task.classnames, templates or task.templates, device=device)
     comp = compensation_head(extras or {}, task.name)
     compensation = None
     if comp is not None:
         comp = comp.to(device)
         compensation = comp.probs
-    return evaluate_accuracy(model, task.test.with_transform(loaded.preprocess_val), head,
-                             batch_size=batch_size, device=device, compensation=compensation,
-                             compensation_weight=compensation_weight(extras or {}))
+    with remembered_trunks(model):
+        head = build_text_head(model, loaded.tokenizer, task.classnames, templates or task.templates, device=device)
+        return evaluate_accuracy(model, task.test.with_transform(loaded.preprocess_val), head,
+                                 batch_size=batch_size, device=device, compensation=compensation,
+                                 compensation_weight=compensation_weight(extras or {}))
 
 
 def accuracy_row(
@@ -51,19 +57,21 @@ def class_prompt_gap(loaded: LoadedModel, task: Task, device: torch.device | str
     model = loaded.model.to(device).eval()
     loader = torch.utils.data.DataLoader(task.test.with_transform(loaded.preprocess_val), batch_size=64)
     feats, labels = [], []
-    for images, y in loader:
-        feats.append(nn.functional.normalize(model.encode_image(images.to(device)).float(), dim=-1))
-        labels.append(y)
-    tokens = loaded.tokenizer([task.templates[0].format(c) for c in task.classnames]).to(device)
-    text = nn.functional.normalize(model.encode_text(tokens).float(), dim=-1)
+    with remembered_trunks(model):
+        for images, y in loader:
+            feats.append(nn.functional.normalize(model.encode_image(images.to(device)).float(), dim=-1))
+            labels.append(y)
+        tokens = loaded.tokenizer([task.templates[0].format(c) for c in task.classnames]).to(device)
+        text = nn.functional.normalize(model.encode_text(tokens).float(), dim=-1)
     return modality_gap(torch.cat(feats), text[torch.cat(labels).to(device)], reference_gap)
 
 
 @torch.no_grad()
 def pair_retrieval(loaded: LoadedModel, pairs, device: torch.device | str = "cpu") -> dict[str, float]:
     """Image->text and text->image R@1/R@5 on (image, caption) pairs."""
-    img, txt, captions = embed_pairs(loaded.model.to(device), loaded.tokenizer,
-                                     pairs.with_transform(loaded.preprocess_val), device=device)
+    with remembered_trunks(loaded.model):
+        img, txt, captions = embed_pairs(loaded.model.to(device), loaded.tokenizer,
+                                         pairs.with_transform(loaded.preprocess_val), device=device)
     return retrieval_recall(img, txt, captions=captions)
 
 
@@ -87,6 +95,11 @@ def suite_summary(set_accuracy: dict[str, float], sizes: dict[str, int], recall:
 def heldout_metrics(loaded: LoadedModel, suite: HeldoutSuite, device: torch.device | str = "cpu",
                     batch_size: int = 64) -> dict:
     """Zero-shot accuracy on every set of the held-out suite and retrieval on its pairs (`suite_summary`)."""
+    with remembered_trunks(loaded.model):
+        return _heldout_metrics(loaded, suite, device, batch_size)
+
+
+def _heldout_metrics(loaded: LoadedModel, suite: HeldoutSuite, device: torch.device | str, batch_size: int) -> dict:
     img, txt, captions = embed_pairs(loaded.model.to(device), loaded.tokenizer,
                                      suite.pairs.with_transform(loaded.preprocess_val), batch_size, device)
     accs = {}

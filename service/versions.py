@@ -21,9 +21,11 @@ from gnsp_core.evaluation import heldout_metrics, task_accuracy
 from gnsp_core.models import DEFAULT_MODEL, LoadedModel, ModelSpec, load_model
 from gnsp_core.models.inference import prepare_image_tower
 from gnsp_core.state import ContinualState
+from gnsp_core.trunk_memo import remembered_trunks
 
 from service.settings import ServiceSettings
 from service.training.sources import resolve_callable
+from service.training.stored import frozen_outputs_folder
 from service.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -66,15 +68,22 @@ def heldout_sizes(heldout: Task | HeldoutSuite | None) -> dict[str, int]:
     return heldout.sizes if isinstance(heldout, HeldoutSuite) else {heldout.name: len(heldout.test)}
 
 
-def measure_heldout(loaded: LoadedModel, heldout: Task | HeldoutSuite | None) -> dict[str, Any]:
+def measure_heldout(loaded: LoadedModel, heldout: Task | HeldoutSuite | None,
+                    trunk_outputs: Path | None = None) -> dict[str, Any]:
     """Job metrics of the held-out set, in percent: `heldout_accuracy` (the gate's number; for the
     suite, top-1 pooled over its items), and for the suite `retrieval_r1`, `retrieval_r5`,
-    `heldout_sets` and `retrieval` (see gnsp_core.evaluation.suite_summary); plus `heldout_sizes`."""
+    `heldout_sets` and `retrieval` (see gnsp_core.evaluation.suite_summary); plus `heldout_sizes`.
+
+    Every version is measured on the same set: with `trunk_outputs` (a node-local folder), the
+    trunks' outputs for it are kept there (gnsp_core.trunk_memo), and a version whose trunks did
+    not train runs only its heads on it."""
     if heldout is None:
         return {"heldout_accuracy": None}
-    if isinstance(heldout, Task):
-        return {"heldout_accuracy": round(task_accuracy(loaded, heldout), 4), "heldout_sizes": heldout_sizes(heldout)}
-    held = heldout_metrics(loaded, heldout)
+    with remembered_trunks(loaded.model, trunk_outputs):
+        if isinstance(heldout, Task):
+            return {"heldout_accuracy": round(task_accuracy(loaded, heldout), 4),
+                    "heldout_sizes": heldout_sizes(heldout)}
+        held = heldout_metrics(loaded, heldout)
     return {"heldout_accuracy": round(held["heldout_acc"], 4), "retrieval_r1": round(held["retrieval_r1"], 4),
             "retrieval_r5": round(held["retrieval_r5"], 4),
             "heldout_sets": {k: round(v, 4) for k, v in held["heldout_sets"].items()},
@@ -89,7 +98,9 @@ def ensure_base_version(store: ModelStore, settings: ServiceSettings) -> int:
         log.info("empty store %s: creating version 1 from %s", store.uri, spec)
         loaded = load_model(spec)
         state = ContinualState.initial(loaded.model, spec)
-        metrics = {"heldout": settings.heldout, **measure_heldout(loaded, load_heldout(settings.heldout))}
+        heldout = load_heldout(settings.heldout)
+        metrics = {"heldout": settings.heldout,
+                   **measure_heldout(loaded, heldout, frozen_outputs_folder(settings.work_dir))}
         with tempfile.TemporaryDirectory(prefix="gnsp-base-", dir=settings.scratch()) as tmp:
             folder = state.save(Path(tmp) / "state")
             manifest = {"parent": None, "task_id": None, "task": None, "method": None, "tasks": [],
@@ -100,8 +111,10 @@ def ensure_base_version(store: ModelStore, settings: ServiceSettings) -> int:
     return store.active()
 
 
-def evaluate_version(state_dir: Path, task_dir: Path | None, heldout_spec: str | None) -> dict[str, Any]:
-    """New-task accuracy on the task's test split and held-out zero-shot accuracy, in percent."""
+def evaluate_version(state_dir: Path, task_dir: Path | None, heldout_spec: str | None,
+                     trunk_outputs: Path | None = None) -> dict[str, Any]:
+    """New-task accuracy on the task's test split and held-out zero-shot accuracy, in percent
+    (`trunk_outputs`: see `measure_heldout`)."""
     state = ContinualState.load(state_dir)
     loaded = load_state_model(state)
     prepare_image_tower(loaded.model, loaded.image_size)  # measured, never trained: the faster same function
@@ -109,15 +122,16 @@ def evaluate_version(state_dir: Path, task_dir: Path | None, heldout_spec: str |
     if task_dir is not None:
         task = load_task(str(task_dir))
         metrics["task_accuracy"] = round(task_accuracy(loaded, task, state.extras), 4)
-    metrics.update(measure_heldout(loaded, load_heldout(heldout_spec)))
+    metrics.update(measure_heldout(loaded, load_heldout(heldout_spec), trunk_outputs))
     return metrics
 
 
-def base_heldout_accuracy(store: ModelStore, version: int, heldout_spec: str | None, cache: Path) -> float | None:
+def base_heldout_accuracy(store: ModelStore, version: int, heldout_spec: str | None, cache: Path,
+                          trunk_outputs: Path | None = None) -> float | None:
     """The base version's held-out accuracy: from its manifest when measured on the same sets (same
     spec and sizes), else now."""
     metrics = store.manifest(version).get("metrics", {})
     same_sets = metrics.get("heldout_sizes", {}) == heldout_sizes(load_heldout(heldout_spec))
     if metrics.get("heldout") == heldout_spec and same_sets and "heldout_accuracy" in metrics:
         return metrics["heldout_accuracy"]
-    return evaluate_version(store.fetch_version(version, cache), None, heldout_spec)["heldout_accuracy"]
+    return evaluate_version(store.fetch_version(version, cache), None, heldout_spec, trunk_outputs)["heldout_accuracy"]

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
+import open_clip
 import pytest
 import torch
+from transformers import BertConfig, BertModel
 
 from gnsp_core.data import ImageSamples, Task
 from gnsp_core.models import LoadedModel, ModelSpec, load_model
+from gnsp_core.models.default import minilm_dir
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
 
@@ -133,3 +139,28 @@ def own_ray_slot(tmp_path_factory):
     with open(tmp_path_factory.getbasetemp().parent / "own-ray.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+SPLIT_MODEL = "tiny-split"
+
+
+@pytest.fixture(scope="session")
+def split_model_registered(tmp_path_factory):
+    """A tiny CLIP shaped like gnsp-mini: a timm trunk + MLP head, a Hugging Face text encoder + projection."""
+    root = tmp_path_factory.mktemp("tiny-split")
+    text = root / "text"
+    torch.manual_seed(0)  # open_clip loads these random weights as if pre-trained
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=48, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0), add_pooling_layer=False).save_pretrained(text)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (minilm_dir() / name).is_file():
+            shutil.copy(minilm_dir() / name, text / name)
+    config = {"embed_dim": 32,
+              "vision_cfg": {"image_size": 32, "timm_model_name": "test_efficientnet", "timm_model_pretrained": False,
+                             "timm_pool": "avg", "timm_proj": "mlp", "timm_proj_bias": False},
+              "text_cfg": {"hf_model_name": str(text), "hf_tokenizer_name": str(text), "hf_proj_type": "linear",
+                           "hf_pooler_type": "mean_pooler", "context_length": 16}}
+    (root / f"{SPLIT_MODEL}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(root / f"{SPLIT_MODEL}.json")
+    return SPLIT_MODEL

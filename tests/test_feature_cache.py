@@ -4,49 +4,22 @@ and the frozen parts run once per input instead of at every step."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 
 import open_clip
 import pytest
 import torch
-from transformers import BertConfig, BertModel
 
 import gnsp_core.feature_cache as feature_cache
-from conftest import colour_task, reference_pairs
+from conftest import SPLIT_MODEL, colour_task, reference_pairs
 from gnsp_core.config import TrainConfig
 from gnsp_core.methods.registry import METHODS
 from gnsp_core.models import ModelSpec, load_model
-from gnsp_core.models.default import minilm_dir
 from gnsp_core.state import ContinualState
 from gnsp_core.trainer import learn_task
 
-SPLIT_MODEL = "tiny-split"
 HEADS_ONLY = r"^(visual\.head\.|text\.proj)"
 FAST = dict(steps=3, batch_size=8, ref_batch_size=8, warmup_steps=1, lr=1e-3, stats_batch_size=8,
             ensemble_every=1, gap_check_every=1, compensation_epochs=1)
-
-
-@pytest.fixture(scope="module")
-def split_model_registered(tmp_path_factory):
-    """A tiny CLIP shaped like gnsp-mini: a timm trunk + MLP head, a Hugging Face text encoder + projection."""
-    root = tmp_path_factory.mktemp("tiny-split")
-    text = root / "text"
-    torch.manual_seed(0)  # open_clip loads these random weights as if pre-trained
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=48, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0), add_pooling_layer=False).save_pretrained(text)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (minilm_dir() / name).is_file():
-            shutil.copy(minilm_dir() / name, text / name)
-    config = {"embed_dim": 32,
-              "vision_cfg": {"image_size": 32, "timm_model_name": "test_efficientnet", "timm_model_pretrained": False,
-                             "timm_pool": "avg", "timm_proj": "mlp", "timm_proj_bias": False},
-              "text_cfg": {"hf_model_name": str(text), "hf_tokenizer_name": str(text), "hf_proj_type": "linear",
-                           "hf_pooler_type": "mean_pooler", "context_length": 16}}
-    (root / f"{SPLIT_MODEL}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(root / f"{SPLIT_MODEL}.json")
-    return SPLIT_MODEL
 
 
 def unaugmented(name: str):

@@ -11,13 +11,16 @@ removed); only if that hangs is the process killed. Progress flows from rank 0 t
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import ray
+import torch
 from ray.actor import ActorHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -91,6 +94,7 @@ def train_on_ray(plan: AttemptPlan, store: ModelStore, out_dir: Path, board: Act
 
 def execute_attempt(plan: AttemptPlan, board: ActorHandle | None) -> AttemptOutcome:
     """Train, evaluate, gate and publish; a version this job already published is returned as is."""
+    from service.training.stored import frozen_outputs_folder
     from service.versions import base_heldout_accuracy, evaluate_version
 
     settings = plan.settings
@@ -105,8 +109,11 @@ def execute_attempt(plan: AttemptPlan, board: ActorHandle | None) -> AttemptOutc
         task_dir = validate_image_folder(safe_extract(archive, scratch / "data", limits), limits).root
         train_metrics = train_on_ray(plan, store, scratch / "state", board)
         _phase(board, "evaluating")
-        metrics = evaluate_version(scratch / "state", task_dir, settings.heldout)
-        base_acc = base_heldout_accuracy(store, plan.base_version, settings.heldout, scratch / "cache")
+        trunk_outputs = frozen_outputs_folder(settings.work_dir)
+        with torch_threads(os.cpu_count() or 1):  # training is over: the node's cores are this job's
+            metrics = evaluate_version(scratch / "state", task_dir, settings.heldout, trunk_outputs)
+            base_acc = base_heldout_accuracy(store, plan.base_version, settings.heldout, scratch / "cache",
+                                             trunk_outputs)
         gate = quality_gate(metrics["heldout_accuracy"], base_acc, plan.base_version, settings.max_heldout_drop)
         metrics.update(base_heldout_accuracy=base_acc, **_train_summary(train_metrics))
         _phase(board, "publishing")
@@ -116,6 +123,18 @@ def execute_attempt(plan: AttemptPlan, board: ActorHandle | None) -> AttemptOutc
                     "spec": parent.get("spec"), "metrics": metrics, "gate": gate}
         version = store.publish_version(scratch / "state", manifest)
     return AttemptOutcome(version, metrics, gate)
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Torch runs `count` threads for the block. The attempt is a Ray task without CPUs of its own,
+    which Ray starts with one thread; once training is over the node's cores are free for it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _train_summary(metrics: dict[str, Any]) -> dict[str, Any]:

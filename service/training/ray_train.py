@@ -40,7 +40,8 @@ from gnsp_core.task_context import Distributed
 from gnsp_core.trainer import learn_task
 
 from service.training.progress import BoardReporter
-from service.training.stored import StoredState, StoredUpload, StoredVersion, local_source, scratch_root
+from service.training.stored import (StoredState, StoredUpload, StoredVersion, frozen_outputs_folder, local_source,
+                                     scratch_root)
 from service.training.sources import check_reference_spec, load_reference
 
 TRAIN_STATE_FILE = "train_state.pt"
@@ -200,12 +201,6 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             frozen_outputs=frozen_outputs_folder(job.scratch_dir),
         )
     reporter.final(new_state, resumed_from, time.perf_counter() - started)
-
-
-def frozen_outputs_folder(work_dir: str | None) -> Path:
-    """Node-local: the reference pairs' frozen outputs that jobs on this node share (every job runs
-    in fresh worker processes; see gnsp_core.frozen_outputs)."""
-    return Path(scratch_root(work_dir) or tempfile.gettempdir()) / "gnsp-frozen-outputs"
 
 
 def _starting_point(base_state: str | None, model: ModelSpec | None,

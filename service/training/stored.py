@@ -10,6 +10,7 @@ at the same path; an object store (s3://, gs://) needs nothing shared.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,12 @@ def run_storage(store: ModelStore) -> tuple[str, pafs.FileSystem | None]:
     if local is not None:
         return str(local), None
     return store.path("runs"), store.fs
+
+
+def frozen_outputs_folder(work_dir: str | None) -> Path:
+    """Node-local: the frozen parts' outputs that jobs on this node share (every job trains and is
+    evaluated in fresh processes; see gnsp_core.frozen_outputs and gnsp_core.trunk_memo)."""
+    return Path(scratch_root(work_dir) or tempfile.gettempdir()) / "gnsp-frozen-outputs"
 
 
 def scratch_root(work_dir: str | None) -> str | None:
