@@ -360,27 +360,30 @@ def _image_size(model: nn.Module) -> int | None:
 
 
 def _frozen_image_part(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """The largest frozen prefix of the image tower: the whole tower, or a timm tower's trunk."""
+    """The frozen part of the image tower that is memoised: a timm tower's trunk when it is frozen
+    (even when its small head is too: the trunk's rows are the ones that other tasks, the frozen
+    pre-trained model and later processes share), else the whole tower when it is frozen."""
     visual = getattr(model, "visual", None)
     if visual is None:
         return None
-    if _frozen(visual):
-        return "visual", visual
     trunk = getattr(visual, "trunk", None)
     if isinstance(trunk, nn.Module) and _frozen(trunk):
         return "trunk", trunk
+    if _frozen(visual):
+        return "visual", visual
     return None
 
 
 def _frozen_text_part(model: nn.Module) -> tuple[str, nn.Module, str] | None:
-    """(name, owner, attribute) of the largest frozen prefix of the text tower."""
+    """(name, owner, attribute) of the frozen part of the text tower that is memoised: a Hugging
+    Face trunk when it is frozen (as for images: its rows are the shared ones), else the whole tower."""
     text = getattr(model, "text", None)
     if isinstance(text, nn.Module):  # open_clip CustomTextCLIP: the tower is a module of its own
-        if _frozen(text):
-            return "text", text, "forward"
         transformer = getattr(text, "transformer", None)
         if isinstance(transformer, nn.Module) and hasattr(transformer, "config") and _frozen(transformer):
             return "hf-transformer", transformer, "forward"
+        if _frozen(text):
+            return "text", text, "forward"
         return None
     parts = [getattr(model, n, None) for n in ("token_embedding", "transformer", "ln_final")]
     projection = getattr(model, "text_projection", None)

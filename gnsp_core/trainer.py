@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -18,13 +19,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from gnsp_core.config import TrainConfig
-from gnsp_core.data.samples import Task
+from gnsp_core.data.samples import ImageSamples, Task
 from gnsp_core.errors import DatasetError
-from gnsp_core.feature_cache import TASK, FeatureCache, PixelSource, eval_untrained_modules
+from gnsp_core.feature_cache import (REFERENCE, TASK, VAL_VIEW, FeatureCache, PixelSource, eval_untrained_modules,
+                                     image_keys)
 from gnsp_core.frozen_outputs import FrozenOutputFiles
 from gnsp_core.methods.registry import build_method
 from gnsp_core.models.loading import resolve_device
-from gnsp_core.models.spec import LoadedModel
+from gnsp_core.models.spec import LoadedModel, trainable_pattern
 from gnsp_core.pretrained_cache import pretrained_features
 from gnsp_core.state import ContinualState, TaskRecord
 from gnsp_core.task_context import Distributed, Progress, ProgressFn, ReferenceStream, TaskContext
@@ -145,6 +147,43 @@ def learn_task(
         history=[*state.history, record],
         config=config.to_dict(),
     )
+
+
+@torch.no_grad()
+def prime_frozen_outputs(loaded: LoadedModel, config: TrainConfig, reference: Dataset, folder: str | Path,
+                         batch_size: int = 64) -> dict[str, int]:
+    """Save in `folder` the frozen parts' outputs for every reference pair, as a task of `config`
+    on this model would compute them on first use (gnsp_core.frozen_outputs), so that no job on
+    this node pays for them. Returns the rows computed per part (0s when the files were there).
+
+    The parts that `config.trainable` leaves frozen are patched for the call only; the model's
+    weights, modes and trainable flags are as they were after it."""
+    model = loaded.model
+    allowed = re.compile(trainable_pattern(config.trainable, loaded.spec.name))
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    modes = {module: module.training for module in model.modules()}
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(bool(allowed.match(name)))
+    dataset = reference.with_transform(loaded.preprocess_val)
+    pixels = PixelSource(ImageSamples([], []), loaded.preprocess_train, loaded.preprocess_val, dataset, config.seed)
+    device = next(model.parameters()).device
+    cache = FeatureCache(model, pixels, device, run=reference,
+                         files=FrozenOutputFiles(folder, dataset, loaded.preprocess_val))
+    try:
+        eval_untrained_modules(model)
+        captions = getattr(dataset, "captions", None) or [dataset[i][1] for i in range(len(dataset))]
+        for start in range(0, len(dataset), batch_size):
+            items = list(range(start, min(start + batch_size, len(dataset))))
+            if cache.caches_images:
+                model.encode_image(image_keys(REFERENCE, items, VAL_VIEW).to(device))
+            model.encode_text(loaded.tokenizer([captions[i] for i in items]).to(device))
+    finally:
+        cache.close()
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(flags[name])
+        for module, training in modes.items():
+            module.training = training
+    return dict(cache.computed)
 
 
 def _open_feature_cache(ctx: TaskContext, reference: Dataset | None, folder: str | Path | None) -> None:

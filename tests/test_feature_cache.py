@@ -15,7 +15,7 @@ from gnsp_core.config import TrainConfig
 from gnsp_core.methods.registry import METHODS
 from gnsp_core.models import ModelSpec, load_model
 from gnsp_core.state import ContinualState
-from gnsp_core.trainer import learn_task
+from gnsp_core.trainer import learn_task, prime_frozen_outputs
 
 HEADS_ONLY = r"^(visual\.head\.|text\.proj)"
 FAST = dict(steps=3, batch_size=8, ref_batch_size=8, warmup_steps=1, lr=1e-3, stats_batch_size=8,
@@ -211,3 +211,27 @@ def test_reference_outputs_saved_in_a_folder_serve_the_next_process(split_model_
     rewritten = {p.name.split("-")[0]: torch.load(p, weights_only=True)["keys"].shape[0]
                  for p in folder.iterdir() if p.read_bytes() != b"torn"}
     assert rewritten == {"image": 8, "text": 2 + 4}
+
+
+def test_primed_reference_outputs_leave_a_job_only_its_own_inputs(split_model_registered, opened_caches, tmp_path):
+    """A node primed before its first job (the service does it when it starts): the job computes
+    only its task images and class prompts, and learns what an unprimed job learns."""
+    config = TrainConfig(method="gnsp", trainable=HEADS_ONLY, cache_views=1, **{**FAST, "steps": 6})
+    task = colour_task("A", ["red", "blue"], n_train=6)
+    loaded = unaugmented(split_model_registered)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    primed = prime_frozen_outputs(loaded, config, reference_pairs(2), tmp_path)
+    assert primed == {"image:trunk": 8, "text:hf-transformer": 4}
+    assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())
+    assert all(p.requires_grad for p in loaded.model.parameters())  # its flags as they were
+
+    def job(folder) -> dict:
+        fresh = unaugmented(split_model_registered)
+        state = ContinualState.initial(fresh.model, fresh.spec)
+        return learn_task(state, fresh, task, config, reference=reference_pairs(2), frozen_outputs=folder).weights
+
+    learned = job(tmp_path)
+    assert opened_caches[-1].computed == {"image:trunk": 12, "text:hf-transformer": 2}
+    unprimed = job(tmp_path / "empty")
+    assert all(torch.allclose(learned[k], unprimed[k], atol=1e-6) for k in learned)
+

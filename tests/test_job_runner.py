@@ -50,7 +50,8 @@ class FakeClassifier:
 async def start_runner(store, tmp_path, **settings: Any) -> tuple[Any, FakeRunner, FakeClassifier]:
     cls, classifier = JobRunner.func_or_class, FakeClassifier()
     deployment = cls.__new__(cls)  # as Serve builds a replica: an async constructor, awaited
-    await deployment.__init__(ServiceSettings(store=store.uri, work_dir=str(tmp_path), **settings), classifier)
+    await deployment.__init__(ServiceSettings(store=store.uri, work_dir=str(tmp_path), prime_node=False, **settings),
+                              classifier)
     trainer = FakeRunner(deployment.store, tmp_path, hold=True)
     deployment.queue.runner = trainer
     return deployment, trainer, classifier

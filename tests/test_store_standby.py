@@ -24,7 +24,7 @@ async def start_service(store, tmp_path) -> tuple[Any, FakeRunner]:
     """A service's job runner on `store` (as Serve builds it), its trainer fake once it is the writer."""
     cls = JobRunner.func_or_class
     deployment = cls.__new__(cls)
-    await deployment.__init__(ServiceSettings(store=store.uri, work_dir=str(tmp_path)), FakeClassifier())
+    await deployment.__init__(ServiceSettings(store=store.uri, work_dir=str(tmp_path), prime_node=False), FakeClassifier())
     trainer = FakeRunner(deployment.store, tmp_path, hold=True)
     if deployment.queue is not None:
         deployment.queue.runner = trainer
@@ -48,7 +48,7 @@ def test_the_second_service_is_standby_until_the_lease_is_free(store, tmp_path, 
         try:
             assert (await old.role())["role"] == "writer"
             standby = await new.role()
-            assert standby == {"role": "standby", "lease_holder": old.lease.holder, "lease_token": 1}
+            assert standby == {"role": "standby", "lease_holder": old.lease.holder, "lease_token": 1, "primed": False}
             with pytest.raises(LeaseLost):  # the standby queues nothing (503 `standby` over REST)
                 await new.submit("task-n", "n", "finetune", {}, upload(new, tmp_path, "task-n"), {})
             assert (await new.counts())["queued"] == 0 and new.store.jobs() == []

@@ -109,7 +109,7 @@ class Ingress:
         active = await run_in_threadpool(self.store.active)
         role = await call(self.jobs.role.remote())
         health = api.Health(status="ok" if active is not None else "starting", active_version=active,
-                            role=role["role"], lease_holder=role["lease_holder"])
+                            role=role["role"], lease_holder=role["lease_holder"], primed=role["primed"])
         return JSONResponse(health.model_dump(), status_code=200 if active is not None else 503)
 
     @app.get("/metrics", response_class=Response, operation_id="metrics",

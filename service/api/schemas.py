@@ -118,12 +118,15 @@ class ActivationResponse(BaseModel):
 class Health(BaseModel):
     """Readiness: `ok` (HTTP 200) once a model version is active, so classify can answer;
     `starting` (HTTP 503) before. `role` says whether this service runs the jobs (`writer`, it holds
-    the store's writer lease) or waits for the lease (`standby`, e.g. an upgrade's other cluster)."""
+    the store's writer lease) or waits for the lease (`standby`, e.g. an upgrade's other cluster).
+    `primed`: whether the writer has primed its node for jobs (see ServiceSettings.prime_node); a
+    job sent before waits for it."""
 
     status: Literal["ok", "starting"] = "ok"
     active_version: int | None = None
     role: Literal["writer", "standby"] | None = None
     lease_holder: str | None = None
+    primed: bool = False
 
 
 Weight = Annotated[float, Field(ge=0, le=100)]

@@ -11,6 +11,7 @@ removed); only if that hangs is the process killed. Progress flows from rank 0 t
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -35,7 +36,9 @@ from service.training.progress import JobProgress, open_board
 from service.settings import ServiceSettings
 from service.store import ModelStore
 
+log = logging.getLogger(__name__)
 POLL_S = 0.5
+WARM_TIMEOUT_S = 300.0
 STOP_GRACE_S = 30.0
 # Where each phase of an attempt sits on the job's 0..1 progress bar.
 _PHASES = {"queued": (0.0, 0.0), "resuming": (0.0, 0.02), "starting": (0.02, 0.05), "train": (0.05, 0.85),
@@ -147,6 +150,33 @@ def _phase(board: ActorHandle | None, phase: str) -> None:
         board.update.remote({"phase": phase, "step": 0, "total": 0, "updated": time.time()})
 
 
+def prime_node(settings: ServiceSettings) -> dict[str, int]:
+    """Compute this node's frozen outputs for the active version and the reference pairs, as a job
+    with the service's default method and the model's recommended settings would on first use
+    (gnsp_core.trainer.prime_frozen_outputs), and the held-out suite's trunk rows that every
+    evaluation reads (service.versions.measure_heldout). Returns the rows computed per part."""
+    from gnsp_core.models import recommended_training
+    from gnsp_core.models.inference import prepare_image_tower
+    from gnsp_core.state import ContinualState
+    from gnsp_core.trainer import prime_frozen_outputs
+    from service.training.sources import load_reference
+    from service.training.stored import frozen_outputs_folder
+    from service.versions import load_heldout, load_state_model, measure_heldout
+
+    store = ModelStore.open(settings.store)
+    config = TrainConfig.from_dict({**recommended_training(settings.model), "method": settings.default_method})
+    folder = frozen_outputs_folder(settings.work_dir)
+    with tempfile.TemporaryDirectory(prefix="gnsp-prime-", dir=settings.scratch()) as scratch, \
+            torch_threads(os.cpu_count() or 1):
+        loaded = load_state_model(ContinualState.load(store.fetch_version(store.active(), Path(scratch))))
+        computed = {}
+        if settings.reference is not None and uses_reference(config.method):
+            computed = prime_frozen_outputs(loaded, config, load_reference(settings.reference), folder)
+        prepare_image_tower(loaded.model, loaded.image_size)  # as evaluate_version measures a version
+        measure_heldout(loaded, load_heldout(settings.heldout), folder)
+    return computed
+
+
 class RayTrainRunner:
     """The JobQueue's runner: each attempt in its own Ray task, stopped by killing that task."""
 
@@ -156,6 +186,21 @@ class RayTrainRunner:
         # takes only Ray Train workers, which Ray Train restarts from the checkpoint in the store.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         self._remote = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(execute_attempt)
+        self._prime = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(prime_node)
+
+    def warm(self) -> None:
+        """Prime this node before the first job (`prime_node`) unless settings.prime_node is off;
+        bounded, and never fatal."""
+        if not self.settings.prime_node:
+            return
+        ref = self._prime.options(name="gnsp-prime-node").remote(self.settings)
+        ready, _ = ray.wait([ref], timeout=WARM_TIMEOUT_S)
+        if not ready:
+            ray.cancel(ref, force=True)
+            raise TimeoutError(f"priming the node took over {WARM_TIMEOUT_S:g} s")
+        computed = ray.get(ref)
+        if any(computed.values()):
+            log.info("primed this node's frozen outputs: %s", computed)
 
     def __call__(self, record: dict[str, Any], should_stop: Callable[[], str | None],
                  report: Callable[[float, str], None]) -> AttemptOutcome:

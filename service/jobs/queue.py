@@ -24,8 +24,9 @@ ErrorHandler = Callable[[str, BaseException], None]
 class WorkQueue:
     """FIFO of job ids and the one thread that hands them to `handler`."""
 
-    def __init__(self, name: str, handler: Handler, on_error: ErrorHandler | None = None) -> None:
-        self.name, self.handler, self.on_error = name, handler, on_error
+    def __init__(self, name: str, handler: Handler, on_error: ErrorHandler | None = None,
+                 before_first: Callable[[], None] | None = None) -> None:
+        self.name, self.handler, self.on_error, self.before_first = name, handler, on_error, before_first
         self._wake = threading.Condition()
         self._ids: deque[str] = deque()
         self._stopping = threading.Event()
@@ -71,6 +72,11 @@ class WorkQueue:
             return None if self._stopping.is_set() else self._ids.popleft()
 
     def _loop(self) -> None:
+        if self.before_first is not None:  # e.g. warming the node up while no job is waiting
+            try:
+                self.before_first()
+            except Exception:
+                log.exception("%s: the work before the first job failed; jobs run without it", self.name)
         while (job_id := self._next()) is not None:
             try:
                 keep_going = self.handler(job_id)

@@ -103,10 +103,13 @@ class JobRunner:
         return queue, searches
 
     async def role(self) -> dict[str, Any]:
-        """`writer` (holds the store's lease and runs jobs) or `standby`, and the lease's current holder."""
+        """`writer` (holds the store's lease and runs jobs) or `standby`, the lease's current holder,
+        and whether the queue has primed its node (`primed`)."""
         current = await asyncio.to_thread(self.lease.current)
-        return {"role": "writer" if self.queue is not None and self.lease.held else "standby",
-                "lease_holder": (current or {}).get("holder"), "lease_token": (current or {}).get("token")}
+        queue = self.queue
+        return {"role": "writer" if queue is not None and self.lease.held else "standby",
+                "lease_holder": (current or {}).get("holder"), "lease_token": (current or {}).get("token"),
+                "primed": queue is not None and queue.primed}
 
     async def _check_version_on_loop(self, version: int) -> dict[str, Any]:
         from service.serving.classify_http import classifier_handle

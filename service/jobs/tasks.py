@@ -63,7 +63,8 @@ class Runner(Protocol):
     """Runs one attempt of a job (train, evaluate, publish) and returns the published version.
 
     `should_stop()` returns "cancel" or "stop" when the attempt must end early; `report(fraction,
-    phase)` publishes live progress."""
+    phase)` publishes live progress. A runner may also have a `warm()` method, which the queue
+    runs once before its first job (what every job would otherwise compute for itself)."""
 
     def __call__(self, record: dict[str, Any], should_stop: Callable[[], str | None],
                  report: Callable[[float, str], None]) -> AttemptOutcome: ...
@@ -103,10 +104,11 @@ class JobQueue:
         self._lock = threading.RLock()
         self._activation = threading.Lock()
         self._records: dict[str, dict[str, Any]] = {}
-        self._queue = WorkQueue("gnsp-jobs", self._take, on_error=self._unexpected)
+        self._queue = WorkQueue("gnsp-jobs", self._take, on_error=self._unexpected, before_first=self._warm)
         self._cancel: dict[str, threading.Event] = {}
         self._live: dict[str, tuple[float, str]] = {}
         self._owner = uuid.uuid4().hex
+        self._primed = threading.Event()
         self._seq = 0
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -212,6 +214,19 @@ class JobQueue:
             return self.store.set_active(version, reason)
 
     # --- the worker ------------------------------------------------------------------------------
+
+    @property
+    def primed(self) -> bool:
+        """Whether the work before the first job is over (done, failed or not needed)."""
+        return self._primed.is_set()
+
+    def _warm(self) -> None:
+        warm = getattr(self.runner, "warm", None)
+        try:
+            if warm is not None:
+                warm()
+        finally:
+            self._primed.set()
 
     def _take(self, task_id: str) -> bool:
         """The queue's handler: run the job, unless another runner took over the store (then stop)."""
