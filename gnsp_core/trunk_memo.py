@@ -84,7 +84,7 @@ _PATCHED: set[int] = set()
 def weights_digest(module: nn.Module) -> str:
     """The digest of a module's weights, hashed again only when a tensor was replaced or written
     in place (a load_state_dict, an optimiser step): torch counts writes in `_version`."""
-    tensors = list(module.state_dict().items())
+    tensors = [*module.named_parameters(), *module.named_buffers()]
     fingerprint = tuple((name, id(t), t.data_ptr(), t._version) for name, t in tensors)
     if fingerprint not in _DIGESTS:
         digest = hashlib.sha1()
