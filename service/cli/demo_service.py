@@ -10,7 +10,8 @@ turned off at its source rather than filtered:
   parser;
 - worker and replica output: kept in Ray's log folder (`log_to_driver=False`; the demo reports
   progress and errors from the REST API), Ray's driver-side INFO lines off (`logging_level`),
-  replicas log warnings and errors only, no access log per progress poll;
+  replicas log warnings and errors only, no access log per progress poll; Serve's own logger in
+  this process ("Started Serve", "Application ... is ready at") set to WARNING while the demo runs;
 - "(raylet) Task ServeController.graceful_shutdown failed": `serve.shutdown()` waits on a call
   that only ends when the controller kills itself, and Ray reports that expected failure to the
   driver. When the demo started Ray it deletes its app and stops Ray, which ends Serve with it;
@@ -34,6 +35,7 @@ from service.ports import free_local_port
 APP_NAME = "gnsp-demo"
 AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 """Where Ray logs "Token authentication is enabled for this Ray cluster ..." (a WARNING)."""
+SERVE_LOGGER = "ray.serve"
 
 
 class DemoError(GnspError):
@@ -70,6 +72,9 @@ def local_service(settings: Any) -> Iterator[str]:
     own_ray = not ray.is_initialized()
     if own_ray:
         _start_ray()
+    serve_logger = logging.getLogger(SERVE_LOGGER)  # this process's "Started Serve", "is ready at" lines
+    level = serve_logger.level
+    serve_logger.setLevel(logging.WARNING)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": free_local_port()},
                     logging_config={"log_level": "WARNING", "enable_access_log": False})
@@ -81,6 +86,7 @@ def local_service(settings: Any) -> Iterator[str]:
             with contextlib.suppress(Exception):
                 delete_service(APP_NAME)
     finally:
+        serve_logger.setLevel(level)
         if own_ray:
             ray.shutdown()  # stops Serve's controller and proxy with the rest of this private Ray
 
