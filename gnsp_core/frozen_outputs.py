@@ -20,8 +20,6 @@ the pixels of three of its images (rendering all of them would cost what the fil
 from __future__ import annotations
 
 import hashlib
-import io
-import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,15 +27,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from gnsp_core.atomic_files import write_bytes_atomic
+from gnsp_core.row_files import Row, read_rows, write_rows
 
-log = logging.getLogger(__name__)
 REFERENCE_POOL = 1
 """The pool number of reference keys (feature_cache.REFERENCE; not imported, which would be a cycle)."""
 EXTRA_TEXT_ROWS = 2048
 """Text rows a file keeps beyond one per reference pair (class prompts of the tasks seen)."""
-
-Row = Tensor | dict[str, Tensor]
 
 
 def pool_fingerprint(pool: Dataset, preprocess: Callable) -> str:
@@ -77,22 +72,8 @@ class FrozenOutputFiles:
 
     def load(self, part: str, weights_digest: str) -> dict[tuple, Row]:
         """The saved rows of `part` (key -> output); {} if none or unreadable."""
-        path = self.path(part, weights_digest)
-        if not path.is_file():
-            return {}
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            keys, rows = saved["keys"], saved["rows"]
-            columns = rows if isinstance(rows, dict) else {None: rows}
-            if keys.ndim != 2 or any(len(column) != len(keys) for column in columns.values()):
-                raise ValueError(f"{len(keys)} keys do not match the rows")
-        except Exception as exc:  # a torn or foreign file costs a recomputation, never a wrong row
-            log.warning("ignoring saved frozen outputs %s: %s", path, exc)
-            return {}
-        if not isinstance(rows, dict):
-            return {tuple(key): row for key, row in zip(keys.tolist(), rows)}
-        return {tuple(key): {name: column[i] for name, column in rows.items()}
-                for i, key in enumerate(keys.tolist())}
+        keys, rows = read_rows(self.path(part, weights_digest), "frozen outputs")
+        return {tuple(key): row for key, row in zip(keys, rows)}
 
     def save(self, part: str, weights_digest: str, rows: dict[tuple, Row]) -> None:
         """Save what `part`'s memo holds that is worth keeping (see the module's docstring),
@@ -101,14 +82,7 @@ class FrozenOutputFiles:
         if not self.writable or not kept or not savable(part, kept):
             return
         keys = list(kept)
-        values = [kept[k] for k in keys]
-        if isinstance(values[0], dict):
-            stacked: Any = {name: torch.stack([v[name].detach().to("cpu") for v in values]) for name in values[0]}
-        else:
-            stacked = torch.stack([v.detach().to("cpu") for v in values])
-        buffer = io.BytesIO()
-        torch.save({"keys": torch.tensor(keys, dtype=torch.int64), "rows": stacked}, buffer)
-        write_bytes_atomic(self.path(part, weights_digest), buffer.getvalue())
+        write_rows(self.path(part, weights_digest), torch.tensor(keys, dtype=torch.int64), [kept[k] for k in keys])
 
     def _kept(self, part: str, rows: dict[tuple, Row]) -> dict[tuple, Row]:
         if part.startswith("image:"):

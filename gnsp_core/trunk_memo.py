@@ -19,7 +19,6 @@ the same whether its rows were remembered or not.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -29,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from gnsp_core.atomic_files import write_bytes_atomic
+from gnsp_core.row_files import Row, read_rows, write_rows
 
 log = logging.getLogger(__name__)
 MAX_BYTES = 256 * 2**20
@@ -37,8 +36,6 @@ MAX_BYTES = 256 * 2**20
 MAX_MEMOS = 4
 """Memos the process keeps (one per part and weights; a trunk that trains makes a new one each time)."""
 KEY_BYTES = 16
-
-Row = Tensor | dict[str, Tensor]
 
 
 class _Memo:
@@ -203,33 +200,13 @@ def _path(folder: str | Path, part: str, digest: str) -> Path:
 
 
 def _load(path: Path) -> dict[bytes, Row]:
-    if not path.is_file():
-        return {}
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        keys, rows = saved["keys"], saved["rows"]
-        columns = rows if isinstance(rows, dict) else {None: rows}
-        if keys.shape[1:] != (KEY_BYTES,) or any(len(c) != len(keys) for c in columns.values()):
-            raise ValueError(f"{len(keys)} keys do not match the rows")
-    except Exception as exc:  # a torn or foreign file costs a recomputation, never a wrong row
-        log.warning("ignoring saved trunk outputs %s: %s", path, exc)
-        return {}
-    names = [bytes(k) for k in keys.tolist()]
-    if not isinstance(rows, dict):
-        return dict(zip(names, rows))
-    return {name: {field: column[i] for field, column in rows.items()} for i, name in enumerate(names)}
+    keys, rows = read_rows(path, "trunk outputs")
+    return {bytes(key): row for key, row in zip(keys, rows) if len(key) == KEY_BYTES}
 
 
 def _save(path: Path, memo: _Memo) -> None:
     keys = list(memo.rows)
-    values = [memo.rows[k] for k in keys]
-    if isinstance(values[0], dict):
-        stacked: Any = {name: torch.stack([v[name].cpu() for v in values]) for name in values[0]}
-    else:
-        stacked = torch.stack([v.cpu() for v in values])
-    buffer = io.BytesIO()
-    torch.save({"keys": torch.tensor([list(k) for k in keys], dtype=torch.uint8), "rows": stacked}, buffer)
     try:
-        write_bytes_atomic(path, buffer.getvalue())
+        write_rows(path, torch.tensor([list(k) for k in keys], dtype=torch.uint8), [memo.rows[k] for k in keys])
     except OSError as exc:  # a full or read-only disk costs the next process a recomputation
         log.warning("could not save trunk outputs to %s: %s", path, exc)
