@@ -35,6 +35,9 @@ MAX_BYTES = 256 * 2**20
 """Bytes of rows one memo keeps in memory (the least recently used go first)."""
 MAX_MEMOS = 4
 """Memos the process keeps (one per part and weights; a trunk that trains makes a new one each time)."""
+MAX_FILES = 4
+"""Files a folder keeps per part, the most recently used: a model whose trunk trains writes one per
+version, gnsp-mini (whose trunks never train) one in all."""
 KEY_BYTES = 16
 
 
@@ -200,6 +203,8 @@ def _path(folder: str | Path, part: str, digest: str) -> Path:
 
 
 def _load(path: Path) -> dict[bytes, Row]:
+    if path.is_file():
+        path.touch()  # recently used: the last to be pruned
     keys, rows = read_rows(path, "trunk outputs")
     return {bytes(key): row for key, row in zip(keys, rows) if len(key) == KEY_BYTES}
 
@@ -208,5 +213,15 @@ def _save(path: Path, memo: _Memo) -> None:
     keys = list(memo.rows)
     try:
         write_rows(path, torch.tensor([list(k) for k in keys], dtype=torch.uint8), [memo.rows[k] for k in keys])
+        _prune(path)
     except OSError as exc:  # a full or read-only disk costs the next process a recomputation
         log.warning("could not save trunk outputs to %s: %s", path, exc)
+
+
+def _prune(written: Path) -> None:
+    """Keep the MAX_FILES most recently used files of `written`'s part (the one just written among them)."""
+    part = written.name.rsplit("-", 1)[0]
+    files = [p for p in written.parent.glob(f"{part}-*.pt") if p != written]
+    files.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for stale in files[MAX_FILES - 1:]:
+        stale.unlink(missing_ok=True)

@@ -85,3 +85,18 @@ def test_training_forwards_are_never_remembered(split_model_registered, fresh_me
     with trunk_memo.remembered_trunks(loaded.model):
         loaded.model.encode_image(pixels)
     assert trunk_memo.memo_counts() == {"image-trunk": 0, "text-hf-transformer": 0}
+
+
+def test_a_folder_keeps_the_most_recently_used_files_per_part(split_model_registered, fresh_memos, monkeypatch,
+                                                              tmp_path):
+    """A trunk that trains writes a file per version: the folder keeps MAX_FILES of them per part."""
+    monkeypatch.setattr(trunk_memo, "MAX_FILES", 2)
+    loaded = load_model(ModelSpec(name=split_model_registered, seed=0))
+    task = colour_task("A", ["red", "blue"], n_train=2, n_test=2)
+    for _ in range(3):
+        with torch.no_grad():
+            for parameter in loaded.model.visual.trunk.parameters():
+                parameter.mul_(0.9)
+        with trunk_memo.remembered_trunks(loaded.model, tmp_path):
+            task_accuracy(loaded, task)
+    assert sorted(p.name.split("-")[1] for p in tmp_path.iterdir()) == ["image", "image", "text"]
