@@ -13,6 +13,7 @@ folder itself, which `train_task` copies to `out_dir`.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -40,12 +41,14 @@ from gnsp_core.task_context import Distributed
 from gnsp_core.trainer import learn_task
 
 from service.training.progress import BoardReporter
+from service.training.run_snapshot import CHECKPOINT_FILE as TRAIN_STATE_FILE
+from service.training.run_snapshot import recover_torn_snapshot
 from service.training.stored import (StoredState, StoredUpload, StoredVersion, frozen_outputs_folder, local_source,
                                      scratch_root)
 from service.training.sources import check_reference_spec, load_reference
 
-TRAIN_STATE_FILE = "train_state.pt"
 FINISHED = "finished"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -144,9 +147,10 @@ def train_task(
 
     Raises the workers' own GnspError (bad dataset, bad state, ...) when that is why the run failed.
     """
+    fallback = recover_torn_snapshot(storage_path, name, storage_filesystem)
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"job": job, "board": board, "threads": resources.torch_threads},
+        train_loop_config={"job": job, "board": board, "threads": resources.torch_threads, "fallback": fallback},
         scaling_config=resources.scaling_config(),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              failure_config=FailureConfig(max_failures=max_failures),
@@ -179,7 +183,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     reporter = _Reporter(rank, BoardReporter(loop_config["board"] if rank == 0 else None), job.drill)
-    resume = _read_checkpoint(ray.train.get_checkpoint())
+    resume = _resume_from(ray.train.get_checkpoint(), loop_config.get("fallback"))
     if resume == FINISHED:
         return  # the run had already finished: its final checkpoint stands
     resumed_from = resume["step"] if resume else None
@@ -220,6 +224,18 @@ def _sum_across_workers(tensor: torch.Tensor) -> torch.Tensor:
 def _wrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
     """DDP on the model learn_task already placed on this worker's device."""
     return ray.train.torch.prepare_model(model, move_to_device=False)
+
+
+def _resume_from(checkpoint: Checkpoint | None, fallback: Checkpoint | None) -> dict[str, Any] | str | None:
+    """Ray Train's latest checkpoint, else the one a torn run snapshot left (run_snapshot.py), which
+    a crash may have cut short: then the task starts again."""
+    if checkpoint is not None or fallback is None:
+        return _read_checkpoint(checkpoint)
+    try:
+        return _read_checkpoint(fallback)
+    except Exception as exc:
+        log.warning("the checkpoint left by a crash is unreadable (%s); the task starts again", exc)
+        return None
 
 
 def _read_checkpoint(checkpoint: Checkpoint | None) -> dict[str, Any] | str | None:
