@@ -29,7 +29,9 @@ from tqdm import tqdm
 from gnsp_core.bench import run_bench
 from gnsp_core.config import TrainConfig
 from gnsp_core.data import load_task
-from gnsp_core.data.reference import load_heldout_task, load_reference_pairs
+from gnsp_core.data.builtin import DEFAULT_SEQUENCE
+from gnsp_core.data.heldout import load_heldout_suite
+from gnsp_core.data.reference import load_reference_pairs
 from gnsp_core.models import DEFAULT_MODEL, ModelSpec, load_model, recommended_training
 from gnsp_core.models.default import build_default_model
 
@@ -53,6 +55,8 @@ def _grid() -> dict[str, tuple[str, dict[str, Any]]]:
 KNOBS: dict[str, tuple[str, dict[str, Any]]] = {
     "finetune": ("plain fine-tuning of the heads (reference point)", dict(method="finetune")),
     "finetune-lr3e-3": ("plain fine-tuning at learning rate 3e-3", dict(method="finetune", lr=3e-3)),
+    "zscl": ("ZSCL: distillation from the pre-trained model on the reference pairs (reference point)",
+             dict(method="zscl")),
     "gnsp": ("paper recipe: gradient projected, ρ = 0.15, vision MLP maps, CD 1.0, MAP 0.75", {}),
     "gnsp-no-projection": ("cut-off a = 1e12, above every eigenvalue ratio: the null space is the whole space "
                            "(projection off)", dict(projection_rule="cutoff", projection_threshold=1e12)),
@@ -80,7 +84,8 @@ def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
     for name, r in results["methods"].items():
         rows.append({"variant": name, "change": VARIANTS[name][0], "settings": VARIANTS[name][1],
                      "transfer": r["transfer"], "avg": r["avg"], "last": r["last"], "bwt": r["bwt"],
-                     "plasticity": r["plasticity"], "heldout_last": r["acc"][-1][-1], "step_ms": r["step_ms"],
+                     "plasticity": r["plasticity"], "heldout_last": r["heldout_acc"][-1],
+                     "retrieval_r1_last": r["retrieval_r1"][-1], "step_ms": r["step_ms"],
                      "final": dict(zip(tasks + results["eval"], r["acc"][-1]))})
     return rows
 
@@ -104,12 +109,12 @@ def choose(rows: list[dict[str, Any]], min_bwt: float) -> dict[str, Any]:
 
 
 def markdown(rows: list[dict[str, Any]], front: list[str], chosen: str) -> str:
-    lines = ["| setting | change | plasticity | BWT | Transfer | Avg | Last | held-out last | step ms |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| setting | change | plasticity | BWT | Transfer | Avg | Last | held-out last | R@1 last | step ms |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: -r["plasticity"]):
         mark = " **(chosen)**" if r["variant"] == chosen else " (frontier)" if r["variant"] in front else ""
         lines.append(f"| {r['variant']}{mark} | {r['change']} | {r['plasticity']:.1f} | {r['bwt']:.1f} "
-                     f"| {r['transfer']:.1f} | {r['avg']:.1f} | {r['last']:.1f} | {r['heldout_last']:.1f} "
+                     f"| {r['transfer']:.1f} | {r['avg']:.1f} | {r['last']:.1f} | {r['heldout_last']:.1f} | {r['retrieval_r1_last']:.1f} "
                      f"| {r['step_ms']:.0f} |")
     return "\n".join(lines)
 
@@ -145,16 +150,17 @@ def plot(rows: list[dict[str, Any]], front: list[str], chosen: str, path: Path) 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     recommended = recommended_training(DEFAULT_MODEL)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tasks", default="digits,textiles,mnist")
+    p.add_argument("--tasks", default=",".join(DEFAULT_SEQUENCE), help="default: gnsp bench's default sequence")
     p.add_argument("--variants", default=",".join(FRONTIER), help=f"from {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=recommended.get("steps", 30))
     p.add_argument("--lr", type=float, default=recommended.get("lr", 1e-3))
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--min-bwt", type=float, default=-1.0, help="stability a chosen setting must keep")
-    p.add_argument("--max-train-per-class", type=int, default=24)
-    p.add_argument("--max-test-per-class", type=int, default=15)
-    p.add_argument("--reference-limit", type=int, default=256,
-                   help="seeded subset of the reference pairs (each run computes its pool's features once); 0: all")
+    p.add_argument("--max-train-per-class", type=int, default=None, help="default: the data set's own cap, as gnsp bench")
+    p.add_argument("--max-test-per-class", type=int, default=None, help="default: the data set's own cap, as gnsp bench")
+    p.add_argument("--reference-limit", type=int, default=0,
+                   help="seeded subset of the reference pairs (each run computes its pool's features once); "
+                        "0: all of them, as gnsp bench")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
 
@@ -176,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_description(f"{name} · {prog.task}")
 
     start = time.perf_counter()
-    results = run_bench(loaded, tasks, [load_heldout_task()], configs, args.out, reference=load_reference_pairs(limit=args.reference_limit or None),
+    results = run_bench(loaded, tasks, [], configs, args.out, suite=load_heldout_suite(),
+                        reference=load_reference_pairs(limit=args.reference_limit or None),
                         progress=on_progress, seeds=args.seeds)
     bar.close()
     rows = summarise(results)

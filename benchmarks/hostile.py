@@ -89,10 +89,11 @@ def p99(latencies: list[float]) -> float:
 def neighbour(url: str, body: dict, seconds: float, stop: Any, results: Any) -> None:
     """A well-behaved client in its own process (so the attacker's client work never delays its
     loop): one request at a time until `stop` is set (at most `seconds`); puts (latencies in s,
-    failure kinds) on `results`."""
-    async def loop() -> tuple[list[float], list[str]]:
+    failure kinds, the Server-Timing header of the slowest answer) on `results`."""
+    async def loop() -> tuple[list[float], list[str], str]:
         latencies: list[float] = []
         failures: list[str] = []
+        slowest = ""
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             end = time.perf_counter() + seconds
             while time.perf_counter() < end and not stop.is_set():
@@ -101,11 +102,13 @@ def neighbour(url: str, body: dict, seconds: float, stop: Any, results: Any) -> 
                     response = await http.post("/v1/classify", json=body)
                     if response.status_code == 200:
                         latencies.append(time.perf_counter() - start)
+                        if latencies[-1] >= max(latencies):
+                            slowest = response.headers.get("server-timing", "")
                     else:
                         failures.append(status_of(response))
                 except httpx.HTTPError as exc:
                     failures.append(type(exc).__name__)
-        return latencies, failures
+        return latencies, failures, slowest
 
     results.put(asyncio.run(loop()))
 
@@ -120,7 +123,7 @@ class NeighbourProcess:
                                        daemon=True)
         self.process.start()
 
-    def result(self, timeout_s: float, stop: bool = True) -> tuple[list[float], list[str]]:
+    def result(self, timeout_s: float, stop: bool = True) -> tuple[list[float], list[str], str]:
         if stop:
             self.stop.set()
         try:
@@ -154,10 +157,24 @@ def under_attack(url: str, attack: Attack, p: dict, window_s: float, timeout_s: 
 
     answer, took = asyncio.run(attacked())
     time.sleep(max(0.0, window_s - 1.0 - took))
-    latencies, failures = neighbour_run.result(timeout_s + window_s + 30)
+    latencies, failures, slowest = neighbour_run.result(timeout_s + window_s + 30)
     return {"answer": answer, "answer_s": took, "neighbour_requests": len(latencies) + len(failures),
             "neighbour_failures": len(failures), "neighbour_failure_kinds": sorted(set(failures)),
-            "neighbour_p99_ms": p99(latencies)}
+            "neighbour_p99_ms": p99(latencies), "neighbour_slowest": slowest_split(latencies, slowest)}
+
+
+def slowest_split(latencies: list[float], server_timing: str) -> dict[str, float]:
+    """Where the neighbour's slowest answer spent its time (ms): in the classifier replica's handler
+    (`replica`, of which `forward` in its batch's forward) and outside it (`outside`: the ingress
+    proxy, the network and the client), from the answer's Server-Timing header."""
+    from service.serving.classify_http import parse_server_timing
+
+    if not latencies or not server_timing:
+        return {}
+    timing = parse_server_timing(server_timing)
+    total = 1000 * max(latencies)
+    return {"total": total, "replica": timing["ingress"], "forward": timing["forward"], "batch": timing["batch"],
+            "outside": total - timing["ingress"]}
 
 
 async def _answer(http: httpx.AsyncClient, attack: Attack, p: dict) -> str:
@@ -203,7 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             add_copy_of_version(store, 1)
         memory = MemorySampler()
         warm(url, p["good"])
-        quiet_latencies, _ = NeighbourProcess(url, p["good"], args.quiet).result(args.quiet + 60, stop=False)
+        quiet_latencies, _, _ = NeighbourProcess(url, p["good"], args.quiet).result(args.quiet + 60, stop=False)
         idle = memory.reset()
         quiet_p99 = p99(quiet_latencies)
         print(f"quiet: {len(quiet_latencies)} requests, p99 {quiet_p99:.1f} ms; idle RSS {idle / 2**20:.0f} MiB",
@@ -244,14 +261,21 @@ def verdict(row: dict[str, Any], quiet_p99: float, idle: int, peak: int) -> dict
 def table(result: dict[str, Any]) -> str:
     lines = [f"model {result['model']}, ingress {result['ingress']}; neighbour quiet p99 {result['quiet_p99_ms']:.1f} ms "
              f"({result['quiet_requests']} requests); idle RSS {result['idle_rss_mib']:.0f} MiB", "",
-             "| attack | answer | time (s) | neighbour failed | neighbour p99 ms (x quiet) | peak RSS over idle "
-             "(over the attack's start), MiB | targets |", "|---|---|---|---|---|---|---|"]
+             "| attack | answer | time (s) | neighbour failed | neighbour p99 ms (x quiet) | slowest: outside / "
+             "replica / forward ms (batch) | peak RSS over idle (over the attack's start), MiB | targets |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         missed = [name for name, ok in row["checks"].items() if not ok]
         lines.append(f"| {row['attack']} | {row['answer']} | {row['answer_s']:.2f} | {row['neighbour_failures']}/"
                      f"{row['neighbour_requests']} | {row['neighbour_p99_ms']:.0f} ({row['p99_over_quiet']:.1f}x) | "
-                     f"{row['peak_rss_over_idle_mib']:.0f} ({row['peak_rss_over_start_mib']:.0f}) | {'met' if row['met'] else 'missed: ' + ', '.join(missed)} |")
+                     f"{split_cell(row['neighbour_slowest'])} | {row['peak_rss_over_idle_mib']:.0f} ({row['peak_rss_over_start_mib']:.0f}) | {'met' if row['met'] else 'missed: ' + ', '.join(missed)} |")
     return "\n".join(lines)
+
+
+def split_cell(split: dict[str, float]) -> str:
+    if not split:
+        return "-"
+    return f"{split['outside']:.0f} / {split['replica']:.0f} / {split['forward']:.0f} ({split['batch']:.0f})"
 
 
 def main() -> None:

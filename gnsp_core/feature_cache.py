@@ -21,7 +21,6 @@ not train computes one fixed function, dropout included, so caching it is exact.
 
 from __future__ import annotations
 
-import hashlib
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -35,6 +34,8 @@ from torch.utils.data import Dataset
 from gnsp_core.data.samples import ImageSamples
 from gnsp_core.frozen_outputs import REFERENCE_POOL, FrozenOutputFiles
 from gnsp_core.models.inference import image_probe, prepared_copy
+from gnsp_core.row_files import output_rows, stacked_output
+from gnsp_core.weights_digest import weights_digest
 
 TASK, REFERENCE = 0, REFERENCE_POOL
 VAL_VIEW = -1
@@ -127,19 +128,6 @@ class _Memo:
 
 
 _SHARED: "weakref.WeakKeyDictionary[object, dict[tuple, _Memo]]" = weakref.WeakKeyDictionary()
-_DIGESTS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
-"""Weight digests of frozen modules of other models (the frozen pre-trained model), hashed once."""
-
-
-def _weights_digest(module: nn.Module) -> str:
-    """Identifies a frozen part's weights, so a memo is reused only by the very same function."""
-    digest = hashlib.sha1()
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 class FeatureCache:
     """Patches the frozen parts of `model` for one task; `close()` restores them.
 
@@ -212,15 +200,12 @@ class FeatureCache:
                 undo()
 
     def _same_weights(self, name: str, ours: nn.Module, theirs: nn.Module) -> bool:
-        """Whether two parts hold the same weights. Both are frozen for the task, so each is hashed
-        once (the other model's parts in a weak map: they may outlive or predate this cache)."""
-        if theirs not in _DIGESTS:
-            _DIGESTS[theirs] = _weights_digest(theirs)
-        return _DIGESTS[theirs] == self._digest(name, ours)
+        """Whether two parts hold the same weights (both frozen for the task, so each is hashed once)."""
+        return weights_digest(theirs) == self._digest(name, ours)
 
     def _digest(self, name: str, module: nn.Module) -> str:
         if name not in self._digests:
-            self._digests[name] = _weights_digest(module)
+            self._digests[name] = weights_digest(module)
         return self._digests[name]
 
     @contextmanager
@@ -306,14 +291,13 @@ class FeatureCache:
                 def compute(rows: list[int]) -> list[dict[str, Tensor]]:
                     out = original(input_ids=ids[rows], attention_mask=attention_mask[rows], **kwargs)
                     memo.output_type = type(out)
-                    fields = {k: v for k, v in out.items() if isinstance(v, Tensor)}
-                    return [{k: v[j] for k, v in fields.items()} for j in range(len(rows))]
+                    return output_rows(out)
 
                 rows = memo.lookup([tuple(r) for r in ids.tolist()], compute)
                 if memo.output_type is None:  # every row came from a file: one row's forward names the type
                     with torch.no_grad():
                         compute([0])
-                return memo.output_type(**{k: torch.stack([r[k] for r in rows]) for k in rows[0]})
+                return stacked_output(memo.output_type, rows)
         else:
             def forward(text: Tensor, *args: Any, **kwargs: Any) -> Tensor:
                 flags = tuple(sorted(kwargs.items())) + args

@@ -53,3 +53,16 @@ def read_rows(path: Path, what: str) -> tuple[list[list[int]], list[Row]]:
     if isinstance(rows, dict):
         return keys.tolist(), [{name: column[i] for name, column in rows.items()} for i in range(len(keys))]
     return keys.tolist(), list(rows)
+
+
+def output_rows(output: Any) -> list[dict[str, Tensor]]:
+    """A Hugging Face model output as one dict of its tensor fields per input row (cloned, so a
+    kept row does not hold its whole batch's storage)."""
+    fields = {name: value for name, value in output.items() if isinstance(value, Tensor)}
+    count = len(next(iter(fields.values())))
+    return [{name: value[j].clone() for name, value in fields.items()} for j in range(count)]
+
+
+def stacked_output(output_type: type, rows: list[dict[str, Tensor]]) -> Any:
+    """The model output of type `output_type` whose rows are `rows` (the inverse of `output_rows`)."""
+    return output_type(**{name: torch.stack([row[name] for row in rows]) for name in rows[0]})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -26,7 +25,7 @@ from gnsp_core.feature_cache import (REFERENCE, TASK, VAL_VIEW, FeatureCache, Pi
 from gnsp_core.frozen_outputs import FrozenOutputFiles
 from gnsp_core.methods.registry import build_method
 from gnsp_core.models.loading import resolve_device
-from gnsp_core.models.spec import LoadedModel, trainable_pattern
+from gnsp_core.models.spec import LoadedModel, mark_trainable
 from gnsp_core.pretrained_cache import pretrained_features
 from gnsp_core.state import ContinualState, TaskRecord
 from gnsp_core.task_context import Distributed, Progress, ProgressFn, ReferenceStream, TaskContext
@@ -159,11 +158,9 @@ def prime_frozen_outputs(loaded: LoadedModel, config: TrainConfig, reference: Da
     The parts that `config.trainable` leaves frozen are patched for the call only; the model's
     weights, modes and trainable flags are as they were after it."""
     model = loaded.model
-    allowed = re.compile(trainable_pattern(config.trainable, loaded.spec.name))
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     modes = {module: module.training for module in model.modules()}
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(bool(allowed.match(name)))
+    mark_trainable(model, config.trainable, loaded.spec.name)
     dataset = reference.with_transform(loaded.preprocess_val)
     pixels = PixelSource(ImageSamples([], []), loaded.preprocess_train, loaded.preprocess_val, dataset, config.seed)
     device = next(model.parameters()).device

@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from gnsp_core.row_files import Row, read_rows, write_rows
+from gnsp_core.row_files import Row, output_rows, read_rows, stacked_output, write_rows
+from gnsp_core.weights_digest import weights_digest
 
 log = logging.getLogger(__name__)
 MAX_BYTES = 256 * 2**20
@@ -76,25 +77,8 @@ def _nbytes(row: Row) -> int:
 
 
 _MEMOS: OrderedDict[tuple[str, str], _Memo] = OrderedDict()
-_DIGESTS: dict[tuple, str] = {}
 _PATCHED: set[int] = set()
 """ids of the modules patched now: a nested block (an evaluation inside a measured one) keeps the outer patch."""
-
-
-def weights_digest(module: nn.Module) -> str:
-    """The digest of a module's weights, hashed again only when a tensor was replaced or written
-    in place (a load_state_dict, an optimiser step): torch counts writes in `_version`."""
-    tensors = [*module.named_parameters(), *module.named_buffers()]
-    fingerprint = tuple((name, id(t), t.data_ptr(), t._version) for name, t in tensors)
-    if fingerprint not in _DIGESTS:
-        digest = hashlib.sha1()
-        for name, tensor in tensors:
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        if len(_DIGESTS) > 64:
-            _DIGESTS.clear()
-        _DIGESTS[fingerprint] = digest.hexdigest()
-    return _DIGESTS[fingerprint]
 
 
 def content_keys(batch: Tensor) -> list[bytes]:
@@ -187,13 +171,12 @@ def _patched(part: str, module: nn.Module, memo: _Memo) -> Callable[..., Any]:
         def compute(rows: list[int]) -> list[dict[str, Tensor]]:
             out = original(input_ids=ids[rows], attention_mask=attention_mask[rows], **kwargs)
             memo.output_type = type(out)
-            fields = {k: v for k, v in out.items() if isinstance(v, Tensor)}
-            return [{k: v[j].clone() for k, v in fields.items()} for j in range(len(rows))]
+            return output_rows(out)
 
         rows = memo.lookup(content_keys(torch.cat([ids, attention_mask], dim=1)), compute)
         if memo.output_type is None:  # every row came from a file: one row's forward names the type
             compute([0])
-        return memo.output_type(**{k: torch.stack([r[k] for r in rows]) for k in rows[0]})
+        return stacked_output(memo.output_type, rows)
 
     return text_forward
 

@@ -7,14 +7,13 @@ Hooks (Mammoth-style): `begin_task`, `loss(images, labels) -> {term: tensor}`, `
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 from torch import nn
 
 from gnsp_core import losses
-from gnsp_core.models.spec import trainable_pattern
+from gnsp_core.models.spec import mark_trainable
 from gnsp_core.projection import ProjectorStatistics
 from gnsp_core.task_context import TaskContext
 
@@ -43,9 +42,7 @@ class Method:
 
     # --- hooks -------------------------------------------------------------------------------
     def begin_task(self) -> None:
-        allowed = re.compile(trainable_pattern(self.cfg.trainable, self.ctx.loaded.spec.name))
-        for name, param in self.model.named_parameters():
-            param.requires_grad_(bool(allowed.match(name)))
+        mark_trainable(self.model, self.cfg.trainable, self.ctx.loaded.spec.name)
         self.model.logit_scale.requires_grad_(False)
         freeze_batchnorm_statistics(self.model)
 

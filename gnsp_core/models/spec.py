@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -87,6 +88,15 @@ def trainable_pattern(setting: str, model_name: str) -> str:
     if setting == "auto":
         return FROZEN_TOWERS.get(model_name, ".*")
     return ".*" if setting == "all" else setting
+
+
+def mark_trainable(model: torch.nn.Module, setting: str, model_name: str) -> None:
+    """Set `requires_grad` on every parameter of `model` by what `setting` (TrainConfig.trainable)
+    means for this model: a task and the node's priming must agree on what stays frozen, since the
+    frozen parts are what the feature cache memoises."""
+    allowed = re.compile(trainable_pattern(setting, model_name))
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(bool(allowed.match(name)))
 
 
 def model_config(name: str) -> dict[str, Any]:
