@@ -39,7 +39,7 @@ def test_gnsp_preset_is_the_official_recipe():
 
 def test_preset_settings_merge_under_a_config_file():
     settings = preset_settings("gnsp-exact")
-    assert settings["projection"] == {"scope": "all", "target": "update", "rule": "cutoff", "threshold": 10.0}
+    assert settings["projection"] == {"scope": "all", "target": "update", "rule": "cutoff", "threshold": 1e4}
     merged = merge_settings({"lr": 1e-3, "steps": 30}, settings, {"projection": {"threshold": 4.0}, "steps": 9})
     cfg = TrainConfig.from_dict(merged)
     assert (cfg.lr, cfg.steps, cfg.projection.scope, cfg.projection.threshold) == (1e-3, 9, "all", 4.0)

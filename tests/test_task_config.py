@@ -9,7 +9,7 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from jsonschema import Draft202012Validator
 
-from gnsp_core.config import TrainConfig
+from gnsp_core.config import EXACT_CUTOFF, TrainConfig
 from gnsp_core.schedules import resolve_schedule
 from service.api.schemas import TASK_UPLOAD_BODY, TUNE_BODY
 from service.api.task_config import TaskConfig, check_method, parse_base_version, parse_task_config
@@ -169,8 +169,8 @@ SEARCH_BODIES = [
     ({"tasks": ["digits"], "space": {"lr": [1e-4, 1e-4], "cd_weight": [0, 0]}}, True),  # equal ends: fixed
     ({"tasks": ["digits"], "space": {"threshold": [0.9, 0.99]}}, True),  # the energy rule's ρ
     ({"tasks": ["digits"], "space": {"threshold": [50, 2]}}, True),  # the cut-off rule's a
-    ({"tasks": ["digits"], "space": {"threshold": [1, 1000]}}, True),
-    ({"tasks": ["digits"], "space": {"threshold": [1, 1001]}}, False),
+    ({"tasks": ["digits"], "space": {"threshold": [1, 1e6]}}, True),
+    ({"tasks": ["digits"], "space": {"threshold": [1, 1.5e6]}}, False),
     ({"tasks": ["digits"], "space": {"threshold": [0.2, 1.0]}}, False),  # straddles 1: which rule?
     ({"tasks": ["digits"], "space": {"threshold": [0.5, 2]}}, False),
     ({"tasks": ["digits"], "space": {"threshold": None}}, True),
@@ -201,7 +201,7 @@ def test_a_threshold_range_across_both_rules_names_the_field_and_the_fix():
     with pytest.raises(RequestValidationError) as caught:
         parse_tune_body(json.dumps({"tasks": ["digits"], "space": {"threshold": [0.1, 5]}}))
     (error,) = caught.value.errors()
-    assert error["loc"] == ("space", "threshold") and "straddle 1" in error["msg"] and "[2, 50]" in error["msg"]
+    assert error["loc"] == ("space", "threshold") and "straddle 1" in error["msg"] and "[10, 1e5]" in error["msg"]
     with pytest.raises(RequestValidationError) as caught:
         parse_tune_body(json.dumps({"tasks": ["digits"], "config": {"projection": {"rule": "cutoff"}}}))
     assert "space.threshold" in caught.value.errors()[0]["msg"]
@@ -217,7 +217,7 @@ def test_search_ranges_are_stored_low_high_and_a_rule_picks_its_default_threshol
     assert space.threshold == (0.02, 0.4) and space.lr == (1e-3, 1e-3)
     cutoff = TuneRequest(tasks=["digits"], out_dir=str(tmp_path / "a"),
                          config=TrainConfig().replace(projection_rule="cutoff", projection_threshold=10.0))
-    assert cutoff.space.threshold == DEFAULT_THRESHOLD["cutoff"] and cutoff.space.first_point(1e-5)["threshold"] == 10
+    assert cutoff.space.threshold == DEFAULT_THRESHOLD["cutoff"] and cutoff.space.first_point(1e-5)["threshold"] == EXACT_CUTOFF
     energy = TuneRequest(tasks=["digits"], out_dir=str(tmp_path / "b"))
     assert energy.space.threshold == DEFAULT_THRESHOLD["energy"] and energy.space.first_point(1e-5)["threshold"] == 0.15
     assert TuneRequest.from_dict(json.loads(json.dumps(cutoff.to_dict()))).space == cutoff.space  # request.json
@@ -259,4 +259,4 @@ def test_the_task_schema_and_the_server_accept_the_same_configs(config, valid):
 
 
 def test_the_cutoff_rule_named_alone_trains_with_its_own_threshold():
-    assert parse_task_config('{"projection": {"rule": "cutoff"}}') == {"projection": {"rule": "cutoff", "threshold": 10.0}}
+    assert parse_task_config('{"projection": {"rule": "cutoff"}}') == {"projection": {"rule": "cutoff", "threshold": EXACT_CUTOFF}}

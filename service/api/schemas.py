@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from gnsp_core.data.builtin import BUILTIN_TASKS
 from gnsp_core.methods.registry import METHODS
 
-from service.api.task_config import CUTOFF_ENDS, ENERGY_ENDS, TaskConfig, TuneSettings, integer
+from service.api.task_config import CUTOFF_ENDS, ENERGY_ENDS, MAX_CUTOFF, TaskConfig, TuneSettings, integer
 from service.api.json_schema import inline_schema
 from service.jobs.states import JobStatus
 from service.settings import ServiceSettings
@@ -131,7 +131,7 @@ class Health(BaseModel):
 
 Weight = Annotated[float, Field(ge=0, le=100)]
 LearningRate = Annotated[float, Field(gt=0, le=1)]
-Threshold = Annotated[float, Field(gt=0, le=1000)]
+Threshold = Annotated[float, Field(gt=0, le=MAX_CUTOFF)]
 RANGE_ENDS = "Two ends, in either order; equal ends fix the value (it is not searched)."
 
 
@@ -146,8 +146,8 @@ class SearchRanges(BaseModel):
     threshold: Annotated[list[Threshold], Field(min_length=2, max_length=2, json_schema_extra={
         "anyOf": [{"items": ENERGY_ENDS}, {"items": CUTOFF_ENDS}]})] | None = Field(
         None, description=("Null-space threshold range (log scale); it picks the projection rule: ends in (0, 1) search "
-                     "the energy rule's ρ (the default, [0.01, 0.5]), ends in [1, 1000] the cut-off rule's a "
-                     f"(e.g. [2, 50]). {RANGE_ENDS}"))
+                     f"the energy rule's ρ (the default, [0.01, 0.5]), ends in [1, {MAX_CUTOFF:.0f}] the cut-off "
+                     f"rule's a (e.g. [10, 1e5]). {RANGE_ENDS}"))
     cd_weight: list[Weight] | None = _range("CD weight range, 0 to 100.")
     map_weight: list[Weight] | None = _range("MAP weight range, 0 to 100.")
     lr: list[LearningRate] | None = _range("Learning-rate range (log scale), above 0 and at most 1.")
@@ -158,7 +158,7 @@ class SearchRanges(BaseModel):
         """Both ends on one rule's side of 1 (the schema's anyOf)."""
         if ends is not None and min(ends) < 1 <= max(ends):
             raise ValueError(f"the ends {ends} straddle 1: send both below 1 (the energy rule's ρ, e.g. "
-                             "[0.01, 0.5]) or both in [1, 1000] (the cut-off rule's a, e.g. [2, 50])")
+                             f"[0.01, 0.5]) or both in [1, {MAX_CUTOFF:.0f}] (the cut-off rule's a, e.g. [10, 1e5])")
         return ends
 
 

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from gnsp_core.config import EXACT_CUTOFF
 from gnsp_core.methods.registry import METHODS
 from gnsp_core.schedules import SCHEDULES
 
@@ -38,8 +39,10 @@ def integer(low: int | None = None, high: int | None = None) -> Any:
     return Annotated[int, Field(ge=low, le=high), BeforeValidator(_integral)]
 
 
-CUTOFF_THRESHOLD = 10.0
+CUTOFF_THRESHOLD = EXACT_CUTOFF
 """The cut-off rule's threshold when a request names the rule without one (the `gnsp-exact` preset's a)."""
+MAX_CUTOFF = 1e6
+"""The largest cut-off a a request may send (at 1e6 nearly every direction is in the null space)."""
 
 
 def threshold_problem(rule: str | None, threshold: float) -> str | None:
@@ -49,14 +52,14 @@ def threshold_problem(rule: str | None, threshold: float) -> str | None:
     if rule == "cutoff":
         return None if threshold >= 1 else (
             f"with the cut-off rule the threshold is a multiple a >= 1 of the smallest eigenvalue, got {threshold}: "
-            "send a value in [1, 1000] (e.g. 10) or use the energy rule")
+            f"send a value in [1, {MAX_CUTOFF:.0f}] (e.g. {EXACT_CUTOFF:g}) or use the energy rule")
     return None if threshold < 1 else (
         f"with the energy rule (the default) the threshold is a share 0 < ρ < 1 of the energy, got {threshold}: "
         'send a value below 1 (e.g. 0.15) or set the rule to "cutoff"')
 
 
 ENERGY_ENDS = {"exclusiveMinimum": 0, "exclusiveMaximum": 1}
-CUTOFF_ENDS = {"minimum": 1, "maximum": 1000}
+CUTOFF_ENDS = {"minimum": 1, "maximum": MAX_CUTOFF}
 PROJECTION_RULES = {"anyOf": [
     {"required": ["rule"], "properties": {"rule": {"const": "cutoff"}, "threshold": CUTOFF_ENDS}},
     {"properties": {"rule": {"enum": ["energy", None]}, "threshold": ENERGY_ENDS}},
@@ -73,8 +76,9 @@ class ProjectionSettings(BaseModel):
         None, description="vision_mlp: vision MLPs + visual projection (paper); all: every linear map of both towers.")
     rule: Literal["energy", "cutoff"] | None = Field(
         None, description="energy: null space holds < threshold of the energy; cutoff: eigenvalues <= threshold * min.")
-    threshold: float | None = Field(None, gt=0, le=1000, description=(
-        f"ρ for energy: 0 < ρ < 1; a for cutoff: 1 <= a <= 1000 (left out: {CUTOFF_THRESHOLD:g} with cutoff)."))
+    threshold: float | None = Field(None, gt=0, le=MAX_CUTOFF, description=(
+        f"ρ for energy: 0 < ρ < 1; a for cutoff: 1 <= a <= {MAX_CUTOFF:.0f} (left out: {CUTOFF_THRESHOLD:g} with "
+        "cutoff)."))
     target: Literal["gradient", "update"] | None = Field(
         None, description="Project the raw gradient (paper) or the optimiser's whole update.")
 

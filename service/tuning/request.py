@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gnsp_core.config import TrainConfig, check_keys
+from gnsp_core.config import EXACT_CUTOFF, TrainConfig, check_keys
 from gnsp_core.errors import ConfigError
 from gnsp_core.models import ModelSpec
 from service.training.naming import run_name
@@ -26,11 +26,11 @@ REQUEST_FILE = "request.json"
 SEARCHERS = ("optuna", "random")
 PAPER_POINT = {"threshold": 0.15, "cd_weight": 1.0, "map_weight": 0.75}
 """The published GNSP recipe (ρ = 0.15, L = CE + 1.0 CD + 0.75 MAP): always the first trial, as the baseline."""
-CUTOFF_POINT = 10.0
-"""The first trial's threshold with the cut-off rule: the `gnsp-exact` preset's a = 10."""
-DEFAULT_THRESHOLD = {"energy": (0.01, 0.5), "cutoff": (2.0, 50.0)}
+CUTOFF_POINT = EXACT_CUTOFF
+"""The first trial's threshold with the cut-off rule: the `gnsp-exact` preset's a."""
+DEFAULT_THRESHOLD = {"energy": (0.01, 0.5), "cutoff": (10.0, 1e5)}
 """The threshold range searched when a request leaves it out, by projection rule: ρ log-uniform where
-the protection changes most (small ρ), a log-uniform around the exact preset's 10."""
+the protection changes most (small ρ), a log-uniform over the decades around the exact preset's."""
 
 
 def projection_for_range(ends: Sequence[float]) -> dict[str, Any]:
