@@ -70,3 +70,35 @@ def test_versions_loaded_from_a_template_are_their_own_models(tiny, tmp_path):
                                                  for served in (first, second, alone))
     assert second_scores == pytest.approx(alone_scores, abs=1e-5)
     assert first_scores != pytest.approx(second_scores, abs=1e-3)
+
+
+def test_a_batch_pinned_to_versions_in_turn_takes_one_tower_pass_per_version():
+    """Requests pinned to versions 2, 3, 2, 3, 4 in turn: three groups, each in arrival order."""
+    from types import SimpleNamespace
+
+    from service.serving.classifier import version_groups
+
+    requests = [{"served": SimpleNamespace(version=v)} for v in (2, 3, 2, 3, 4, 2)]
+    assert version_groups(requests) == [[0, 2, 5], [1, 3], [4]]
+    assert version_groups([]) == []
+
+
+def test_a_mixed_batch_is_answered_in_its_requests_order():
+    from types import SimpleNamespace
+
+    from service.serving.classifier import Classifier
+
+    class Version:
+        def __init__(self, version: int) -> None:
+            self.version, self.passes = version, 0
+
+        def classify(self, group: list[dict], heads: object) -> list[dict]:
+            self.passes += 1
+            return [{"model_version": self.version, "request": r["id"]} for r in group]
+
+    two, three = Version(2), Version(3)
+    requests = [{"served": v, "id": i} for i, v in enumerate((two, three, two, three, two))]
+    answers = Classifier.func_or_class.forward(SimpleNamespace(heads=None), requests)
+    assert [a["request"] for a in answers] == [0, 1, 2, 3, 4]
+    assert [a["model_version"] for a in answers] == [2, 3, 2, 3, 2]
+    assert (two.passes, three.passes) == (1, 1)

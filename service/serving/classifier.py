@@ -30,7 +30,6 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +91,16 @@ def lower_this_thread_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICENESS)
     except (AttributeError, OSError):
         pass
+
+
+def version_groups(requests: list[dict[str, Any]]) -> list[list[int]]:
+    """The positions of a batch's requests grouped by the version that answers them (versions in the
+    order first seen): requests pinned to versions in turn (2, 3, 2, 3, ...) then cost one tower
+    pass per version, not one per request."""
+    groups: dict[int, list[int]] = {}
+    for index, request in enumerate(requests):
+        groups.setdefault(request["served"].version, []).append(index)
+    return list(groups.values())
 
 
 def images_in(requests: list[dict[str, Any]]) -> int:
@@ -193,11 +202,12 @@ class Classifier:
         return answers
 
     def forward(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """A batch's answers, one image-tower pass per version among its requests (in their order)."""
-        answers = []
-        for _, group in groupby(requests, key=lambda request: request["served"].version):
-            group = list(group)
-            answers += group[0]["served"].classify(group, self.heads)
+        """A batch's answers in its requests' order, one image-tower pass per version among them."""
+        answers: list[dict[str, Any]] = [{} for _ in requests]
+        for indices in version_groups(requests):
+            group = [requests[i] for i in indices]
+            for i, answer in zip(indices, group[0]["served"].classify(group, self.heads)):
+                answers[i] = answer
         return answers
 
     async def check_version(self, version: int) -> dict[str, Any]:
