@@ -114,8 +114,8 @@ def markdown(rows: list[dict[str, Any]], front: list[str], chosen: str) -> str:
     for r in sorted(rows, key=lambda r: -r["plasticity"]):
         mark = " **(chosen)**" if r["variant"] == chosen else " (frontier)" if r["variant"] in front else ""
         lines.append(f"| {r['variant']}{mark} | {r['change']} | {r['plasticity']:.1f} | {r['bwt']:.1f} "
-                     f"| {r['transfer']:.1f} | {r['avg']:.1f} | {r['last']:.1f} | {r['heldout_last']:.1f} | {r['retrieval_r1_last']:.1f} "
-                     f"| {r['step_ms']:.0f} |")
+                     f"| {r['transfer']:.1f} | {r['avg']:.1f} | {r['last']:.1f} | {r['heldout_last']:.1f} "
+                     f"| {r['retrieval_r1_last']:.1f} | {r['step_ms']:.0f} |")
     return "\n".join(lines)
 
 

@@ -166,8 +166,8 @@ def under_attack(url: str, attack: Attack, p: dict, window_s: float, timeout_s: 
 def slowest_split(latencies: list[float], server_timing: str) -> dict[str, float]:
     """Where the neighbour's slowest answer spent its time (ms): in the classifier replica's handler
     (`replica`, of which `classifier` after the body was read and checked, and `forward` in its
-    batch's forward) and outside it (`outside`: the ingress
-    proxy, the network and the client), from the answer's Server-Timing header."""
+    batch's forward) and outside it (`outside`: the ingress proxy, the network and the client),
+    from the answer's Server-Timing header."""
     from service.serving.classify_http import parse_server_timing
 
     if not latencies or not server_timing:
