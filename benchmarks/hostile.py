@@ -165,8 +165,8 @@ def under_attack(url: str, attack: Attack, p: dict, window_s: float, timeout_s: 
 
 def slowest_split(latencies: list[float], server_timing: str) -> dict[str, float]:
     """Where the neighbour's slowest answer spent its time (ms): in the classifier replica's handler
-    (`replica`, of which `classifier` after the body was read and checked, and `forward` in its
-    batch's forward) and outside it (`outside`: the ingress proxy, the network and the client),
+    (`replica`, of which `classifier` after the body was read and checked, `forward` in its
+    batch's forward and `pass` in its image-tower passes) and outside it (`outside`: the ingress proxy, the network and the client),
     from the answer's Server-Timing header."""
     from service.serving.classify_http import parse_server_timing
 
@@ -175,7 +175,7 @@ def slowest_split(latencies: list[float], server_timing: str) -> dict[str, float
     timing = parse_server_timing(server_timing)
     total = 1000 * max(latencies)
     return {"total": total, "replica": timing["ingress"], "classifier": timing["classifier"],
-            "forward": timing["forward"], "batch": timing["batch"], "outside": total - timing["ingress"]}
+            "forward": timing["forward"], "pass": timing.get("pass", 0.0), "batch": timing["batch"], "outside": total - timing["ingress"]}
 
 
 async def _answer(http: httpx.AsyncClient, attack: Attack, p: dict) -> str:
@@ -267,7 +267,7 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"model {result['model']}, ingress {result['ingress']}; neighbour quiet p99 {result['quiet_p99_ms']:.1f} ms "
              f"({result['quiet_requests']} requests); idle RSS {result['idle_rss_mib']:.0f} MiB", "",
              "| attack | answer | time (s) | neighbour failed | neighbour p99 ms (x quiet) | slowest: outside / "
-             "replica / forward ms (batch) | peak RSS over idle (over the attack's start), MiB | targets |",
+             "replica / forward / pass ms (batch) | peak RSS over idle (over the attack's start), MiB | targets |",
              "|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         missed = [name for name, ok in row["checks"].items() if not ok]
@@ -280,7 +280,8 @@ def table(result: dict[str, Any]) -> str:
 def split_cell(split: dict[str, float]) -> str:
     if not split:
         return "-"
-    return f"{split['outside']:.0f} / {split['replica']:.0f} / {split['forward']:.0f} ({split['batch']:.0f})"
+    return (f"{split['outside']:.0f} / {split['replica']:.0f} / {split['forward']:.0f} / {split['pass']:.0f} "
+            f"({split['batch']:.0f})")
 
 
 def main() -> None:

@@ -102,3 +102,25 @@ def test_a_mixed_batch_is_answered_in_its_requests_order():
     assert [a["request"] for a in answers] == [0, 1, 2, 3, 4]
     assert [a["model_version"] for a in answers] == [2, 3, 2, 3, 2]
     assert (two.passes, three.passes) == (1, 1)
+
+
+
+def test_a_request_pinned_to_an_old_version_is_answered_aside_as_in_a_batch(tiny):
+    """The classifier answers a request for a version other than the active one on its low-priority
+    thread, whole: checked, decoded, one pass; the answer equals the batched one."""
+    from types import SimpleNamespace
+
+    from service.errors import InvalidImageError
+    from service.serving.classifier import Classifier
+
+    served, heads = ServedModel(version=2, loaded=tiny), TextHeadCache(8)
+    images = [png_bytes(colour) for colour in ("red", "green", "blue")]
+    labels = ["red", "green", "blue", "yellow"]
+    batched = served.classify([{"images": images, "labels": labels}], heads)[0]
+    replica = SimpleNamespace(heads=heads, settings=SimpleNamespace(max_classify_pixels=4096 * 4096))
+    replica.pixel = lambda *args: Classifier.func_or_class.pixel(replica, *args)
+    aside = Classifier.func_or_class.classify_aside(replica, served, images, labels, False)
+    assert aside["model_version"] == 2
+    assert scores([aside])[0] == pytest.approx(scores([batched])[0], abs=1e-5)
+    with pytest.raises(InvalidImageError):
+        Classifier.func_or_class.classify_aside(replica, served, [images[0], b"not an image"], labels, False)

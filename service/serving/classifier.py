@@ -8,6 +8,9 @@ on the forward thread, and its zero-shot head looked up or built (new label sets
 cached in a bounded LRU). Only then does it join a batch: batches hold tensors only, so a bad
 image fails its own request and nothing else. A batch counts images (`max_batch_size`), splits
 by version, and waits to fill only while other requests are in the replica (batch_window.py).
+A request pinned to a version other than the active one is answered aside, on a thread of lower
+CPU priority (decoded, its head built, its pass run there, never batched), so a burst of them takes
+only the CPU that the active version's requests leave idle.
 
 Versions (version_pool.py): the active one is held resident (pinned requests never evict it);
 others sit in a bounded LRU and load one at a time (served_model.VersionLoader: each architecture
@@ -31,7 +34,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from fastapi import Request
@@ -80,15 +83,17 @@ a busy Python thread (the event loop reading requests, a version loading) it wai
 interval per op, and a gnsp-mini forward of 8 images took 800 ms instead of 160 (1 ms: 290; 0.2 ms:
 180), which is what a neighbour saw beside a burst of requests."""
 
-LOADER_NICENESS = 10
+BACKGROUND_NICENESS = 10
 
 
 def lower_this_thread_priority() -> None:
-    """Run the calling thread (and threads it starts) at a lower CPU priority: a version loading for
-    a pinned request (seconds of CPU on a small machine) then takes only the CPU that the forwards of
-    requests already being served leave idle. Linux sets niceness per thread; elsewhere a no-op."""
+    """Run the calling thread (and threads it starts) at a lower CPU priority: a version loading, or a
+    request pinned to an old version being answered (a head of 8 templates per label is ~0.3 s of CPU
+    on gnsp-mini), then takes only the CPU that the active version's forwards leave idle. Linux sets
+    niceness per thread; elsewhere a no-op. (With more than one torch thread a pass also uses torch's
+    shared pool, at normal priority.)"""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICENESS)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
     except (AttributeError, OSError):
         pass
 
@@ -101,6 +106,12 @@ def version_groups(requests: list[dict[str, Any]]) -> list[list[int]]:
     for index, request in enumerate(requests):
         groups.setdefault(request["served"].version, []).append(index)
     return list(groups.values())
+
+
+def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """`fn(*args)` and the seconds it took."""
+    start = time.perf_counter()
+    return fn(*args), time.perf_counter() - start
 
 
 def images_in(requests: list[dict[str, Any]]) -> int:
@@ -120,6 +131,7 @@ class Classifier:
         self.decoders = ThreadPoolExecutor(threads, thread_name_prefix="decode")
         self.forwarder = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="load", initializer=lower_this_thread_priority)
+        self.aside = ThreadPoolExecutor(1, thread_name_prefix="pinned", initializer=lower_this_thread_priority)
         self.settings = settings
         self.store = ModelStore.open(settings.store)
         self.versions = VersionCache(self.store.active, self.store.versions, settings.active_pointer_ttl_s)
@@ -164,6 +176,12 @@ class Classifier:
         version = await self.versions.resolve(pinned)
         served = await self.pool.get(version, pinned is not None)
         loop = asyncio.get_running_loop()
+        if served is not self.pool.resident:
+            answer, seconds = await loop.run_in_executor(self.aside, timed, self.classify_aside, served, images,
+                                                         labels, checked)
+            answer["timing"] = {"classifier": 1000 * (time.perf_counter() - start), "forward": 1000 * seconds,
+                                "pass": 1000 * seconds, "batch": 1}
+            return answer
         tensors = await asyncio.gather(*(loop.run_in_executor(self.decoders, self.pixel, served, raw, i, checked)
                                          for i, raw in enumerate(images)))
         pixels = {"pixels": torch.stack(tensors), "labels": labels, "head": await self.head(served, labels),
@@ -194,11 +212,12 @@ class Classifier:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, batch_size_fn=images_in)
     async def classify_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         start = time.perf_counter()
-        answers = await asyncio.get_running_loop().run_in_executor(self.forwarder, self.forward, requests)
+        answers, passes = await asyncio.get_running_loop().run_in_executor(self.forwarder, timed, self.forward,
+                                                                           requests)
         forward = time.perf_counter() - start
         self.window.forward_took(forward)
         for answer in answers:
-            answer["timing"] = {"forward": 1000 * forward, "batch": len(requests)}
+            answer["timing"] = {"forward": 1000 * forward, "pass": 1000 * passes, "batch": len(requests)}
         return answers
 
     def forward(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -210,13 +229,20 @@ class Classifier:
                 answers[i] = answer
         return answers
 
+    def classify_aside(self, served: ServedModel, images: list[bytes], labels: list[str],
+                       checked: bool) -> dict[str, Any]:
+        """A request pinned to a version other than the active one, whole, on the low-priority thread:
+        its images checked and decoded, its head looked up or built, one pass of its own."""
+        pixels = torch.stack([self.pixel(served, raw, i, checked) for i, raw in enumerate(images)])
+        return served.classify([{"pixels": pixels, "labels": labels}], self.heads)[0]
+
     async def check_version(self, version: int) -> dict[str, Any]:
         """Load a version and run a smoke test on it, before it may become active."""
         served = await self.pool.get(version, pinned=True, urgent=True)
         return await asyncio.get_running_loop().run_in_executor(self.forwarder, served.check, self.heads)
 
     def __del__(self) -> None:
-        for pool in ("decoders", "forwarder", "loader"):
+        for pool in ("decoders", "forwarder", "loader", "aside"):
             if hasattr(self, pool):
                 getattr(self, pool).shutdown(wait=False)
         shutil.rmtree(getattr(self, "cache_dir", ""), ignore_errors=True)

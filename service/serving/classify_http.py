@@ -62,10 +62,11 @@ def classify_app() -> FastAPI:
 
 def server_timing(timing: dict[str, float], handler_ms: float) -> str:
     """A W3C Server-Timing value: the time a classify request spent in its HTTP handler (body read
-    and checked), in the classifier (decode, queue, batch), and in its batch's forward, which
-    browsers' dev tools and benchmarks/serve_load.py read to split latency by hop."""
+    and checked), in the classifier (decode, queue, batch), in its batch's forward (waiting for the
+    forward thread, then its image-tower passes: `pass`), which browsers' dev tools and
+    benchmarks/serve_load.py read to split latency by hop."""
     return (f"ingress;dur={handler_ms:.2f}, classifier;dur={timing['classifier']:.2f}, "
-            f"forward;dur={timing['forward']:.2f}, batch;desc={timing['batch']}")
+            f"forward;dur={timing['forward']:.2f}, pass;dur={timing['pass']:.2f}, batch;desc={timing['batch']}")
 
 
 def parse_server_timing(header: str) -> dict[str, float]:
