@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -150,7 +151,7 @@ def train_task(
     fallback = recover_torn_snapshot(storage_path, name, storage_filesystem)
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"job": job, "board": board, "threads": resources.torch_threads, "fallback": fallback},
+        train_loop_config={"job": seal(job), "board": board, "threads": resources.torch_threads, "fallback": fallback},
         scaling_config=resources.scaling_config(),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              failure_config=FailureConfig(max_failures=max_failures),
@@ -168,6 +169,14 @@ def train_task(
     return TaskResult(state_dir, result.checkpoint, dict(result.metrics or {}))
 
 
+def seal(job: TrainJob) -> bytes:
+    """The job as bytes for the train loop's config. Ray Train's controller keeps that config in its
+    run context and unpickles it; a TrainJob there would import this module and its stack (torch,
+    open_clip, timm, transformers: about 6 s of CPU) into a process that only schedules workers,
+    before any worker starts, on every job. Only the workers open it."""
+    return pickle.dumps(job)
+
+
 def _user_error(exc: ray.train.WorkerGroupError) -> GnspError | None:
     """The first worker failure that is a user mistake, so callers see its clear message."""
     for error in exc.worker_failures.values():
@@ -178,7 +187,7 @@ def _user_error(exc: ray.train.WorkerGroupError) -> GnspError | None:
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
     """Per-worker loop: resume from the latest checkpoint, learn the task, report the new state."""
-    job: TrainJob = loop_config["job"]
+    job: TrainJob = pickle.loads(loop_config["job"])
     torch.set_num_threads(min(loop_config["threads"], os.cpu_count() or 1))
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
