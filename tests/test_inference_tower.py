@@ -91,3 +91,38 @@ def test_a_training_module_is_compared_in_eval_mode_and_left_training():
     assert prepared is not None and not prepared.training
     assert tower.training and tower.bn2.training
     assert torch.equal(tower.bn2.running_mean, running_mean)  # the probe did not update its statistics
+
+
+class BatchDependent(nn.Module):
+    """A forward whose path depends on the batch size: a trace records one path only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.mean(dim=(2, 3))
+        return pooled * 2 if x.shape[0] > 1 else pooled
+
+
+def test_a_traced_tower_answers_as_the_module_for_any_batch_and_takes_other_weights():
+    from gnsp_core.models.inference import image_probe, traced_tower
+
+    tower = prepared_copy(with_statistics(Tower()), torch.randn(2, 3, 32, 32))
+    probe = image_probe(32, "cpu").contiguous(memory_format=torch.channels_last)
+    traced = traced_tower(tower, probe)
+    assert isinstance(traced, torch.jit.ScriptModule)
+    with torch.no_grad():
+        for batch in (1, 5):
+            images = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+            assert torch.equal(traced(images), tower(images))
+        other = copy.deepcopy(tower)
+        for parameter in other.parameters():
+            parameter.mul_(1.5)
+        copied = copy.deepcopy(traced)
+        copied.load_state_dict(other.state_dict())
+        images = torch.randn(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+        assert torch.equal(copied(images), other(images))
+        assert not torch.equal(copied(images), traced(images))
+
+
+def test_a_forward_whose_path_depends_on_the_batch_size_is_not_traced():
+    from gnsp_core.models.inference import image_probe, traced_tower
+
+    assert traced_tower(BatchDependent(), image_probe(32, "cpu")) is None

@@ -124,3 +124,41 @@ def test_a_request_pinned_to_an_old_version_is_answered_aside_as_in_a_batch(tiny
     assert scores([aside])[0] == pytest.approx(scores([batched])[0], abs=1e-5)
     with pytest.raises(InvalidImageError):
         Classifier.func_or_class.classify_aside(replica, served, [images[0], b"not an image"], labels, False)
+
+
+def test_served_versions_of_a_batch_norm_tower_run_traced_graphs_that_answer_as_eager(split_model_registered,
+                                                                                       tmp_path):
+    """A classifier replica serves a prepared (batch norms folded) image tower as a TorchScript
+    graph traced once per architecture; each version's copy carries its own weights."""
+    import torch
+
+    from gnsp_core.models import load_model
+    from gnsp_core.models.inference import prepare_image_tower
+    from gnsp_core.models.spec import ModelSpec
+    from gnsp_core.state import ContinualState
+    from service.serving.served_model import VersionLoader
+    from service.store import ModelStore
+
+    loaded = load_model(ModelSpec(name=split_model_registered), "cpu")
+    store = ModelStore.open(str(tmp_path / "store"))
+    state = ContinualState.initial(loaded.model, loaded.spec)
+    store.publish_version(state.save(tmp_path / "a"), {})
+    state.weights = {k: v * 1.25 if v.is_floating_point() else v for k, v in state.weights.items()}
+    store.publish_version(state.save(tmp_path / "b"), {})
+
+    loader = VersionLoader(store, tmp_path / "cache", device="cpu")
+    first, second = loader.load(1), loader.load(2)
+    assert first.prepared and second.prepared
+    assert all(isinstance(s.loaded.model.visual.graph, torch.jit.ScriptModule) for s in (first, second))
+    assert first.loaded.image_size == loaded.image_size
+    assert list(loader.traced) == [loaded.spec]
+    for version, served in ((1, first), (2, second)):
+        eager = load_model(ModelSpec(name=split_model_registered), "cpu")
+        eager.model.load_state_dict(ContinualState.load(store.fetch_version(version, tmp_path / "e")).weights)
+        prepare_image_tower(eager.model, eager.image_size)
+        request = [{"images": [png_bytes("red"), png_bytes("blue")], "labels": ["red", "blue", "a tree"]}]
+        answer = served.classify(request, TextHeadCache(8))
+        eager_answer = ServedModel(version, eager, prepared=True).classify(request, TextHeadCache(8))
+        assert scores(answer)[0] == pytest.approx(scores(eager_answer)[0], abs=1e-5)
+    assert scores(first.classify(request, TextHeadCache(8)))[0] != pytest.approx(
+        scores(second.classify(request, TextHeadCache(8)))[0], abs=1e-4)

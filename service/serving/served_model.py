@@ -23,7 +23,8 @@ from PIL import Image
 from gnsp_core.data import to_rgb
 from gnsp_core.data.folders import IMAGE_FORMATS
 from gnsp_core.models import LoadedModel, ModelSpec, load_model
-from gnsp_core.models.inference import prepare_image_tower
+from gnsp_core.models.inference import (TracedTower, answers_alike, image_probe, prepare_image_tower,
+                                        traced_tower)
 from gnsp_core.models.loading import resolve_device
 from gnsp_core.state import ContinualState
 from gnsp_core.zeroshot import TEMPLATES, TextHeadCache, model_device
@@ -144,6 +145,7 @@ class VersionLoader:
         self.store, self.cache_dir, self.device = store, cache_dir, resolve_device(device)
         self.prepare, self.keep_templates = prepare, keep_templates
         self.templates: dict[ModelSpec, LoadedModel] = {}
+        self.traced: dict[ModelSpec, torch.jit.ScriptModule | None] = {}
 
     def load(self, version: int) -> ServedModel:
         """A stored version ready to serve; any failure is a VersionLoadError."""
@@ -152,9 +154,34 @@ class VersionLoader:
             state = ContinualState.load(folder)
             loaded = load_state_model(state, self.device, built=self._built(state.spec))
             prepared = self.prepare and prepare_image_tower(loaded.model, loaded.image_size)
+            if prepared:
+                self._serve_traced(state.spec, loaded)
             return ServedModel(version, loaded, prepared)
         except Exception as exc:  # a corrupt file can fail in safetensors, torch or open_clip
             raise VersionLoadError(f"model version {version} failed to load: {type(exc).__name__}: {exc}") from exc
+
+    def _serve_traced(self, spec: ModelSpec, loaded: LoadedModel) -> None:
+        """Replace the prepared image tower by its TorchScript graph (gnsp_core.models.inference.
+        traced_tower), traced once per architecture: each version gets a copy of that graph (20 ms
+        on gnsp-mini, against 1.5 s for a trace) filled with its own weights, checked against its
+        eager tower on the probe; a tower that cannot be traced is served as it is."""
+        visual = loaded.model.visual
+        probe = image_probe(loaded.image_size, next(visual.parameters()).device).contiguous(
+            memory_format=torch.channels_last)
+        if spec not in self.traced:
+            template = traced_tower(visual, probe)
+            if not self.keep_templates:
+                if template is not None:
+                    loaded.model.visual = TracedTower(template, visual.image_size)
+                return
+            self.traced[spec] = template
+        template = self.traced[spec]
+        if template is None:
+            return
+        tower = copy.deepcopy(template)
+        tower.load_state_dict(visual.state_dict())
+        if answers_alike(tower, visual, probe):
+            loaded.model.visual = TracedTower(tower, visual.image_size)
 
     def _built(self, spec: ModelSpec) -> LoadedModel:
         """A model of `spec` to fill with a version's weights: a copy of the template, else built."""
