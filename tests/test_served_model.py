@@ -13,6 +13,19 @@ def scores(answers: list[dict]) -> list[list[float]]:
     return [[p for result in answer["results"] for p in result["scores"].values()] for answer in answers]
 
 
+def store_of_two_versions(loaded, tmp_path, scale: float):
+    """A store holding `loaded`'s weights as version 1 and the same scaled by `scale` as version 2."""
+    from gnsp_core.state import ContinualState
+    from service.store import ModelStore
+
+    store = ModelStore.open(str(tmp_path / "store"))
+    state = ContinualState.initial(loaded.model, loaded.spec)
+    store.publish_version(state.save(tmp_path / "a"), {})
+    state.weights = {k: v * scale if v.is_floating_point() else v for k, v in state.weights.items()}
+    store.publish_version(state.save(tmp_path / "b"), {})
+    return store
+
+
 def test_a_batch_answers_each_request_as_alone_with_or_without_a_decode_pool(tiny):
     served = ServedModel(version=3, loaded=tiny)
     requests = [{"images": [png_bytes("red"), png_bytes("blue")], "labels": ["red", "blue"]},
@@ -46,16 +59,9 @@ def test_versions_loaded_from_a_template_are_their_own_models(tiny, tmp_path):
     weights: it answers as a model loaded alone would, and shares no tensor with the first."""
     import torch
 
-    from gnsp_core.state import ContinualState
     from service.serving.served_model import VersionLoader, load_served_model
-    from service.store import ModelStore
 
-    store = ModelStore.open(str(tmp_path / "store"))
-    state = ContinualState.initial(tiny.model, tiny.spec)
-    store.publish_version(state.save(tmp_path / "a"), {})
-    state.weights = {k: v * 1.5 if v.is_floating_point() else v for k, v in state.weights.items()}
-    store.publish_version(state.save(tmp_path / "b"), {})
-
+    store = store_of_two_versions(tiny, tmp_path, scale=1.5)
     loader = VersionLoader(store, tmp_path / "cache", device="cpu")
     first, second = loader.load(1), loader.load(2)
     alone = load_served_model(store, 2, tmp_path / "alone", device="cpu")
@@ -137,14 +143,9 @@ def test_served_versions_of_a_batch_norm_tower_run_traced_graphs_that_answer_as_
     from gnsp_core.models.spec import ModelSpec
     from gnsp_core.state import ContinualState
     from service.serving.served_model import VersionLoader
-    from service.store import ModelStore
 
     loaded = load_model(ModelSpec(name=split_model_registered), "cpu")
-    store = ModelStore.open(str(tmp_path / "store"))
-    state = ContinualState.initial(loaded.model, loaded.spec)
-    store.publish_version(state.save(tmp_path / "a"), {})
-    state.weights = {k: v * 1.25 if v.is_floating_point() else v for k, v in state.weights.items()}
-    store.publish_version(state.save(tmp_path / "b"), {})
+    store = store_of_two_versions(loaded, tmp_path, scale=1.25)
 
     loader = VersionLoader(store, tmp_path / "cache", device="cpu")
     first, second = loader.load(1), loader.load(2)
