@@ -166,8 +166,8 @@ def under_attack(url: str, attack: Attack, p: dict, window_s: float, timeout_s: 
 def slowest_split(latencies: list[float], server_timing: str) -> dict[str, float]:
     """Where the neighbour's slowest answer spent its time (ms): in the classifier replica's handler
     (`replica`, of which `classifier` after the body was read and checked, `forward` in its
-    batch's forward and `pass` in its image-tower passes) and outside it (`outside`: the ingress proxy, the network and the client),
-    from the answer's Server-Timing header."""
+    batch's forward and `pass` in its image-tower passes) and outside it (`outside`: the ingress
+    proxy, the network and the client), from the answer's Server-Timing header."""
     from service.serving.classify_http import parse_server_timing
 
     if not latencies or not server_timing:
@@ -175,7 +175,8 @@ def slowest_split(latencies: list[float], server_timing: str) -> dict[str, float
     timing = parse_server_timing(server_timing)
     total = 1000 * max(latencies)
     return {"total": total, "replica": timing["ingress"], "classifier": timing["classifier"],
-            "forward": timing["forward"], "pass": timing.get("pass", 0.0), "batch": timing["batch"], "outside": total - timing["ingress"]}
+            "forward": timing["forward"], "pass": timing.get("pass", 0.0), "batch": timing["batch"],
+            "outside": total - timing["ingress"]}
 
 
 async def _answer(http: httpx.AsyncClient, attack: Attack, p: dict) -> str:

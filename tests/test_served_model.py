@@ -110,7 +110,6 @@ def test_a_mixed_batch_is_answered_in_its_requests_order():
     assert (two.passes, three.passes) == (1, 1)
 
 
-
 def test_a_request_pinned_to_an_old_version_is_answered_aside_as_in_a_batch(tiny):
     """The classifier answers a request for a version other than the active one on its low-priority
     thread, whole: checked, decoded, one pass; the answer equals the batched one."""

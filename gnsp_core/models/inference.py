@@ -98,10 +98,9 @@ def prepared_copy(module: nn.Module, probe: torch.Tensor) -> nn.Module | None:
     got = prepared(probe.contiguous(memory_format=torch.channels_last))
     if not (isinstance(expected, torch.Tensor) and isinstance(got, torch.Tensor) and got.shape == expected.shape):
         return None
-    difference = (got.float() - expected.float()).abs().max().item()
-    if not difference <= PROBE_TOLERANCE * max(1.0, expected.float().abs().max().item()):
+    if not within_tolerance(expected, got):
         log.warning("folding %d batch norms changed %s's output by %.3g; keeping it as it is",
-                    folded, type(module).__name__, difference)
+                    folded, type(module).__name__, (got.float() - expected.float()).abs().max().item())
         return None
     return prepared
 
@@ -151,12 +150,15 @@ def answers_alike(traced: nn.Module, module: nn.Module, probe: torch.Tensor) -> 
     with evaluating(module):
         for batch in (probe, probe[:1]):
             expected, got = module(batch), traced(batch)
-            if not (isinstance(got, torch.Tensor) and got.shape == expected.shape):
-                return False
-            if not (got.float() - expected.float()).abs().max().item() <= PROBE_TOLERANCE * max(
-                    1.0, expected.float().abs().max().item()):
+            if not (isinstance(got, torch.Tensor) and got.shape == expected.shape and within_tolerance(expected, got)):
                 return False
     return True
+
+
+def within_tolerance(expected: torch.Tensor, got: torch.Tensor) -> bool:
+    """Whether `got` is `expected` up to PROBE_TOLERANCE, relative to the output's scale."""
+    difference = (got.float() - expected.float()).abs().max().item()
+    return difference <= PROBE_TOLERANCE * max(1.0, expected.float().abs().max().item())
 
 
 def image_probe(image_size: int, device: torch.device | str, batch: int = 2) -> torch.Tensor:

@@ -168,14 +168,9 @@ class VersionLoader:
         visual = loaded.model.visual
         probe = image_probe(loaded.image_size, next(visual.parameters()).device).contiguous(
             memory_format=torch.channels_last)
-        if spec not in self.traced:
-            template = traced_tower(visual, probe)
-            if not self.keep_templates:
-                if template is not None:
-                    loaded.model.visual = TracedTower(template, visual.image_size)
-                return
+        template = self.traced[spec] if spec in self.traced else traced_tower(visual, probe)
+        if self.keep_templates:
             self.traced[spec] = template
-        template = self.traced[spec]
         if template is None:
             return
         tower = copy.deepcopy(template)
