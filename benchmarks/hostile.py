@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     p = payloads()
     work = Path(tempfile.mkdtemp(prefix="gnsp-hostile-"))
-    if args.haproxy:
+    if args.ingress == "haproxy":
         from service.serving.haproxy import haproxy_environment
 
         os.environ.update(haproxy_environment())
@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
-    return {"model": args.model or "gnsp-mini", "ingress": "HAProxy" if args.haproxy else "Serve's proxy",
+    return {"model": args.model or "gnsp-mini", "ingress": "HAProxy" if args.ingress == "haproxy" else "Serve's proxy",
             "primed_s": primed_s, "quiet_p99_ms": quiet_p99, "quiet_requests": len(quiet_latencies),
             "idle_rss_mib": idle / 2**20, "rows": rows,
             "targets": {"answer_4xx_within_s": ANSWER_TARGET_S, "neighbour_failures": 0,
@@ -292,7 +292,8 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=4.0, help="seconds the neighbour runs per attack (the attack starts 1 s in)")
     parser.add_argument("--timeout", type=float, default=30.0, help="longest wait for any one answer (s)")
     parser.add_argument("--only", nargs="*", default=None, help="run only attacks whose name contains a word")
-    parser.add_argument("--haproxy", action="store_true", help="Serve's HAProxy ingress instead of its Python proxy")
+    parser.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",
+                        help="haproxy: Serve's HAProxy ingress, gnsp serve's default; proxy: Serve's Python proxy")
     parser.add_argument("--num-cpus", type=int, default=None)
     parser.add_argument("--port", type=int, default=0, help="HTTP port on 127.0.0.1 (0: a free one)")
     parser.add_argument("--out", type=Path, default=Path("out/hostile"))

