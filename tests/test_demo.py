@@ -1,5 +1,5 @@
-"""`gnsp demo`: the side-by-side story on the tiny model, in this process and through the REST service
-(`--service`), its table, its quiet Ray."""
+"""`gnsp demo`: the side-by-side story on the tiny model through the REST service and in this process
+(`--local`), its table, its quiet Ray."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ not forward its logs.)"""
 def test_rest_demo_tells_the_story(ray_session, tmp_path, capsys):
     """One task per method (the in-process test below covers the learned → end rows of a sequence):
     jobs through the REST API, a version each, the same table, none of Ray's noise."""
-    code = main(["demo", "--service", *SMALL_DEMO, "--tasks", "digits", "--store", str(tmp_path / "store")])
+    code = main(["demo", *SMALL_DEMO, "--tasks", "digits", "--store", str(tmp_path / "store")])
     captured = capsys.readouterr()
     out = captured.out
     assert code == 0, out + captured.err
@@ -44,12 +44,12 @@ def test_rest_demo_tells_the_story(ray_session, tmp_path, capsys):
     assert (tmp_path / "store" / "models" / "v000003" / "manifest.json").is_file()  # 1 + two methods x one task
 
 
-def test_demo_tells_the_story_in_this_process(capsys, monkeypatch):
-    """The default path: the library in this process, the same table, and no Ray started for it."""
+def test_local_demo_tells_the_story_in_this_process(capsys, monkeypatch):
+    """`--local`: the library in this process, the same table, and no Ray started for it."""
     import ray
 
     monkeypatch.setattr(ray, "init", lambda *a, **kw: pytest.fail("the in-process demo started Ray"))
-    code = main(["demo", *SMALL_DEMO])
+    code = main(["demo", "--local", *SMALL_DEMO])
     out = capsys.readouterr().out
     assert code == 0, out
     assert _row(out, "accuracy (%)") == ["accuracy (%)", "chance", "pre-trained", "finetune", "gnsp"]

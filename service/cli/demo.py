@@ -3,10 +3,10 @@
 Fine-tuning and GNSP learn the same built-in tasks side by side, each from the pre-trained weights,
 and one table shows what each kept and lost: every task right after it was learned and after the
 last one, held-out zero-shot accuracy (data no task or alignment saw), retrieval and the modality
-gap. By default the library learns in this process (`demo_local.py`: about two minutes on two
-cores); `--service` sends the same tasks through the REST service on a private local Ray
-(`demo_rest.py`), where every job is a Ray Train fit whose processes start anew (about ten minutes
-on two cores). Both print the same story (`demo_table.py`).
+gap. Through the REST service on a private local Ray by default (`demo_rest.py`: every task a
+Ray Train job whose processes start anew, about ten minutes on two cores), or the library in this
+process with `--local` (`demo_local.py`: about two minutes); both print the same story
+(`demo_table.py`).
 """
 
 from __future__ import annotations
@@ -35,12 +35,10 @@ def add_demo_parser(sub) -> None:
                    help="learning rate (default: the model's recommendation: 1e-3 for gnsp-mini's small heads)")
     p.add_argument("--reference", default="builtin",
                    help="reference image-caption pairs: builtin (emoji and flags) or module:function")
-    p.add_argument("--store", default=None, help="store folder for --service (default: a temporary one)")
+    p.add_argument("--store", default=None, help="store folder for the service (default: a temporary one)")
     p.add_argument("--max-train-per-class", type=int, default=40)
     p.add_argument("--max-test-per-class", type=int, default=20)
-    p.add_argument("--service", action="store_true",
-                   help="learn through the REST service on a private local Ray (Ray Train jobs, versions in a "
-                        "store) instead of the library in this process")
+    p.add_argument("--local", action="store_true", help="run the library directly instead of through the service")
     add_model_arguments(p)
 
 
@@ -55,12 +53,12 @@ def demo_methods(value: str) -> list[str]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """The library in this process (default), or through the REST service with --service."""
+    """Through the REST service (default), or the library directly with --local."""
     methods = demo_methods(args.methods)
-    if args.service:
-        from service.cli.demo_rest import run_rest_demo
+    if args.local:
+        from service.cli.demo_local import run_local_demo
 
-        return run_rest_demo(args, methods)
-    from service.cli.demo_local import run_local_demo
+        return run_local_demo(args, methods)
+    from service.cli.demo_rest import run_rest_demo
 
-    return run_local_demo(args, methods)
+    return run_rest_demo(args, methods)

@@ -1,4 +1,4 @@
-"""`gnsp demo`: the library path, each method learning the tasks in this process."""
+"""`gnsp demo --local`: the library path, each method learning the tasks in this process."""
 
 from __future__ import annotations
 

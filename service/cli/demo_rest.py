@@ -1,4 +1,4 @@
-"""`gnsp demo --service`: through the service, local Ray + Serve on 127.0.0.1, tasks added over the REST API.
+"""`gnsp demo` through the service: local Ray + Serve on 127.0.0.1, tasks added over the REST API.
 
 Each method learns the same tasks from the pre-trained version (re-activated before each method's
 sequence). Task accuracies come over HTTP: just after learning from the job's metrics (the
