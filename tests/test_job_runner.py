@@ -116,8 +116,7 @@ def test_slow_store_writes_and_load_checks_never_block_the_loop(store, tmp_path)
             pointer, lag = await with_lag(deployment.activate(1, "rollback"))
             assert pointer["version"] == 1 and classifier.checked == [2, 1] and lag < MAX_LAG_S
         finally:
-            deployment.queue.stop()
-            deployment.searches.stop()
+            deployment.__del__()  # the queues, and the lease's keeper thread, which would outlive the test
 
     asyncio.run(scenario())
 
@@ -145,8 +144,7 @@ def test_cancel_answers_within_its_bound_without_blocking(store, tmp_path, monke
                 await until_status(deployment, "task-a", "cancelled")
         finally:
             trainer.release.set()
-            deployment.queue.stop()
-            deployment.searches.stop()
+            deployment.__del__()  # the queues, and the lease's keeper thread, which would outlive the test
 
     asyncio.run(scenario())
 
@@ -163,7 +161,25 @@ def test_the_load_check_refuses_to_run_on_the_loop(store, tmp_path):
             with pytest.raises(RuntimeError, match="from a thread"):
                 deployment._check_version(1)  # it would wait for the loop it blocks
         finally:
-            deployment.queue.stop()
-            deployment.searches.stop()
+            deployment.__del__()  # the queues, and the lease's keeper thread, which would outlive the test
 
     asyncio.run(scenario())
+
+
+def test_a_job_runner_touches_no_ray_until_a_job_runs_and_leaves_no_thread(store, tmp_path, monkeypatch):
+    """Building the queue never starts a Ray (a process without one would start its own, dashboard
+    and all), and an orderly shutdown stops the lease's keeper, which would otherwise take the lease
+    again later and build a queue in a process whose Ray has gone."""
+    import threading
+
+    import ray
+
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: pytest.fail("the job runner reached for Ray"))
+
+    async def scenario() -> None:
+        deployment, _, _ = await start_runner(store, tmp_path)
+        assert (await deployment.role())["role"] == "writer"
+        deployment.__del__()
+
+    asyncio.run(scenario())
+    assert not [t for t in threading.enumerate() if t.name == "gnsp-store-lease"]

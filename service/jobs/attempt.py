@@ -11,6 +11,7 @@ removed); only if that hangs is the process killed. Progress flows from rank 0 t
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -177,16 +178,28 @@ def prime_node(settings: ServiceSettings) -> dict[str, int]:
     return computed
 
 
+def on_this_node(function: Callable[..., Any]) -> Any:
+    """`function` as a Ray task that runs on this process's node where it can: an attempt's driver
+    stays on the job runner's node, so a training node lost mid-task takes only Ray Train workers,
+    which Ray Train restarts from the checkpoint in the store. Resolved when first used, not when
+    the runner is built, so that building a job queue never starts a Ray of its own."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(function)
+
+
 class RayTrainRunner:
     """The JobQueue's runner: each attempt in its own Ray task, stopped by killing that task."""
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
-        # The attempt's driver stays on the job runner's node: a training node lost mid-task then
-        # takes only Ray Train workers, which Ray Train restarts from the checkpoint in the store.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        self._remote = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(execute_attempt)
-        self._prime = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(prime_node)
+
+    @functools.cached_property
+    def _remote(self) -> Any:
+        return on_this_node(execute_attempt)
+
+    @functools.cached_property
+    def _prime(self) -> Any:
+        return on_this_node(prime_node)
 
     def warm(self) -> None:
         """Prime this node before the first job (`prime_node`) unless settings.prime_node is off;
