@@ -35,6 +35,8 @@ from typing import Any
 
 import httpx
 
+from service.serving.haproxy import INGRESSES
+
 from hostile_attacks import ATTACKS, TOKEN, Attack, payloads, status_of
 
 ANSWER_TARGET_S = 2.0
@@ -292,7 +294,7 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=4.0, help="seconds the neighbour runs per attack (the attack starts 1 s in)")
     parser.add_argument("--timeout", type=float, default=30.0, help="longest wait for any one answer (s)")
     parser.add_argument("--only", nargs="*", default=None, help="run only attacks whose name contains a word")
-    parser.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",
+    parser.add_argument("--ingress", choices=INGRESSES, default="haproxy",
                         help="haproxy: Serve's HAProxy ingress, gnsp serve's default; proxy: Serve's Python proxy")
     parser.add_argument("--num-cpus", type=int, default=None)
     parser.add_argument("--port", type=int, default=0, help="HTTP port on 127.0.0.1 (0: a free one)")

@@ -44,6 +44,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from service.serving.haproxy import INGRESSES
+
 from plain_server import free_port, plain_server
 
 LABELS = ["a dog", "a cat", "a car", "a tree", "a house", "a bird", "a boat", "a flower", "a chair", "a shoe"]
@@ -331,7 +333,7 @@ def main() -> None:
                         help="most a batch waits to fill while others are in the classifier (s); 0: off")
     parser.add_argument("--image", choices=sorted(IMAGES), default="photo", help="what each request sends")
     parser.add_argument("--swap-every", type=float, default=1.0, help="seconds between version swaps")
-    parser.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",
+    parser.add_argument("--ingress", choices=INGRESSES, default="haproxy",
                         help="haproxy: Serve's HAProxy ingress, gnsp serve's default; proxy: Serve's Python proxy")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the private Ray; default: all cores")
     parser.add_argument("--classifier-cpus", type=float, default=0,

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ray.serve._private.constants import (RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT,
+                                         RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT)
 
 from service.serving.classify_http import parse_server_timing
 from service_support import (ENDED, FAST_CONFIG, colour_zip, free_port, png_b64, png_bytes, service_settings,
@@ -22,9 +24,8 @@ from service_support import (ENDED, FAST_CONFIG, colour_zip, free_port, png_b64,
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 ROOT = Path(__file__).resolve().parents[1]
-REPLICA_HTTP_PORTS = (30000, 31000)
-"""Where Serve's HAProxy ingress puts the ingress replicas' own HTTP ports (Ray's
-RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT / _MAX_HTTP_PORT defaults)."""
+REPLICA_HTTP_PORTS = (RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT)
+"""Where Serve's HAProxy ingress puts the ingress replicas' own HTTP ports."""
 
 
 @pytest.fixture(scope="module")

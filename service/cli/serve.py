@@ -33,10 +33,10 @@ from pydantic import ValidationError
 from gnsp_core.errors import ConfigError
 
 from service.cli.arguments import add_model_arguments
+from service.serving.haproxy import INGRESSES
 from service.settings import ServiceSettings
 
 APP_NAME = "gnsp"
-INGRESSES = ("haproxy", "proxy")
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

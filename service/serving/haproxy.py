@@ -17,6 +17,9 @@ from __future__ import annotations
 
 from service.ports import free_local_port
 
+INGRESSES = ("haproxy", "proxy")
+"""What fronts a private Ray's HTTP: Serve's HAProxy ingress (gnsp's default) or Serve's Python proxy."""
+
 DRAINING_S = 2.0
 """How long a stopping replica keeps answering HAProxy (Serve's default, 30 s, makes every
 redeploy and shutdown wait that long)."""
