@@ -70,7 +70,10 @@ def test_cached_tasks_equal_uncached_and_every_method_uses_the_cache(method, spl
                                                                     monkeypatch):
     """Same losses and gradients at every step, cached or not. The first step starts from the same
     weights and agrees exactly; later ones agree to float32 rounding, which AdamW's normalised step
-    carries into the weights (a coordinate with a near-zero gradient moves by about lr either way)."""
+    carries into the weights (a coordinate with a near-zero gradient moves by about lr either way):
+    at lr 1e-3 that drift reached a relative 1.1e-4 by task B's last step (LwF, two torch threads),
+    at the lr used here it stays about 10x under the bound."""
+    monkeypatch.setitem(FAST, "lr", 1e-5)
     cached_losses, cached_grads, _ = learn_two_tasks(unaugmented(split_model_registered), method, 1, HEADS_ONLY,
                                                      monkeypatch)
     assert opened_caches and all(c.caches_images for c in opened_caches)  # the timm trunk never trains here
