@@ -6,6 +6,7 @@ write route with no, a wrong and the right token) is in test_service_bad_input.p
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -93,14 +94,16 @@ def test_build_app_refuses_when_serve_listens_on_a_reachable_address(monkeypatch
 
 
 def test_build_app_without_serve_running_uses_serves_loopback_default(tmp_path):
-    import ray
+    """In a process of its own: this test process may hold another test file's Ray session."""
+    import subprocess
+    import sys
 
-    import service.api.app as api_app
-
-    if ray.is_initialized():
-        pytest.skip("another test file's Ray session runs Serve in this process")
-    assert api_app.serve_http_host() is None  # no Ray here: serve.run would start it on 127.0.0.1
-    assert api_app.build_app({"store": str(tmp_path / "store")}) is not None
+    probe = ("import ray, service.api.app as a; assert not ray.is_initialized(); "
+             "assert a.serve_http_host() is None; "  # no Ray here: serve.run would start it on 127.0.0.1
+             f"assert a.build_app({{'store': {str(tmp_path / 'store')!r}}}) is not None; print('built')")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={k: v for k, v in os.environ.items() if k != TOKEN_ENV})
+    assert result.returncode == 0 and result.stdout.strip() == "built", result.stderr
 
 
 def openapi(**settings) -> dict:
