@@ -24,6 +24,7 @@ import fastapi
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.serve import RunTarget
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 
@@ -35,6 +36,7 @@ from service.api import metrics as prometheus
 from service.api import schemas as api
 from service.jobs.runner import JobRunner
 from service.api.http_errors import install_error_handlers
+from service.serving.applications import DEPLOY_TIMEOUT_S, run_applications
 from service.serving.classifier import Classifier
 from service.serving.classify_http import CLASSIFY_ROUTE, classifier_handle, classify_app_name, server_timing
 from service.errors import BadRequestError, NotReadyError, UnknownVersionError, hide_dirs, unwrap
@@ -288,12 +290,14 @@ def build_classify_app(args: dict[str, Any] | ServiceSettings | None = None) -> 
         max_ongoing_requests=settings.classifier_max_ongoing, **_replicas(settings)).bind(settings)
 
 
-def deploy_service(settings: ServiceSettings, name: str = "gnsp", **options: Any) -> None:
+def deploy_service(settings: ServiceSettings, name: str = "gnsp", logging_config: dict[str, Any] | None = None,
+                   timeout_s: float = DEPLOY_TIMEOUT_S) -> None:
     """Run the service on the connected Ray as two Serve applications: `name` at / and its
-    classifier at /v1/classify (the API first: its job runner writes version 1 to an empty store).
-    `options` go to both `serve.run` calls (e.g. `logging_config`)."""
-    serve.run(build_app(settings), name=name, route_prefix="/", **options)
-    serve.run(build_classify_app(settings), name=classify_app_name(name), route_prefix=CLASSIFY_ROUTE, **options)
+    classifier at /v1/classify (the API first: its job runner writes version 1 to an empty store),
+    both running within `timeout_s` or a ServiceFault that says what Serve is waiting for."""
+    run_applications([RunTarget(build_app(settings), name=name, route_prefix="/", logging_config=logging_config),
+                      RunTarget(build_classify_app(settings), name=classify_app_name(name),
+                                route_prefix=CLASSIFY_ROUTE, logging_config=logging_config)], timeout_s)
 
 
 def delete_service(name: str = "gnsp") -> None:
