@@ -35,7 +35,7 @@ from typing import Any
 
 import httpx
 
-from service.serving.haproxy import INGRESSES
+from service.serving.haproxy import INGRESSES, use_ingress
 
 from hostile_attacks import ATTACKS, TOKEN, Attack, payloads, status_of
 
@@ -207,10 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     p = payloads()
     work = Path(tempfile.mkdtemp(prefix="gnsp-hostile-"))
-    if args.ingress == "haproxy":
-        from service.serving.haproxy import haproxy_environment
-
-        os.environ.update(haproxy_environment())
+    use_ingress(args.ingress)
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     port = args.port or free_port()  # after Ray has taken its own ports (its agent listens on 52365)
     serve.start(http_options={"host": "127.0.0.1", "port": port})

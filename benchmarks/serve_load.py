@@ -44,7 +44,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from service.serving.haproxy import INGRESSES
+from service.serving.haproxy import INGRESSES, use_ingress
 
 from plain_server import free_port, plain_server
 
@@ -199,10 +199,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="gnsp-serve-load-"))
     load_start = os.getloadavg()
     cpus = args.num_cpus or os.cpu_count() or 1
-    if args.ingress == "haproxy":
-        from service.serving.haproxy import haproxy_environment
-
-        os.environ.update(haproxy_environment())
+    use_ingress(args.ingress)
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     port = args.port or free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

