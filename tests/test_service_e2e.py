@@ -4,6 +4,7 @@ queue and cancel jobs; and kill -9 the whole service mid-job, then restart it on
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -193,7 +194,7 @@ def kill_session(process: subprocess.Popen) -> None:
 
 
 def session_listeners(process: subprocess.Popen) -> set[tuple[str, int]]:
-    """(IPv4 address, port) of every TCP socket a process of the service's session listens on."""
+    """(address, port) of every TCP socket, IPv4 or IPv6, a process of the service's session listens on."""
     inodes = set()
     for pid in session_members(process):
         try:
@@ -202,12 +203,19 @@ def session_listeners(process: subprocess.Popen) -> set[tuple[str, int]]:
             continue  # ended meanwhile
         inodes |= {link[len("socket:["):-1] for link in links if link.startswith("socket:[")}
     listeners = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-            address, port = fields[1].split(":")
-            listeners.add((".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)), int(port, 16)))
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                address, port = fields[1].split(":")
+                listeners.add((proc_net_address(address), int(port, 16)))
     return listeners
+
+
+def proc_net_address(hex_address: str) -> str:
+    """An address as /proc/net/tcp{,6} writes it (32-bit words in host byte order) as text."""
+    raw = b"".join(bytes.fromhex(hex_address[i:i + 8])[::-1] for i in range(0, len(hex_address), 8))
+    return str(ipaddress.ip_address(raw))
 
 
 def wait_healthy(client: httpx.Client, process: subprocess.Popen, timeout: float = 300) -> None:
