@@ -4,7 +4,7 @@ Fine-tuning and GNSP learn the same built-in tasks side by side, each from the p
 and one table shows what each kept and lost: every task right after it was learned and after the
 last one, held-out zero-shot accuracy (data no task or alignment saw), retrieval and the modality
 gap. Through the REST service on a private local Ray by default (`demo_rest.py`: every task a
-Ray Train job whose processes start anew, about ten minutes on two cores), or the library in this
+Ray Train job whose processes start anew, about seven minutes on two cores), or the library in this
 process with `--local` (`demo_local.py`: about two minutes); both print the same story
 (`demo_table.py`).
 """
