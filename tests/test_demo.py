@@ -108,7 +108,8 @@ def test_own_ray_stops_quietly(monkeypatch):
     monkeypatch.setattr(ray, "init", fake_init)
     monkeypatch.setattr(ray, "shutdown", lambda: calls.append("ray.shutdown"))
     monkeypatch.setattr(serve, "start", lambda **kw: calls.append("serve.start"))
-    monkeypatch.setattr(serve, "run", lambda *a, **kw: calls.append("serve.run"))
+    monkeypatch.setattr("service.api.app.run_applications",
+                        lambda targets, timeout_s: calls.append("deploy " + ", ".join(t.name for t in targets)))
     monkeypatch.setattr(serve, "delete", lambda name: calls.append(f"serve.delete {name}"))
     monkeypatch.setattr(serve, "shutdown", lambda: calls.append("serve.shutdown"))
     monkeypatch.setattr(ray.serve.context, "_get_global_client",
@@ -119,6 +120,6 @@ def test_own_ray_stops_quietly(monkeypatch):
     with demo_service.local_service(settings=None) as url:
         assert url == "http://127.0.0.1:8123"
     classify = classify_app_name(demo_service.APP_NAME)
-    assert calls == ["init log_to_driver=False notice=ERROR", "serve.start", "serve.run", "serve.run",
+    assert calls == ["init log_to_driver=False notice=ERROR", "serve.start", f"deploy gnsp-demo, {classify}",
                      f"serve.delete {classify}", "serve.delete gnsp-demo", "ray.shutdown"]
     assert notice.level == before
