@@ -16,7 +16,7 @@ demo: setup
 	$(BIN)/gnsp demo
 
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --max-worker-restart=0 --durations=15
 
 bench: setup
 	$(BIN)/gnsp bench --out out/bench

@@ -136,6 +136,7 @@ def test_second_upload_waits_and_cancel_stops_the_trainer(service):
 
     client, tmp = service
     cpus = ray.available_resources().get("CPU", 0)
+    controllers = alive_train_controllers()
     first = upload(client, tmp, "long", ["red", "yellow"], {**FAST_CONFIG, "steps": 100_000})
     second = upload(client, tmp, "next", ["green", "blue"], FAST_CONFIG)
     running = wait_for(client, first, ("running",))
@@ -155,6 +156,18 @@ def test_second_upload_waits_and_cancel_stops_the_trainer(service):
         time.sleep(0.2)
     assert wait_for(client, second)["status"] == "cancelled"  # it never ran
     assert [m["version"] for m in client.get("/v1/models").json()["models"]] == [1, 2]
+    deadline = time.monotonic() + 30
+    while alive_train_controllers() - controllers:  # the run's controller ended with its attempt
+        assert time.monotonic() < deadline, alive_train_controllers() - controllers
+        time.sleep(0.2)
+
+
+def alive_train_controllers() -> set[str]:
+    """Ids of the session's live Ray Train controller actors."""
+    import ray._private.state
+
+    return {actor["ActorID"] for actor in ray._private.state.actors().values()
+            if actor["ActorClassName"] == "TrainController" and actor["State"] == "ALIVE"}
 
 
 def start_gnsp_serve(store: Path, tmp: Path, port: int) -> subprocess.Popen:

@@ -178,13 +178,14 @@ def prime_node(settings: ServiceSettings) -> dict[str, int]:
     return computed
 
 
-def on_this_node(function: Callable[..., Any]) -> Any:
+def on_this_node(function: Callable[..., Any], max_calls: int = 0) -> Any:
     """`function` as a Ray task that runs on this process's node where it can: an attempt's driver
     stays on the job runner's node, so a training node lost mid-task takes only Ray Train workers,
     which Ray Train restarts from the checkpoint in the store. Resolved when first used, not when
-    the runner is built, so that building a job queue never starts a Ray of its own."""
+    the runner is built, so that building a job queue never starts a Ray of its own. `max_calls`:
+    Ray's, tasks a worker process runs before it exits (0: no limit)."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(function)
+    return ray.remote(num_cpus=0, max_retries=0, max_calls=max_calls, scheduling_strategy=here)(function)
 
 
 class RayTrainRunner:
@@ -195,7 +196,12 @@ class RayTrainRunner:
 
     @functools.cached_property
     def _remote(self) -> Any:
-        return on_this_node(execute_attempt)
+        """One attempt per process. Ray Train's `fit()` registers a SIGINT handler in its process whose
+        closure holds the run's controller actor, so in a reused process every finished run's
+        controller stayed alive, and after a cancel that reached the run as it wound down, its
+        worker too, holding its CPUs, until a later job waited for them without end. A process that
+        exits takes the actors it owns with it (controller, then workers and placement group)."""
+        return on_this_node(execute_attempt, max_calls=1)
 
     @functools.cached_property
     def _prime(self) -> Any:
