@@ -82,6 +82,7 @@ def test_learn_a_task_then_classify_and_roll_back(service):
     models = client.get("/v1/models").json()
     assert models["active_version"] == 1 and [m["version"] for m in models["models"]] == [1]
 
+    controllers = alive_train_controllers()
     task_id = upload(client, tmp, "rgb", ["red", "green", "blue"], FAST_CONFIG)
     seen = []
     while (job := client.get(f"/v1/tasks/{task_id}").json())["status"] not in ENDED:
@@ -93,6 +94,7 @@ def test_learn_a_task_then_classify_and_roll_back(service):
     assert job["model_version"] == 2 and job["activated"] and job["base_version"] == 1
     assert {"task_accuracy", "heldout_accuracy", "base_heldout_accuracy"} <= set(job["metrics"])
     assert job["dataset"]["classes"] == ["blue", "green", "red"]
+    wait_gone(controllers, "the finished run's Ray Train controller")
 
     version = client.get("/v1/models/2").json()
     assert version["tasks"] == ["rgb"] and version["parent"] == 1 and version["active"] and version["gate"]["passed"]
@@ -156,9 +158,15 @@ def test_second_upload_waits_and_cancel_stops_the_trainer(service):
         time.sleep(0.2)
     assert wait_for(client, second)["status"] == "cancelled"  # it never ran
     assert [m["version"] for m in client.get("/v1/models").json()["models"]] == [1, 2]
-    deadline = time.monotonic() + 30
-    while alive_train_controllers() - controllers:  # the run's controller ended with its attempt
-        assert time.monotonic() < deadline, alive_train_controllers() - controllers
+    wait_gone(controllers, "the cancelled run's Ray Train controller")
+
+
+def wait_gone(controllers: set[str], what: str, timeout: float = 30) -> None:
+    """Wait until no Ray Train controller but `controllers` is alive: a job's run ends with its attempt
+    (a controller left alive holds its workers and their CPUs while its process lives)."""
+    deadline = time.monotonic() + timeout
+    while alive_train_controllers() - controllers:
+        assert time.monotonic() < deadline, f"{what} is still alive"
         time.sleep(0.2)
 
 
@@ -296,3 +304,4 @@ def test_serve_config_yaml_builds_the_app():
     assert (classify.import_path, classify.route_prefix) == ("service.api.app:build_classify_app", "/v1/classify")
     assert classify.args == app.args and {d["name"] for d in raw["applications"][1]["deployments"]} == {"Classifier"}
     assert build_classify_app(classify.args) is not None
+
