@@ -304,4 +304,3 @@ def test_serve_config_yaml_builds_the_app():
     assert (classify.import_path, classify.route_prefix) == ("service.api.app:build_classify_app", "/v1/classify")
     assert classify.args == app.args and {d["name"] for d in raw["applications"][1]["deployments"]} == {"Classifier"}
     assert build_classify_app(classify.args) is not None
-

@@ -14,7 +14,7 @@ from typing import Any
 
 from ray import serve
 from ray.serve import RunTarget
-from ray.serve.schema import ApplicationStatus
+from ray.serve.schema import ApplicationStatus, DeploymentStatus
 
 from service.errors import ServiceFault
 
@@ -58,6 +58,6 @@ def _details(app: Any) -> str:
         return "Serve does not know it"
     parts = [app.message] if app.message else []
     for deployment_name, deployment in app.deployments.items():
-        if deployment.status.value != "HEALTHY" and deployment.message:
+        if deployment.status != DeploymentStatus.HEALTHY and deployment.message:
             parts.append(f"{deployment_name}: {deployment.message}")
     return "; ".join(parts) or "no message from Serve"
