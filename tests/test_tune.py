@@ -13,9 +13,12 @@ from gnsp_core.config import TrainConfig
 from gnsp_core.data import load_task
 from gnsp_core.models import ModelSpec
 from service.tuning.run import SearchSpace, TuneRequest, read_results, run_tune_job
+from service.training.stored import frozen_outputs_folder
 from service.tuning.data import prepare_validation_tasks
 from service.tuning.objective import harmonic_mean, score
-from service.tuning.trial import trial_config
+from service.tuning import trial
+from service.tuning.folder import SearchFolder
+from service.tuning.trial import TrialSetup, run_trial, trial_config
 
 TINY = ModelSpec(name="tiny", seed=0)
 CONFIG = TrainConfig(method="gnsp", steps=4, batch_size=8, warmup_steps=1, ref_batch_size=8, stats_augment=False)
@@ -75,3 +78,20 @@ def test_tiny_search_end_to_end_then_resume_after_failed_trials(ray_session, tmp
     assert best == trial_config(CONFIG, outcome.best) == outcome.best_config
     assert read_results(out)["best"]["trial_id"] == outcome.best["trial_id"]
     assert not (out / "work").exists()  # trial states are cleaned up once no trial needs them
+
+
+@pytest.mark.filterwarnings("ignore:`get_:UserWarning")  # the trial runs outside a Tuner here
+def test_a_trial_reports_only_after_its_scratch_is_gone(ray_session, tmp_path, monkeypatch):
+    """Tune may end a trial's process at any report (ASHA at a rung, every trial at its last task):
+    a scratch folder that spans a report would be left on the node."""
+    source = write_colour_folder(tmp_path / "rg", ["red", "green"], n_train=10, n_test=4, seed=0)
+    folders = prepare_validation_tasks([str(source)], tmp_path / "data", 0.3, None)
+    scratch = tmp_path / "scratch"
+    cache = frozen_outputs_folder(str(scratch))
+    seen = []
+    monkeypatch.setattr(trial, "_report", lambda metrics, progress: seen.append(
+        (metrics["tasks_done"], sorted(p.name for p in scratch.iterdir() if p != cache))))
+    setup = TrialSetup([str(f) for f in folders], CONFIG, TINY, None, baseline_r1=0.1,
+                       work=SearchFolder.local(tmp_path / "search"), scratch_dir=str(scratch))
+    run_trial({"threshold": 0.1, "cd_weight": 1.0, "map_weight": 1.0, "lr": 1e-3}, setup)
+    assert seen == [(1, [])]

@@ -15,6 +15,7 @@ search's `work/runs/`, so a trial restored on another node continues from it.
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 import time
@@ -26,7 +27,7 @@ from ray import tune
 
 from gnsp_core.config import TrainConfig
 from gnsp_core.data import load_task
-from gnsp_core.models import ModelSpec, load_model
+from gnsp_core.models import LoadedModel, ModelSpec, load_model
 from gnsp_core.state import ContinualState
 
 from service.training.ray_train import TrainJob, WorkerResources, train_task
@@ -73,39 +74,51 @@ def trial_config(base: TrainConfig, params: dict[str, float]) -> TrainConfig:
 
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
-    """Learn the tasks one by one; after each, score on validation data and `tune.report`."""
+    """Learn the tasks one by one; after each, score on validation data and `tune.report`.
+
+    Each task's fetched inputs live in a scratch folder that is gone before its report: Tune may
+    stop the trial at any report (ASHA at a rung, every trial at the last task) and end its process
+    before the function returns, which would leave a folder spanning the report on the node.
+    """
     config = trial_config(setup.config, params)
     progress = _restore(tune.get_checkpoint())
     trial_id = tune.get_context().get_trial_id()
+    for index in range(progress.next_task, len(setup.tasks)):
+        started = time.perf_counter()
+        metrics, progress = _learn_task(index, config, progress, setup, trial_id)
+        _report({**metrics, "task_s": time.perf_counter() - started}, progress)
+        if index > 0:
+            setup.work.delete(f"runs/{trial_id}-t{index - 1}")  # the next task starts from the new state
+
+
+def _learn_task(index: int, config: TrainConfig, progress: TrialProgress, setup: TrialSetup,
+                trial_id: str) -> tuple[dict[str, Any], TrialProgress]:
+    """Train task `index` from the last state, score every task so far: the metrics and the new progress."""
     storage_path, filesystem = setup.work.storage("runs")
-    pairs, loaded = validation_reference(), None
     with tempfile.TemporaryDirectory(prefix=f"gnsp-{trial_id}-", dir=scratch_root(setup.scratch_dir)) as name:
         scratch = Path(name)
+        # a broken task fails here, before a trainer starts
+        tasks = [load_task(local_source(setup.tasks[i], scratch / f"in{i}"), work_dir=scratch)
+                 for i in range(index + 1)]
+        base = StoredState(setup.work.store.uri, progress.state) if progress.state else setup.base_state
+        job = TrainJob(task=setup.tasks[index], config=config, base_state=base,
+                       model=None if base else setup.model, reference=TUNING_REFERENCE,
+                       scratch_dir=setup.scratch_dir)
+        result = train_task(job, storage_path=storage_path, storage_filesystem=filesystem,
+                            name=f"{trial_id}-t{index}", resources=setup.resources)
+        with result.checkpoint.as_directory() as folder:
+            state = ContinualState.load(folder)
+            accs, r1 = evaluate_state(_evaluation_model(state.spec), state, tasks, validation_reference())
+    metrics = score(accs, progress.learned_accs, r1, setup.baseline_r1).as_metrics()
+    stored = StoredState.of_checkpoint(setup.work.store, result.checkpoint.path)
+    done = TrialProgress(index + 1, stored.rel, [*progress.learned_accs, accs[-1]])
+    return {**metrics, "tasks_done": index + 1, "task": tasks[index].name}, done
 
-        def task(i: int):  # a broken task fails here, before a trainer starts
-            return load_task(local_source(setup.tasks[i], scratch / f"in{i}"), work_dir=scratch)
 
-        tasks = [task(i) for i in range(progress.next_task)]
-        for index in range(progress.next_task, len(setup.tasks)):
-            tasks.append(task(index))
-            base = StoredState(setup.work.store.uri, progress.state) if progress.state else setup.base_state
-            job = TrainJob(task=setup.tasks[index], config=config, base_state=base,
-                           model=None if base else setup.model, reference=TUNING_REFERENCE,
-                           scratch_dir=setup.scratch_dir)
-            started = time.perf_counter()
-            result = train_task(job, storage_path=storage_path, storage_filesystem=filesystem,
-                                name=f"{trial_id}-t{index}", resources=setup.resources)
-            with result.checkpoint.as_directory() as folder:
-                state = ContinualState.load(folder)
-                loaded = loaded or load_model(state.spec)
-                accs, r1 = evaluate_state(loaded, state, tasks, pairs)
-            metrics = score(accs, progress.learned_accs, r1, setup.baseline_r1).as_metrics()
-            stored = StoredState.of_checkpoint(setup.work.store, result.checkpoint.path)
-            progress = TrialProgress(index + 1, stored.rel, [*progress.learned_accs, accs[-1]])
-            _report({**metrics, "tasks_done": index + 1, "task": tasks[index].name,
-                     "task_s": time.perf_counter() - started}, progress)
-            if index > 0:
-                setup.work.delete(f"runs/{trial_id}-t{index - 1}")  # the next task starts from the new state
+@functools.lru_cache(maxsize=1)
+def _evaluation_model(spec: ModelSpec) -> LoadedModel:
+    """The architecture every state of a trial is scored on (each state's weights are loaded into it)."""
+    return load_model(spec)
 
 
 def _report(metrics: dict[str, Any], progress: TrialProgress) -> None:
