@@ -1,7 +1,7 @@
 """Deploying Serve applications never waits without end (service.serving.applications, which
 `deploy_service` uses for the service's two applications): an application Serve cannot run by the
 deadline, here a replica asking for more CPUs than the cluster has, is an error that names it, and
-one whose replicas fail to start is an error that carries their failure."""
+one whose replicas fail to start is an error that carries their failure (as plain text)."""
 
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ def test_an_application_that_cannot_run_is_an_error_by_the_deadline_not_a_wait_w
         with pytest.raises(ServiceFault, match="'unplaceable' was not running after 5 s \\(DEPLOYING\\)"):
             run_applications([RunTarget(Unplaceable.bind(), name="unplaceable", route_prefix="/unplaceable")], 5)
         assert time.monotonic() - started < 30
-        with pytest.raises(ServiceFault, match="(?s)'broken' is DEPLOY_FAILED: .*this replica cannot start"):
+        with pytest.raises(ServiceFault, match="(?s)'broken' is DEPLOY_FAILED: .*this replica cannot start") as failed:
             run_applications([RunTarget(Broken.bind(), name="broken", route_prefix="/broken")], 120)
+        assert "\x1b[" not in str(failed.value)  # Serve's traceback without its terminal colours
     finally:
         serve.delete("unplaceable")
         serve.delete("broken")

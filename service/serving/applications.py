@@ -9,6 +9,7 @@ resources required ..., total resources available ...") becomes the error.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -21,6 +22,8 @@ from service.errors import ServiceFault
 DEPLOY_TIMEOUT_S = 900.0
 """Long enough for a first start that builds the embedded default model inside a replica."""
 POLL_S = 0.5
+_TERMINAL_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+"""Serve colours the tracebacks in its messages; an error message is plain text."""
 
 
 def run_applications(targets: list[RunTarget], timeout_s: float = DEPLOY_TIMEOUT_S) -> None:
@@ -60,4 +63,4 @@ def _details(app: Any) -> str:
     for deployment_name, deployment in app.deployments.items():
         if deployment.status != DeploymentStatus.HEALTHY and deployment.message:
             parts.append(f"{deployment_name}: {deployment.message}")
-    return "; ".join(parts) or "no message from Serve"
+    return _TERMINAL_COLOUR.sub("", "; ".join(parts)) or "no message from Serve"
