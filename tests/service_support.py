@@ -1,4 +1,5 @@
-"""Helpers shared by the service tests: tiny datasets on disk, a Serve app on 127.0.0.1, polling."""
+"""Helpers shared by the service tests: tiny datasets on disk, a Serve app on 127.0.0.1, polling, and
+the session's live Ray Train controllers."""
 
 from __future__ import annotations
 
@@ -77,8 +78,6 @@ def free_port() -> int:
 
 def start_service(settings: ServiceSettings, name: str) -> str:
     """Deploy the app on the session's Ray (one HTTP proxy for the session); returns its base URL."""
-    from ray import serve
-
     from service.api.app import deploy_service
 
     port = session_serve_port()  # first: serve.run would start Serve on its default port 8000
@@ -134,3 +133,20 @@ def store_snapshot(root: Path) -> dict[str, str]:
     lease's records are left out: the job runner renews them on a clock, whatever requests arrive."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).parts[0] != "lease"}
+
+
+def wait_gone(controllers: set[str], what: str, timeout: float = 30) -> None:
+    """Wait until no Ray Train controller but `controllers` is alive: a job's run ends with its attempt
+    (a controller left alive holds its workers and their CPUs while its process lives)."""
+    deadline = time.monotonic() + timeout
+    while alive_train_controllers() - controllers:
+        assert time.monotonic() < deadline, f"{what} is still alive"
+        time.sleep(0.2)
+
+
+def alive_train_controllers() -> set[str]:
+    """Ids of the session's live Ray Train controller actors."""
+    import ray._private.state
+
+    return {actor["ActorID"] for actor in ray._private.state.actors().values()
+            if actor["ActorClassName"] == "TrainController" and actor["State"] == "ALIVE"}

@@ -20,8 +20,8 @@ from ray.serve._private.constants import (RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT
                                          RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT)
 
 from service.serving.classify_http import parse_server_timing
-from service_support import (ENDED, FAST_CONFIG, colour_zip, free_port, png_b64, png_bytes, service_settings,
-                             running_service, wait_for)
+from service_support import (ENDED, FAST_CONFIG, alive_train_controllers, colour_zip, free_port, png_b64, png_bytes,
+                             service_settings, running_service, wait_for, wait_gone)
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,23 +159,6 @@ def test_second_upload_waits_and_cancel_stops_the_trainer(service):
     assert wait_for(client, second)["status"] == "cancelled"  # it never ran
     assert [m["version"] for m in client.get("/v1/models").json()["models"]] == [1, 2]
     wait_gone(controllers, "the cancelled run's Ray Train controller")
-
-
-def wait_gone(controllers: set[str], what: str, timeout: float = 30) -> None:
-    """Wait until no Ray Train controller but `controllers` is alive: a job's run ends with its attempt
-    (a controller left alive holds its workers and their CPUs while its process lives)."""
-    deadline = time.monotonic() + timeout
-    while alive_train_controllers() - controllers:
-        assert time.monotonic() < deadline, f"{what} is still alive"
-        time.sleep(0.2)
-
-
-def alive_train_controllers() -> set[str]:
-    """Ids of the session's live Ray Train controller actors."""
-    import ray._private.state
-
-    return {actor["ActorID"] for actor in ray._private.state.actors().values()
-            if actor["ActorClassName"] == "TrainController" and actor["State"] == "ALIVE"}
 
 
 def start_gnsp_serve(store: Path, tmp: Path, port: int) -> subprocess.Popen:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service_support import write_colour_folder
+from service_support import alive_train_controllers, wait_gone, write_colour_folder
 from conftest import reference_pairs
 from gnsp_core.config import TrainConfig
 from gnsp_core.data import load_task
@@ -74,10 +74,12 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_session, tmp_path):
     marker = tmp_path / "rank1-killed"
     job = TrainJob(task=str(source), config=config, model=TINY, checkpoint_every=10,
                    drill=CrashDrill(rank=1, after_step=10, marker=str(marker)))
+    before = alive_train_controllers()
     result = train_task(job, storage_path=str(tmp_path / "runs"), name="killed", out_dir=tmp_path / "state",
                         resources=WorkerResources(workers=2), max_failures=1)
     assert marker.read_text() == "10"  # rank 1 did die after the step-10 checkpoint
     assert result.metrics["resumed_from"] == 10 and result.metrics["step"] == 30
+    wait_gone(before, "the finished run's Ray Train controller (held by the SIGINT handler fit() installed)")
     _, uninterrupted = learn_in_process(source, config)
     assert abs(accuracy_of(result.state_dir, source) - uninterrupted) <= 1.0
 

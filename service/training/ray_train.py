@@ -41,6 +41,7 @@ from gnsp_core.state import ContinualState
 from gnsp_core.task_context import Distributed
 from gnsp_core.trainer import learn_task
 
+from service.training.cluster import sigint_handler_restored
 from service.training.progress import BoardReporter
 from service.training.run_snapshot import CHECKPOINT_FILE as TRAIN_STATE_FILE
 from service.training.run_snapshot import recover_torn_snapshot
@@ -159,7 +160,8 @@ def train_task(
                              logging_config=LoggingConfig(log_level="WARNING")),
     )
     try:
-        result = trainer.fit()
+        with sigint_handler_restored():
+            result = trainer.fit()
     except ray.train.WorkerGroupError as exc:
         raise _user_error(exc) or exc
     state_dir = None
