@@ -27,6 +27,7 @@ from ray import tune
 
 from gnsp_core.config import TrainConfig
 from gnsp_core.data import load_task
+from gnsp_core.data.reference import CaptionPairs
 from gnsp_core.models import LoadedModel, ModelSpec, load_model
 from gnsp_core.state import ContinualState
 
@@ -83,16 +84,17 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     config = trial_config(setup.config, params)
     progress = _restore(tune.get_checkpoint())
     trial_id = tune.get_context().get_trial_id()
+    pairs = validation_reference()
     for index in range(progress.next_task, len(setup.tasks)):
         started = time.perf_counter()
-        metrics, progress = _learn_task(index, config, progress, setup, trial_id)
+        metrics, progress = _learn_task(index, config, progress, setup, trial_id, pairs)
         _report({**metrics, "task_s": time.perf_counter() - started}, progress)
         if index > 0:
             setup.work.delete(f"runs/{trial_id}-t{index - 1}")  # the next task starts from the new state
 
 
-def _learn_task(index: int, config: TrainConfig, progress: TrialProgress, setup: TrialSetup,
-                trial_id: str) -> tuple[dict[str, Any], TrialProgress]:
+def _learn_task(index: int, config: TrainConfig, progress: TrialProgress, setup: TrialSetup, trial_id: str,
+                pairs: CaptionPairs) -> tuple[dict[str, Any], TrialProgress]:
     """Train task `index` from the last state, score every task so far: the metrics and the new progress."""
     storage_path, filesystem = setup.work.storage("runs")
     with tempfile.TemporaryDirectory(prefix=f"gnsp-{trial_id}-", dir=scratch_root(setup.scratch_dir)) as name:
@@ -108,7 +110,7 @@ def _learn_task(index: int, config: TrainConfig, progress: TrialProgress, setup:
                             name=f"{trial_id}-t{index}", resources=setup.resources)
         with result.checkpoint.as_directory() as folder:
             state = ContinualState.load(folder)
-            accs, r1 = evaluate_state(_evaluation_model(state.spec), state, tasks, validation_reference())
+            accs, r1 = evaluate_state(_evaluation_model(state.spec), state, tasks, pairs)
     metrics = score(accs, progress.learned_accs, r1, setup.baseline_r1).as_metrics()
     stored = StoredState.of_checkpoint(setup.work.store, result.checkpoint.path)
     done = TrialProgress(index + 1, stored.rel, [*progress.learned_accs, accs[-1]])
