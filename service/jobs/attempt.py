@@ -197,10 +197,11 @@ class RayTrainRunner:
     @functools.cached_property
     def _remote(self) -> Any:
         """One attempt per process. Ray Train's `fit()` registers a SIGINT handler in its process whose
-        closure holds the run's controller actor, so in a reused process every finished run's
-        controller stayed alive, and after a cancel that reached the run as it wound down, its
-        worker too, holding its CPUs, until a later job waited for them without end. A process that
-        exits takes the actors it owns with it (controller, then workers and placement group)."""
+        closure holds the run's controller actor; `train_task` now puts the previous handler back,
+        but a reused process once kept every finished run's controller alive, and after a cancel
+        that reached the run as it wound down, its worker too, holding its CPUs, until a later job
+        waited for them without end. A process that exits takes every actor it owns with it
+        (controller, then workers and placement group), whatever state a cancel left them in."""
         return on_this_node(execute_attempt, max_calls=1)
 
     @functools.cached_property
