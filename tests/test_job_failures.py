@@ -5,10 +5,12 @@ for, and a cancel that lands after the job published its version. Every job must
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
 
+from service.jobs import queue as queue_module
 from service.jobs.queue import WorkQueue
 from service.jobs.tasks import RUNNER_FILE, AttemptOutcome, JobCancelled
 from test_jobs import FakeRunner, make_queue, store, stored_job, submit, until  # noqa: F401 (fixture)
@@ -143,3 +145,27 @@ def test_the_work_queue_survives_any_error_and_reports_it():
     until(lambda: done == ["c"])
     queue.stop()
     assert errors == [("a", "SystemExit"), ("b", "RuntimeError")]
+
+
+def test_a_stop_while_another_thread_starts_the_queue_waits_for_the_started_worker(monkeypatch):
+    """A service can be promoted to writer (its lease's keeper thread starts the queues) while it
+    shuts down: stop must never see a worker thread that exists but has not started yet."""
+
+    class SlowToStart(threading.Thread):
+        def start(self) -> None:
+            time.sleep(0.5)  # the window between making the worker thread and starting it
+            super().start()
+
+    queue = WorkQueue("test", lambda job_id: True)
+    starter = threading.Thread(target=queue.start)
+    monkeypatch.setattr(queue_module.threading, "Thread", SlowToStart)  # the queue's own worker thread
+    starter.start()
+    time.sleep(0.1)
+    queue.stop(timeout=5)  # the old code: RuntimeError("cannot join thread before it is started")
+    starter.join()
+    assert queue._thread is not None and not queue._thread.is_alive()
+
+    stopped = WorkQueue("stopped first", lambda job_id: True)
+    stopped.stop()
+    stopped.start()
+    assert stopped._thread is None  # a stopped queue never starts

@@ -54,16 +54,23 @@ class WorkQueue:
             return job_id in self._ids
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
-        self._thread.start()
+        """Start the worker thread once; a queue stopped before it started never starts. Start and
+        stop may come from different threads (a service promoted to writer by its lease's keeper
+        while it shuts down), so stop sees either no thread or a started one."""
+        with self._wake:
+            if self._thread is not None or self._stopping.is_set():
+                return
+            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+            self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """No job starts after this; waits up to `timeout` for the running one to return."""
         self._stopping.set()
         with self._wake:
             self._wake.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def _next(self) -> str | None:
         with self._wake:
