@@ -77,7 +77,7 @@ def lose_the_trainer_node_mid_job(cluster: LocalCluster, client: httpx.Client, s
     deadline = time.monotonic() + 300
     while len(checkpoints(fs, run)) < 2:  # the workers on the trainer node checkpoint into the store (the first one committed)
         job = client.get(f"/v1/tasks/{task_id}").json()
-        assert job["status"] in ("queued", "running") and time.monotonic() < deadline, (job, cluster.log("serve"))
+        assert job["status"] in ("queued", "running") and time.monotonic() < deadline, with_log(job, cluster)
         time.sleep(0.3)
     cluster.kill_node(first)
     print(f"trainer node killed after checkpoints {checkpoints(fs, run)}", flush=True)
@@ -86,7 +86,7 @@ def lose_the_trainer_node_mid_job(cluster: LocalCluster, client: httpx.Client, s
 
     print("replacement trainer node joined", flush=True)
     job = wait_for(client, task_id, timeout=300)
-    assert job["status"] == "succeeded", (job, cluster.log("serve"))
+    assert job["status"] == "succeeded", with_log(job, cluster)
     assert job["model_version"] == 2 and job["activated"] is True
     assert job["metrics"]["resumed_from"] >= CHECKPOINT_EVERY, job  # from the checkpoint, not from scratch
     assert job["metrics"]["step"] == STEPS
@@ -117,7 +117,7 @@ def lose_the_trainer_node_mid_search(cluster: LocalCluster, client: httpx.Client
     cluster.add_node("trainer-3", num_cpus=2, resources=TRAINER)
 
     search = poll_search(cluster, client, job_id, lambda s: s["status"] in ("succeeded", "failed", "cancelled"))
-    assert search["status"] == "succeeded", (search, cluster.log("serve"))
+    assert search["status"] == "succeeded", with_log(search, cluster)
     assert [(t["status"], t["tasks_done"]) for t in search["trials"]] == [("complete", 2)], search
     assert search["request"]["worker_resources"] == TRAINER and search["best"] is not None
     fs, folder = seaweedfs.filesystem(), f"{store.removeprefix('s3://')}/tune/{job_id}"
@@ -135,11 +135,17 @@ def lose_the_trainer_node_mid_search(cluster: LocalCluster, client: httpx.Client
     print(f"search that lost its trainer node: {time.monotonic() - started:.0f} s", flush=True)
 
 
+def with_log(record: dict, cluster: LocalCluster) -> str:
+    """A failure message with the record and the end of `gnsp serve`'s log, as text (pytest shortens a
+    tuple's repr, and the cluster's logs are gone once the test ends)."""
+    return f"{json.dumps(record, indent=1)}\n--- the end of gnsp serve's log ---\n{cluster.log('serve')}"
+
+
 def poll_search(cluster: LocalCluster, client: httpx.Client, job_id: str, until: Callable[[dict], bool],
                 timeout: float = 300) -> dict:
     """GET /v1/tune/{job_id} until `until(search)`; the search must not end before that unless `until` says so."""
     deadline = time.monotonic() + timeout
     while not until(search := client.get(f"/v1/tune/{job_id}").json()):
-        assert search["status"] in ("queued", "running") and time.monotonic() < deadline, (search, cluster.log("serve"))
+        assert search["status"] in ("queued", "running") and time.monotonic() < deadline, with_log(search, cluster)
         time.sleep(0.5)
     return search
