@@ -54,3 +54,18 @@ def test_a_cluster_decides_its_own_ingress():
     assert private_ingress(build_parser().parse_args(["serve", "--address", "auto"])) is None
     with pytest.raises(ConfigError, match="RAY_SERVE_ENABLE_HA_PROXY"):
         private_ingress(build_parser().parse_args(["serve", "--address", "auto", "--ingress", "haproxy"]))
+
+
+def test_a_private_ray_gives_a_slow_starting_proxy_time_before_serve_replaces_it(monkeypatch):
+    import ray
+
+    from service.cli import serve as serve_cli
+
+    monkeypatch.delenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", raising=False)
+    seen = []
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.append(os.environ.get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S")))
+    serve_cli.start_local_ray(2)
+    assert seen == [serve_cli.PROXY_READY_CHECK_S] and float(seen[0]) > 3 * 5.0  # past Serve's 3 checks of 5 s
+    monkeypatch.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "7")
+    serve_cli.start_local_ray(2)
+    assert seen[-1] == "7"  # an operator's own setting wins

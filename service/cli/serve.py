@@ -88,14 +88,20 @@ def _parse_value(value: str) -> Any:
 
 
 LOCAL_RAY_STARTS = 3
+PROXY_READY_CHECK_S = "30"
+"""Serve replaces a proxy that fails three 5 s readiness checks in a row; a fresh private Ray on a
+busy machine (a restart beside a training job) can take longer than that to start its proxy, and
+`serve.start`, waiting on the replaced one, then fails. A slow first start is not an unhealthy proxy."""
 
 
 def start_local_ray(num_cpus: int | None) -> None:
     """Start this service's private Ray. Ray gives a starting node a fixed 30 s to register with its
     GCS, which a machine busy with other work (a training job beside a restarted service) can miss;
-    such a start is shut down and made again, up to LOCAL_RAY_STARTS times."""
+    such a start is shut down and made again, up to LOCAL_RAY_STARTS times. Serve's proxy gets
+    PROXY_READY_CHECK_S per readiness check on it (an operator's own setting wins)."""
     import ray
 
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", PROXY_READY_CHECK_S)  # read by Serve's controller
     for attempt in range(1, LOCAL_RAY_STARTS + 1):
         try:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
