@@ -1,9 +1,7 @@
 """One attempt of a job on Ray: train on a TorchTrainer, evaluate, apply the gate, publish a version.
 
-The attempt runs in its own Ray task, not in the job runner's process, for one reason: a running
-TorchTrainer cannot be stopped from the outside, but its driver can. Cancelling the task raises a
-KeyboardInterrupt in it, on which Ray Train aborts the run itself (workers stopped, placement group
-removed); only if that hangs is the process killed. Progress flows from rank 0 to a `ProgressBoard` actor
+The attempt runs in the job runner's `AttemptHost` (service/jobs/host.py), which also primes the
+node (`prime_node`). Progress flows from rank 0 to a `ProgressBoard` actor
 (service/training/progress.py), which the runner polls while it waits.
 
 `train_on_ray` is the single integration point with service/training/ray_train.py.
@@ -11,36 +9,27 @@ removed); only if that hangs is the process killed. Progress flows from rank 0 t
 
 from __future__ import annotations
 
-import functools
-import logging
 import os
 import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
-import ray
 import torch
 from ray.actor import ActorHandle
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from gnsp_core.data.archives import safe_extract
 from gnsp_core.config import TrainConfig
 from gnsp_core.data.folders import validate_image_folder
 from gnsp_core.methods.registry import uses_reference
 
-from service.errors import ServiceFault, unwrap
-from service.jobs.tasks import AttemptOutcome, JobCancelled, JobInterrupted, published_by
-from service.training.progress import JobProgress, open_board
+from service.jobs.tasks import AttemptOutcome, published_by
+from service.training.progress import JobProgress
 from service.settings import ServiceSettings
 from service.store import ModelStore
 
-log = logging.getLogger(__name__)
-POLL_S = 0.5
-WARM_TIMEOUT_S = 300.0
-STOP_GRACE_S = 30.0
 # Where each phase of an attempt sits on the job's 0..1 progress bar.
 _PHASES = {"queued": (0.0, 0.0), "resuming": (0.0, 0.02), "starting": (0.02, 0.05), "train": (0.05, 0.85),
            "saving": (0.90, 0.92), "done": (0.92, 0.93), "evaluating": (0.93, 0.97), "publishing": (0.97, 0.99)}
@@ -176,94 +165,3 @@ def prime_node(settings: ServiceSettings) -> dict[str, int]:
         prepare_image_tower(loaded.model, loaded.image_size)  # as evaluate_version measures a version
         measure_heldout(loaded, load_heldout(settings.heldout), folder)
     return computed
-
-
-def on_this_node(function: Callable[..., Any], max_calls: int = 0) -> Any:
-    """`function` as a Ray task that runs on this process's node where it can: an attempt's driver
-    stays on the job runner's node, so a training node lost mid-task takes only Ray Train workers,
-    which Ray Train restarts from the checkpoint in the store. Resolved when first used, not when
-    the runner is built, so that building a job queue never starts a Ray of its own. `max_calls`:
-    Ray's, tasks a worker process runs before it exits (0: no limit)."""
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return ray.remote(num_cpus=0, max_retries=0, max_calls=max_calls, scheduling_strategy=here)(function)
-
-
-class RayTrainRunner:
-    """The JobQueue's runner: each attempt in its own Ray task, stopped by killing that task."""
-
-    def __init__(self, settings: ServiceSettings) -> None:
-        self.settings = settings
-
-    @functools.cached_property
-    def _remote(self) -> Any:
-        """One attempt per process. Ray Train's `fit()` registers a SIGINT handler in its process whose
-        closure holds the run's controller actor; `train_task` now puts the previous handler back,
-        but a reused process once kept every finished run's controller alive, and after a cancel
-        that reached the run as it wound down, its worker too, holding its CPUs, until a later job
-        waited for them without end. A process that exits takes every actor it owns with it
-        (controller, then workers and placement group), whatever state a cancel left them in."""
-        return on_this_node(execute_attempt, max_calls=1)
-
-    @functools.cached_property
-    def _prime(self) -> Any:
-        return on_this_node(prime_node)
-
-    def warm(self) -> None:
-        """Prime this node before the first job (`prime_node`) unless settings.prime_node is off;
-        bounded, and never fatal."""
-        if not self.settings.prime_node:
-            return
-        ref = self._prime.options(name="gnsp-prime-node").remote(self.settings)
-        ready, _ = ray.wait([ref], timeout=WARM_TIMEOUT_S)
-        if not ready:
-            ray.cancel(ref, force=True)
-            raise TimeoutError(f"priming the node took over {WARM_TIMEOUT_S:g} s")
-        computed = ray.get(ref)
-        if any(computed.values()):
-            log.info("primed this node's frozen outputs: %s", computed)
-
-    def __call__(self, record: dict[str, Any], should_stop: Callable[[], str | None],
-                 report: Callable[[float, str], None]) -> AttemptOutcome:
-        plan = AttemptPlan(record["task_id"], record["name"], {**record["config"], "method": record["method"]},
-                           record["upload"], record["base_version"], self.settings)
-        board = open_board(plan.task_id)
-        ray.get(board.reset.remote(0, 1))
-        ref = self._remote.options(name=f"gnsp-attempt:{plan.task_id}").remote(plan, board)
-        try:
-            return self._wait(ref, board, should_stop, report)
-        finally:
-            ray.kill(board)
-
-    def _wait(self, ref: ray.ObjectRef, board: ActorHandle, should_stop: Callable[[], str | None],
-              report: Callable[[float, str], None]) -> AttemptOutcome:
-        while True:
-            ready, _ = ray.wait([ref], timeout=POLL_S)
-            try:
-                snapshot: JobProgress = ray.get(board.latest.remote(), timeout=5)
-                report(job_fraction(snapshot), "starting" if snapshot.phase == "queued" else snapshot.phase)
-            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
-                pass
-            if ready:
-                return _result(ref)
-            reason = should_stop()
-            if reason is not None:
-                _stop(ref)
-                raise JobCancelled() if reason == "cancel" else JobInterrupted()
-
-
-def _stop(ref: ray.ObjectRef) -> None:
-    """Abort the attempt's TorchTrainer: a KeyboardInterrupt in its driver makes Ray Train abort the
-    run gracefully (workers stopped, placement group freed); kill the process if that hangs."""
-    ray.cancel(ref, force=False)
-    ready, _ = ray.wait([ref], timeout=STOP_GRACE_S)
-    if not ready:
-        ray.cancel(ref, force=True)
-
-
-def _result(ref: ray.ObjectRef) -> AttemptOutcome:
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:
-        raise unwrap(exc) from None
-    except ray.exceptions.RayError as exc:  # the attempt's process died (killed, out of memory)
-        raise ServiceFault(f"the training process died: {type(exc).__name__}") from exc

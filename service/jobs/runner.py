@@ -66,7 +66,7 @@ class JobRunner:
 
     def _become_writer(self) -> None:
         """Now holding the lease: make sure a version exists, recover the job records, start the queues."""
-        from service.jobs.attempt import RayTrainRunner
+        from service.jobs.host import RayTrainRunner
         from service.jobs.tasks import JobQueue
         from service.tuning.searches import TuneJobs
         from service.versions import ensure_base_version

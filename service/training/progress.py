@@ -54,10 +54,11 @@ class JobProgress:
 
 @ray.remote(num_cpus=0)
 class ProgressBoard:
-    """Holds the latest JobProgress of one job."""
+    """Holds the latest JobProgress of one job, and whether the job is to stop early."""
 
     def __init__(self) -> None:
         self._latest = JobProgress()
+        self._stop = False
 
     def reset(self, task_index: int, num_tasks: int) -> None:
         self._latest = JobProgress(task_index=task_index, num_tasks=num_tasks, updated=time.time())
@@ -69,6 +70,13 @@ class ProgressBoard:
 
     def latest(self) -> JobProgress:
         return self._latest
+
+    def request_stop(self) -> None:
+        """The job is to end early (cancelled, or the service stops): the attempt's driver polls this."""
+        self._stop = True
+
+    def stop_requested(self) -> bool:
+        return self._stop
 
 
 def board_name(job_id: str) -> str:

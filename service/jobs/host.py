@@ -1,0 +1,155 @@
+"""The job runner's side of an attempt: the long-lived process attempts run in, and how they stop.
+
+Attempts run in an `AttemptHost` actor, not in the job runner's process, for one reason: a running
+TorchTrainer cannot be stopped from the outside, but its driver can. A stop request on the job's
+board reaches the attempt as Ray's own cancel of a task does (`_thread.interrupt_main`): inside
+`fit()`, Ray Train's SIGINT handler aborts the run gracefully (workers stopped, placement group
+removed); elsewhere it is a KeyboardInterrupt. Only if that hangs is the host killed.
+
+The host lives on between attempts that succeed: an attempt's driver imports torch, open_clip and
+Ray Train (about 4.5 s of a core on two cores) and evaluation reads caches that live in the
+process, which a process per attempt paid on every job. After an attempt that did not succeed the
+host is killed, whatever that attempt left behind (a half-aborted run's actors end with the process
+that owns them), and the next attempt starts a new one.
+"""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import ray
+from ray.actor import ActorHandle
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from service.errors import ServiceFault, unwrap
+from service.jobs.attempt import AttemptPlan, execute_attempt, job_fraction, prime_node
+from service.jobs.tasks import AttemptOutcome, JobCancelled, JobInterrupted
+from service.settings import ServiceSettings
+from service.training.progress import JobProgress, open_board
+
+log = logging.getLogger(__name__)
+POLL_S = 0.5
+WARM_TIMEOUT_S = 300.0
+STOP_GRACE_S = 30.0
+
+
+@contextmanager
+def interrupted_on_stop_request(board: ActorHandle, interval_s: float = POLL_S) -> Iterator[None]:
+    """While the body runs on the main thread, interrupt it once the job's board asks for a stop."""
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(interval_s):
+            try:
+                if ray.get(board.stop_requested.remote(), timeout=5):
+                    _thread.interrupt_main()
+                    return
+            except ray.exceptions.GetTimeoutError:
+                continue
+            except ray.exceptions.RayError:  # the board is gone: the runner no longer waits
+                return
+
+    watcher = threading.Thread(target=watch, name="gnsp-attempt-stop", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+
+
+class AttemptHost:
+    """The process that primes the job runner's node, then runs its attempts one after another, on
+    that node: a training node lost mid-task takes only Ray Train workers, which Ray Train restarts
+    from the checkpoint in the store."""
+
+    def prime(self, settings: ServiceSettings) -> dict[str, int]:
+        return prime_node(settings)
+
+    def attempt(self, plan: AttemptPlan, board: ActorHandle) -> AttemptOutcome:
+        with interrupted_on_stop_request(board):
+            return execute_attempt(plan, board)
+
+
+class RayTrainRunner:
+    """The JobQueue's runner: each attempt a call on the `AttemptHost`. Ray is resolved when the host
+    is first needed, not when the runner is built, so building a job queue never starts a Ray."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self._host: ActorHandle | None = None
+
+    def _running_host(self) -> ActorHandle:
+        if self._host is None:
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+            host = ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)(AttemptHost)
+            self._host = host.options(scheduling_strategy=here).remote()
+        return self._host
+
+    def retire_host(self) -> None:
+        """Kill the host (the actors its runs own end with it); the next attempt starts a new one."""
+        host, self._host = self._host, None
+        if host is not None:
+            ray.kill(host)
+
+    def warm(self) -> None:
+        """Prime this node before the first job (`prime_node`) unless settings.prime_node is off;
+        bounded, and never fatal."""
+        if not self.settings.prime_node:
+            return
+        ref = self._running_host().prime.remote(self.settings)
+        ready, _ = ray.wait([ref], timeout=WARM_TIMEOUT_S)
+        try:
+            if not ready:
+                raise TimeoutError(f"priming the node took over {WARM_TIMEOUT_S:g} s")
+            computed = ray.get(ref)
+        except BaseException:
+            self.retire_host()
+            raise
+        if any(computed.values()):
+            log.info("primed this node's frozen outputs: %s", computed)
+
+    def __call__(self, record: dict[str, Any], should_stop: Callable[[], str | None],
+                 report: Callable[[float, str], None]) -> AttemptOutcome:
+        plan = AttemptPlan(record["task_id"], record["name"], {**record["config"], "method": record["method"]},
+                           record["upload"], record["base_version"], self.settings)
+        board = open_board(plan.task_id)
+        ray.get(board.reset.remote(0, 1))
+        ref = self._running_host().attempt.remote(plan, board)
+        try:
+            return self._wait(ref, board, should_stop, report)
+        except BaseException:
+            self.retire_host()
+            raise
+        finally:
+            ray.kill(board)
+
+    def _wait(self, ref: ray.ObjectRef, board: ActorHandle, should_stop: Callable[[], str | None],
+              report: Callable[[float, str], None]) -> AttemptOutcome:
+        while True:
+            ready, _ = ray.wait([ref], timeout=POLL_S)
+            try:
+                snapshot: JobProgress = ray.get(board.latest.remote(), timeout=5)
+                report(job_fraction(snapshot), "starting" if snapshot.phase == "queued" else snapshot.phase)
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+                pass
+            if ready:
+                return _result(ref)
+            reason = should_stop()
+            if reason is not None:
+                board.request_stop.remote()
+                ray.wait([ref], timeout=STOP_GRACE_S)  # then the host is killed, ended or not
+                raise JobCancelled() if reason == "cancel" else JobInterrupted()
+
+
+def _result(ref: ray.ObjectRef) -> AttemptOutcome:
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        raise unwrap(exc) from None
+    except ray.exceptions.RayError as exc:  # the host's process died (killed, out of memory)
+        raise ServiceFault(f"the training process died: {type(exc).__name__}") from exc
