@@ -25,6 +25,7 @@ from gnsp_core.trunk_memo import remembered_trunks
 
 from service.settings import ServiceSettings
 from service.training.sources import resolve_callable
+from service.training.stored import frozen_outputs_folder
 from service.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,11 @@ def ensure_base_version(store: ModelStore, settings: ServiceSettings) -> int:
         log.info("empty store %s: creating version 1 from %s", store.uri, spec)
         loaded = load_model(spec)
         state = ContinualState.initial(loaded.model, spec)
-        metrics = {"heldout": settings.heldout, **measure_heldout(loaded, load_heldout(settings.heldout))}
+        # Measured as every evaluation measures a version, its trunk rows kept where this node's
+        # priming and jobs read them (the suite's hundreds of images go through the trunks once).
+        prepare_image_tower(loaded.model, loaded.image_size)
+        heldout = measure_heldout(loaded, load_heldout(settings.heldout), frozen_outputs_folder(settings.work_dir))
+        metrics = {"heldout": settings.heldout, **heldout}
         with tempfile.TemporaryDirectory(prefix="gnsp-base-", dir=settings.scratch()) as tmp:
             folder = state.save(Path(tmp) / "state")
             manifest = {"parent": None, "task_id": None, "task": None, "method": None, "tasks": [],

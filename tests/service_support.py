@@ -146,7 +146,12 @@ def wait_gone(controllers: set[str], what: str, timeout: float = 30) -> None:
 
 def alive_train_controllers() -> set[str]:
     """Ids of the session's live Ray Train controller actors."""
+    return alive_actors("TrainController")
+
+
+def alive_actors(class_name: str) -> set[str]:
+    """Ids of the session's live actors of a class."""
     import ray._private.state
 
     return {actor["ActorID"] for actor in ray._private.state.actors().values()
-            if actor["ActorClassName"] == "TrainController" and actor["State"] == "ALIVE"}
+            if actor["ActorClassName"] == class_name and actor["State"] == "ALIVE"}

@@ -61,11 +61,13 @@ def test_a_private_ray_gives_a_slow_starting_proxy_time_before_serve_replaces_it
 
     from service.cli import serve as serve_cli
 
-    monkeypatch.delenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", raising=False)
+    for name in serve_cli.PRIVATE_RAY_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
     seen = []
     monkeypatch.setattr(ray, "init", lambda **kw: seen.append(os.environ.get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S")))
     serve_cli.start_local_ray(2)
     assert seen == [serve_cli.PROXY_READY_CHECK_S] and float(seen[0]) > 3 * 5.0  # past Serve's 3 checks of 5 s
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"  # one machine: no watcher process per job
     monkeypatch.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "7")
     serve_cli.start_local_ray(2)
     assert seen[-1] == "7"  # an operator's own setting wins

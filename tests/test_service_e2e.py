@@ -20,8 +20,8 @@ from ray.serve._private.constants import (RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT
                                          RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT)
 
 from service.serving.classify_http import parse_server_timing
-from service_support import (ENDED, FAST_CONFIG, alive_train_controllers, colour_zip, free_port, png_b64, png_bytes,
-                             service_settings, running_service, wait_for, wait_gone)
+from service_support import (ENDED, FAST_CONFIG, alive_actors, alive_train_controllers, colour_zip, free_port,
+                             png_b64, png_bytes, service_settings, running_service, wait_for, wait_gone)
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +95,7 @@ def test_learn_a_task_then_classify_and_roll_back(service):
     assert {"task_accuracy", "heldout_accuracy", "base_heldout_accuracy"} <= set(job["metrics"])
     assert job["dataset"]["classes"] == ["blue", "green", "red"]
     wait_gone(controllers, "the finished run's Ray Train controller")
+    assert len(alive_actors("AttemptHost")) == 1  # the process the attempt ran in waits, warm, for the next
 
     version = client.get("/v1/models/2").json()
     assert version["tasks"] == ["rgb"] and version["parent"] == 1 and version["active"] and version["gate"]["passed"]
@@ -148,6 +149,8 @@ def test_second_upload_waits_and_cancel_stops_the_trainer(service):
     while (job := client.get(f"/v1/tasks/{first}").json())["phase"] != "train":  # the trainer is running
         assert job["status"] == "running", job
         time.sleep(0.2)
+    hosts = alive_actors("AttemptHost")
+    assert len(hosts) == 1
     cancelling = client.delete(f"/v1/tasks/{first}").json()  # answers once it ended, or after a few seconds
     assert cancelling["status"] == "cancelled" or cancelling["cancel_requested"], cancelling
     assert wait_for(client, first)["status"] == "cancelled"
@@ -159,6 +162,7 @@ def test_second_upload_waits_and_cancel_stops_the_trainer(service):
     assert wait_for(client, second)["status"] == "cancelled"  # it never ran
     assert [m["version"] for m in client.get("/v1/models").json()["models"]] == [1, 2]
     wait_gone(controllers, "the cancelled run's Ray Train controller")
+    assert not hosts & alive_actors("AttemptHost")  # whatever the cancelled attempt left went with its process
 
 
 def start_gnsp_serve(store: Path, tmp: Path, port: int) -> subprocess.Popen:

@@ -37,9 +37,15 @@ def zero_shot(loaded: LoadedModel, suite: HeldoutSuite, device: str | torch.devi
               reference_gap: torch.Tensor | None = None) -> dict[str, Any]:
     """Held-out accuracy (pooled over every item), retrieval R@1/R@5 and the gap of one model."""
     held = heldout_metrics(loaded, suite, device)
-    gap = class_prompt_gap(loaded, suite.photo_tasks[0], device, reference_gap)
     return {"heldout": held["heldout_acc"], "retrieval": {"R@1": held["retrieval_r1"], "R@5": held["retrieval_r5"]},
-            "gap": gap["norm"], "gap_vector": gap["gap"]}
+            **modality_gap(loaded, suite, device, reference_gap)}
+
+
+def modality_gap(loaded: LoadedModel, suite: HeldoutSuite, device: str | torch.device = "cpu",
+                 reference_gap: torch.Tensor | None = None) -> dict[str, Any]:
+    """The gap between the suite's photos and their class prompts (`gap`, its norm) and the vector."""
+    gap = class_prompt_gap(loaded, suite.photo_tasks[0], device, reference_gap)
+    return {"gap": gap["norm"], "gap_vector": gap["gap"]}
 
 
 def local_measures(loaded: LoadedModel, tasks: list[Task], suite: HeldoutSuite, extras: dict | None = None,

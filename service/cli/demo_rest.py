@@ -32,7 +32,7 @@ from gnsp_core.models import DEFAULT_MODEL
 
 from service.cli.arguments import task_sources
 from service.cli.build_default import build_default_with_bar
-from service.cli.demo_measure import Measures, suite_items, zero_shot
+from service.cli.demo_measure import Measures, modality_gap, suite_items, zero_shot
 from service.cli.demo_service import DemoError, check, local_service, wait_ready
 from service.cli.demo_table import MethodRun, chance_levels, print_story
 from service.jobs.states import ENDED
@@ -155,7 +155,8 @@ def measure_version(client: httpx.Client, store: str, version: int, tasks: list[
     if all(isinstance(metrics.get(k), (int, float)) for k in RETRIEVAL_METRICS.values()):
         measures.retrieval = {name: float(metrics[k]) for name, k in RETRIEVAL_METRICS.items()}
         measures.sources["retrieval"] = "the version's metrics"
-    local = _measure_state(store, version, suite, reference_gap)
+    local = _measure_state(store, version, suite, reference_gap,
+                           whole_suite=measures.heldout is None or measures.retrieval is None)
     measures.gap, measures.gap_vector = local["gap"], local["gap_vector"]
     measures.sources["gap"] = "measured here"
     if measures.heldout is None:
@@ -165,14 +166,20 @@ def measure_version(client: httpx.Client, store: str, version: int, tasks: list[
     return measures
 
 
-def _measure_state(store: str, version: int, suite: HeldoutSuite, reference_gap: torch.Tensor | None) -> dict[str, Any]:
+def _measure_state(store: str, version: int, suite: HeldoutSuite, reference_gap: torch.Tensor | None,
+                   whole_suite: bool) -> dict[str, Any]:
+    """The modality gap of the stored version, and the suite's accuracy and retrieval when
+    `whole_suite` (the version's metrics lack them): the suite's hundreds of images are the bulk
+    of a measure, and the service already ran them."""
     from gnsp_core.state import ContinualState
     from service.store import ModelStore
     from service.versions import load_state_model
 
     with tempfile.TemporaryDirectory(prefix="gnsp-demo-version-") as cache:
-        state = ContinualState.load(ModelStore.open(store).fetch_version(version, Path(cache)))
-        return zero_shot(load_state_model(state), suite, "cpu", reference_gap)
+        loaded = load_state_model(ContinualState.load(ModelStore.open(store).fetch_version(version, Path(cache))))
+        if whole_suite:
+            return zero_shot(loaded, suite, "cpu", reference_gap)
+        return {"heldout": None, "retrieval": None, **modality_gap(loaded, suite, "cpu", reference_gap)}
 
 
 # --- the command -----------------------------------------------------------------------------------

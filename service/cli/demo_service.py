@@ -47,6 +47,9 @@ class DemoError(GnspError):
 def _start_ray() -> None:
     import ray
 
+    from service.cli.serve import set_private_ray_environment
+
+    set_private_ray_environment()
     notice = logging.getLogger(AUTH_NOTICE_LOGGER)
     level = notice.level
     notice.setLevel(logging.ERROR)

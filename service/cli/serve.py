@@ -92,16 +92,30 @@ PROXY_READY_CHECK_S = "30"
 """Serve replaces a proxy that fails three 5 s readiness checks in a row; a fresh private Ray on a
 busy machine (a restart beside a training job) can take longer than that to start its proxy, and
 `serve.start`, waiting on the replaced one, then fails. A slow first start is not an unhealthy proxy."""
+PRIVATE_RAY_ENVIRONMENT = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": PROXY_READY_CHECK_S,  # read by Serve's controller
+    # Ray Train's preemption watcher follows the nodes of a run's workers for a drain notice; a
+    # private Ray is one machine, whose loss ends the service too, and the watcher is one more
+    # process started for every job.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
+def set_private_ray_environment() -> None:
+    """Settings of a private Ray (`gnsp serve` without --address, `gnsp demo`), set before it
+    starts so that its processes inherit them; an operator's own setting wins."""
+    for name, value in PRIVATE_RAY_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
 
 
 def start_local_ray(num_cpus: int | None) -> None:
     """Start this service's private Ray. Ray gives a starting node a fixed 30 s to register with its
     GCS, which a machine busy with other work (a training job beside a restarted service) can miss;
     such a start is shut down and made again, up to LOCAL_RAY_STARTS times. Serve's proxy gets
-    PROXY_READY_CHECK_S per readiness check on it (an operator's own setting wins)."""
+    PROXY_READY_CHECK_S per readiness check on it (set_private_ray_environment)."""
     import ray
 
-    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", PROXY_READY_CHECK_S)  # read by Serve's controller
+    set_private_ray_environment()
     for attempt in range(1, LOCAL_RAY_STARTS + 1):
         try:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
