@@ -53,7 +53,8 @@ class ServiceSettings(BaseModel):
     prime_node: bool = True
     """Before the first job, compute on the job runner's node what every job would compute there on
     first use: the frozen parts' outputs for the reference pairs and the held-out suite's trunk rows
-    (service.jobs.attempt.prime_node, run by service.jobs.host). Jobs queued meanwhile wait for it (it saves them as much)."""
+    (service.jobs.attempt.prime_node, run in service.jobs.host's actor). Jobs queued meanwhile wait
+    for it (it saves them as much)."""
     workers: int = Field(1, ge=1)
     """Ray Train workers per job."""
     cpus_per_worker: float | None = Field(None, gt=0)

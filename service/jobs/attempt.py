@@ -38,7 +38,7 @@ _OTHER_PHASE = (0.85, 0.90)  # method phases after training, e.g. the GNSP stati
 
 @dataclass(frozen=True)
 class AttemptPlan:
-    """Everything the attempt task needs, as plain data (paths in the store, never bytes)."""
+    """Everything an attempt needs, as plain data (paths in the store, never bytes)."""
 
     task_id: str
     name: str

@@ -96,8 +96,9 @@ def run_storage(store: ModelStore) -> tuple[str, pafs.FileSystem | None]:
 
 
 def frozen_outputs_folder(work_dir: str | None) -> Path:
-    """Node-local: the frozen parts' outputs that jobs on this node share (every job trains and is
-    evaluated in fresh processes; see gnsp_core.frozen_outputs and gnsp_core.trunk_memo)."""
+    """Node-local: the frozen parts' outputs that jobs on this node share (every job trains in fresh
+    Ray Train worker processes, and a new service's attempt host starts empty; see
+    gnsp_core.frozen_outputs and gnsp_core.trunk_memo)."""
     return Path(scratch_root(work_dir) or tempfile.gettempdir()) / "gnsp-frozen-outputs"
 
 
