@@ -237,6 +237,20 @@ def test_user_errors_fail_the_job_with_their_message(store, tmp_path):
     assert record["error"] == "class folder cat has no images" and store.versions() == [1]
 
 
+def test_a_stopped_queue_closes_its_runner_once_the_running_job_ended(store, tmp_path):
+    """What a runner holds between jobs (the attempt host's process) goes when its queue stops (a
+    service turned standby, or shutting down), and only after the running attempt has ended."""
+    runner = FakeRunner(store, tmp_path, hold=True)
+    closed: list[int] = []
+    runner.close = lambda: closed.append(runner.running)
+    queue = make_queue(store, runner)
+    submit(queue, store, "task-a", tmp_path)
+    until(lambda: runner.calls)
+    assert closed == []
+    queue.stop()
+    assert closed == [0]  # once, with no attempt running
+
+
 @pytest.mark.parametrize("on_restart", ["resume", "fail"])
 def test_restart_resumes_or_fails_interrupted_jobs_and_requeues_the_rest(store, tmp_path, on_restart):
     runner = FakeRunner(store, tmp_path, hold=True)

@@ -96,6 +96,10 @@ class RayTrainRunner:
         if host is not None:
             ray.kill(host)
 
+    def close(self) -> None:
+        """The queue stopped: no attempt host waits for a job that will not come."""
+        self.retire_host()
+
     def warm(self) -> None:
         """Prime this node before the first job (`prime_node`) unless settings.prime_node is off;
         bounded, and never fatal."""

@@ -64,7 +64,8 @@ class Runner(Protocol):
 
     `should_stop()` returns "cancel" or "stop" when the attempt must end early; `report(fraction,
     phase)` publishes live progress. A runner may also have a `warm()` method, which the queue
-    runs once before its first job (what every job would otherwise compute for itself)."""
+    runs once before its first job (what every job would otherwise compute for itself), and a
+    `close()` method, which the queue calls once it has stopped (what the runner holds between jobs)."""
 
     def __call__(self, record: dict[str, Any], should_stop: Callable[[], str | None],
                  report: Callable[[float, str], None]) -> AttemptOutcome: ...
@@ -145,8 +146,12 @@ class JobQueue:
         self._queue.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop taking jobs; a running attempt is interrupted (it resumes on the next start)."""
+        """Stop taking jobs; a running attempt is interrupted (it resumes on the next start); then the
+        runner lets go of what it holds (a service that turns standby keeps no idle attempt host)."""
         self._queue.stop(timeout)
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     # --- requests --------------------------------------------------------------------------------
 
