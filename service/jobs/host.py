@@ -15,11 +15,8 @@ that owns them), and the next attempt starts a new one.
 
 from __future__ import annotations
 
-import _thread
 import logging
-import threading
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import ray
 from ray.actor import ActorHandle
@@ -29,37 +26,12 @@ from service.errors import ServiceFault, unwrap
 from service.jobs.attempt import AttemptPlan, execute_attempt, job_fraction, prime_node
 from service.jobs.tasks import AttemptOutcome, JobCancelled, JobInterrupted
 from service.settings import ServiceSettings
-from service.training.progress import JobProgress, open_board
+from service.training.progress import JobProgress, interrupted_on_stop_request, open_board
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5
 WARM_TIMEOUT_S = 300.0
 STOP_GRACE_S = 30.0
-
-
-@contextmanager
-def interrupted_on_stop_request(board: ActorHandle, interval_s: float = POLL_S) -> Iterator[None]:
-    """While the body runs on the main thread, interrupt it once the job's board asks for a stop."""
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.wait(interval_s):
-            try:
-                if ray.get(board.stop_requested.remote(), timeout=5):
-                    _thread.interrupt_main()
-                    return
-            except ray.exceptions.GetTimeoutError:
-                continue
-            except ray.exceptions.RayError:  # the board is gone: the runner no longer waits
-                return
-
-    watcher = threading.Thread(target=watch, name="gnsp-attempt-stop", daemon=True)
-    watcher.start()
-    try:
-        yield
-    finally:
-        done.set()
-        watcher.join()
 
 
 class AttemptHost:
@@ -71,7 +43,7 @@ class AttemptHost:
         return prime_node(settings)
 
     def attempt(self, plan: AttemptPlan, board: ActorHandle) -> AttemptOutcome:
-        with interrupted_on_stop_request(board):
+        with interrupted_on_stop_request(board, POLL_S):
             return execute_attempt(plan, board)
 
 

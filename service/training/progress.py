@@ -10,6 +10,7 @@ It needs no CPU and keeps only the latest snapshot, so a job costs the cluster n
 
 from __future__ import annotations
 
+import _thread
 import dataclasses
 import threading
 import time
@@ -117,17 +118,47 @@ def watch_board(board: ActorHandle, callback: Callable[[JobProgress], None] | No
     if callback is None:
         yield
         return
-    stop = threading.Event()
 
-    def poll() -> None:
-        while not stop.wait(interval_s):
+    def poll(done: threading.Event) -> None:
+        while not done.wait(interval_s):
             callback(ray.get(board.latest.remote()))
 
-    thread = threading.Thread(target=poll, name="gnsp-progress", daemon=True)
+    try:
+        with _polling(poll, "gnsp-progress"):
+            yield
+    finally:
+        callback(ray.get(board.latest.remote()))
+
+
+@contextmanager
+def interrupted_on_stop_request(board: ActorHandle, interval_s: float = 0.5) -> Iterator[None]:
+    """Driver side: while the body runs on the main thread, interrupt it once the board asks for a
+    stop, as Ray's own cancel of a task does (`_thread.interrupt_main`): inside Ray Train's `fit()`
+    its SIGINT handler aborts the run gracefully; elsewhere it is a KeyboardInterrupt."""
+
+    def poll(done: threading.Event) -> None:
+        while not done.wait(interval_s):
+            try:
+                if ray.get(board.stop_requested.remote(), timeout=5):
+                    _thread.interrupt_main()
+                    return
+            except ray.exceptions.GetTimeoutError:
+                continue
+            except ray.exceptions.RayError:  # the board is gone: nobody waits for this attempt
+                return
+
+    with _polling(poll, "gnsp-attempt-stop"):
+        yield
+
+
+@contextmanager
+def _polling(poll: Callable[[threading.Event], None], name: str) -> Iterator[None]:
+    """`poll(done)` in a thread of its own while the body runs; `done` is set when it ends."""
+    done = threading.Event()
+    thread = threading.Thread(target=poll, args=(done,), name=name, daemon=True)
     thread.start()
     try:
         yield
     finally:
-        stop.set()
+        done.set()
         thread.join()
-        callback(ray.get(board.latest.remote()))
