@@ -95,6 +95,21 @@ def ray_session(seaweedfs):
     ray.shutdown()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def releases_its_placement_groups():
+    """A module that runs Ray work on the session's Ray leaves no placement group behind: one left
+    reserved (a killed run's worker group) holds its CPUs for the rest of the session, and a later
+    module's deployment then waits for CPUs that never come."""
+    import ray
+
+    from service_support import live_placement_groups, wait_released
+
+    before = live_placement_groups() if ray.is_initialized() else set()
+    yield
+    if ray.is_initialized():
+        wait_released(before, "this module", timeout=60)
+
+
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory):
     """One SeaweedFS S3 server (tests/seaweedfs.py) for the session, stopped whatever happens."""

@@ -22,6 +22,8 @@ from service.settings import ServiceSettings
 
 FAST_CONFIG = {"steps": 3, "batch_size": 8, "warmup_steps": 1, "lr": 1e-3}
 _serve_port: int | None = None
+DEPLOY_TIMEOUT_S = 300
+"""A test service not running by then fails with what Serve waits for, well before the test timeout."""
 
 
 def write_colour_folder(root: Path, colours: list[str], n_train: int = 6, n_test: int = 3, seed: int = 0) -> Path:
@@ -81,7 +83,7 @@ def start_service(settings: ServiceSettings, name: str) -> str:
     from service.api.app import deploy_service
 
     port = session_serve_port()  # first: serve.run would start Serve on its default port 8000
-    deploy_service(settings, name)
+    deploy_service(settings, name, timeout_s=DEPLOY_TIMEOUT_S)
     return f"http://127.0.0.1:{port}"
 
 
@@ -149,9 +151,38 @@ def alive_train_controllers() -> set[str]:
     return alive_actors("TrainController")
 
 
+def wait_no_new_actors(class_name: str, before: set[str], what: str, timeout: float = 15) -> None:
+    """Wait until no live actor of `class_name` is left but those in `before`."""
+    deadline = time.monotonic() + timeout
+    while alive_actors(class_name) - before:
+        assert time.monotonic() < deadline, f"{what} is still alive"
+        time.sleep(0.2)
+
+
 def alive_actors(class_name: str) -> set[str]:
     """Ids of the session's live actors of a class."""
     import ray._private.state
 
     return {actor["ActorID"] for actor in ray._private.state.actors().values()
             if actor["ActorClassName"] == class_name and actor["State"] == "ALIVE"}
+
+
+def live_placement_groups() -> set[str]:
+    """Hex ids of the session's placement groups that still reserve (or wait for) resources."""
+    from ray.util.placement_group import placement_group_table
+
+    return {pg_id for pg_id, entry in placement_group_table().items() if entry["state"] != "REMOVED"}
+
+
+def wait_released(before: set[str], what: str, timeout: float = 30) -> None:
+    """Wait until no placement group but those in `before` is left (what a stopped run must not hold)."""
+    deadline = time.monotonic() + timeout
+    while (left := live_placement_groups() - before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if left:  # released, so that the modules after this one do not wait on its CPUs
+        from ray._raylet import PlacementGroupID
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        for pg_id in left:
+            remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
+    assert not left, f"{what} left placement groups {sorted(left)} reserved"

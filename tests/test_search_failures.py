@@ -25,37 +25,51 @@ def folder_of(request: dict[str, Any]) -> SearchFolder:
     return SearchFolder(request["store"], request["out_dir"])
 
 
+class FakeBoard:
+    """The search's board, as far as the search queue uses it: a stop request."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.request_stop = SimpleNamespace(remote=self.stop.set)
+
+
 class FakeRef:
-    def __init__(self, request: dict[str, Any], behaviour: str) -> None:
-        self.request, self.behaviour = request, behaviour
-        self.cancelled = threading.Event()
+    def __init__(self, request: dict[str, Any], behaviour: str, board: FakeBoard) -> None:
+        self.request, self.behaviour, self.board = request, behaviour, board
 
 
 class FakeRay:
-    """`_start_search` and the `ray.get` / `ray.cancel` the search queue calls, scripted per search."""
+    """`_start_search`, the board and the `ray.get` / `ray.kill` the search queue calls, scripted per search."""
 
     def __init__(self, behaviours: list[str]) -> None:
         self.behaviours, self.started = list(behaviours), []
+        self.boards: dict[str, FakeBoard] = {}
+        self.killed: list[FakeBoard] = []
+
+    def open_board(self, job_id: str) -> FakeBoard:
+        board = self.boards[job_id] = FakeBoard()
+        return board
 
     def remote(self, request: dict[str, Any], resume: bool) -> FakeRef:
         behaviour = self.behaviours.pop(0)
         self.started.append(request["job_id"])
         if behaviour == "cannot start":
             raise ConnectionError("the Ray cluster is unreachable")
-        return FakeRef(request, behaviour)
+        return FakeRef(request, behaviour, self.boards[request["job_id"]])
 
     def get(self, ref: FakeRef) -> dict[str, Any] | None:
         if ref.behaviour == "dies":  # the process died: no status written by the search itself
             raise ray.exceptions.WorkerCrashedError()
-        if ref.behaviour == "runs until cancelled":
+        if ref.behaviour == "runs until cancelled":  # Tune ends the search once its board asks
             write_status(folder_of(ref.request), "running")
-            assert ref.cancelled.wait(20)
-            raise ray.exceptions.TaskCancelledError()
+            assert ref.board.stop.wait(20)
+            write_status(folder_of(ref.request), "cancelled", "stopped on request")
+            return None
         write_status(folder_of(ref.request), "succeeded")
         return {"method": "gnsp"}  # a best config, but no best.json: applying it fails
 
-    def cancel(self, ref: FakeRef) -> None:
-        ref.cancelled.set()
+    def kill(self, board: FakeBoard) -> None:
+        self.killed.append(board)
 
 
 @pytest.fixture()
@@ -63,7 +77,8 @@ def searches(store, monkeypatch):
     def make(behaviours: list[str]) -> tuple[TuneJobs, FakeRay]:
         fake = FakeRay(behaviours)
         monkeypatch.setattr(searches_module, "_start_search", fake.remote)
-        monkeypatch.setattr(searches_module, "ray", SimpleNamespace(get=fake.get, cancel=fake.cancel))
+        monkeypatch.setattr(searches_module, "open_board", fake.open_board)
+        monkeypatch.setattr(searches_module, "ray", SimpleNamespace(get=fake.get, kill=fake.kill))
         jobs = TuneJobs(store, ServiceSettings(store=store.uri))
         jobs.recover()
         jobs.start()
@@ -104,6 +119,7 @@ def test_any_error_around_a_search_fails_that_search_and_later_ones_run(searches
     assert final(jobs, unappliable)["status"] == "succeeded" and jobs.view(unappliable)["applied"] is False
     assert final(jobs, last)["status"] == "succeeded"
     assert fake.started == [running, cannot_start, dies, unappliable, last]
+    assert fake.killed == [fake.boards[j] for j in fake.started]  # every search's board goes with it
 
 
 def test_a_search_whose_folder_breaks_fails_even_when_its_status_cannot_be_written(searches, monkeypatch):

@@ -12,7 +12,8 @@ import pyarrow.fs as pafs
 import pytest
 
 from service.training.stored import frozen_outputs_folder
-from service_support import colour_zip, service_settings, running_service
+from service_support import (alive_actors, alive_train_controllers, colour_zip, live_placement_groups, running_service,
+                             service_settings, wait_gone, wait_no_new_actors, wait_released)
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 SEARCH_CONFIG = {"steps": 2, "batch_size": 8, "warmup_steps": 1, "ref_batch_size": 8, "stats_augment": False,
@@ -103,18 +104,36 @@ def assert_kept_in_the_store(seaweedfs, root: str, final: dict) -> None:
         assert json.loads(stream.read()) == final["best"]["config"]
 
 
-def test_cancel_a_search_and_bad_requests(service):
+@pytest.mark.parametrize("when", ["at once", "while a trial trains"])
+def test_a_cancelled_search_ends_cancelled_and_releases_what_it_held(service, when):
+    """Cancelled before its trials start or while one trains (then its process goes with the search,
+    and Ray Train's controller with it): either way nothing of the search keeps the cluster's CPUs."""
     client, tmp = service[:2]
+    before, controllers = live_placement_groups(), alive_train_controllers()
+    cleaners = alive_actors("PlacementGroupCleaner")
     response = submit(client, tmp, {"tasks": ["digits"], "trials": 6, "max_train_per_class": 2,
-                                    "config": {**SEARCH_CONFIG, "steps": 50}})
+                                    "config": {**SEARCH_CONFIG, "steps": 500}})
     assert response.status_code == 202, response.text
     job_id = response.json()["job_id"]
+    deadline = time.monotonic() + 120
+    while when != "at once" and not alive_train_controllers() - controllers:
+        assert time.monotonic() < deadline, "no trial started training"
+        time.sleep(0.2)
     cancelled = client.delete(f"/v1/tune/{job_id}")  # answers once it ended, or after a few seconds
     assert cancelled.status_code == 200 and cancelled.json()["cancelled"] is True, cancelled.text
-    assert wait_search(client, job_id)[-1]["status"] == "cancelled"
+    final = wait_search(client, job_id)[-1]
+    assert final["status"] == "cancelled", final
+    wait_released(before, f"the search cancelled {when}")
+    wait_gone(controllers, "a cancelled trial's Ray Train controller")
+    wait_no_new_actors("PlacementGroupCleaner", cleaners, "Ray Train's cleaner of a stopped trial's run")
     again = client.delete(f"/v1/tune/{job_id}")
     assert again.status_code == 409 and "already ended" in again.json()["error"]["message"]
     assert client.post(f"/v1/tune/{job_id}/apply").status_code == 409
+    assert [s["job_id"] for s in client.get("/v1/tune").json()["searches"]][-1] == job_id
+
+
+def test_bad_search_requests(service):
+    client = service[0]
 
     bad = [
         ({"tasks": ["/etc"]}, 400, "never reads paths"),
@@ -135,5 +154,4 @@ def test_cancel_a_search_and_bad_requests(service):
     assert client.get("/v1/tune/tune-20250101-120000-abcdef").status_code == 404
     assert client.get("/v1/tune/tune-nope").status_code == 422  # not a search id
     assert client.delete("/v1/tune/../../etc").status_code == 404
-    assert [s["job_id"] for s in client.get("/v1/tune").json()["searches"]][-1] == job_id
 

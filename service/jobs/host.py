@@ -10,7 +10,8 @@ The host lives on between attempts that succeed: an attempt's driver imports tor
 Ray Train (about 4.5 s of a core on two cores) and evaluation reads caches that live in the
 process, which a process per attempt paid on every job. After an attempt that did not succeed the
 host is killed, whatever that attempt left behind (a half-aborted run's actors end with the process
-that owns them), and the next attempt starts a new one.
+that owns them; its placement group does not, and is released: service.training.orphans), and the
+next attempt starts a new one.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from service.errors import ServiceFault, unwrap
 from service.jobs.attempt import AttemptPlan, execute_attempt, job_fraction, prime_node
 from service.jobs.tasks import AttemptOutcome, JobCancelled, JobInterrupted
 from service.settings import ServiceSettings
+from service.training.orphans import release_orphaned_placement_groups
 from service.training.progress import JobProgress, interrupted_on_stop_request, open_board
 
 log = logging.getLogger(__name__)
@@ -63,10 +65,15 @@ class RayTrainRunner:
         return self._host
 
     def retire_host(self) -> None:
-        """Kill the host (the actors its runs own end with it); the next attempt starts a new one."""
+        """Kill the host (the actors its runs own end with it); the next attempt starts a new one.
+        The placement group of a run the kill cut short is released here: nothing of Ray's would."""
         host, self._host = self._host, None
-        if host is not None:
-            ray.kill(host)
+        if host is None:
+            return
+        ray.kill(host)
+        released = release_orphaned_placement_groups()
+        if released:
+            log.warning("released placement groups %s of runs whose process was killed", released)
 
     def close(self) -> None:
         """The queue stopped: no attempt host waits for a job that will not come."""

@@ -73,7 +73,8 @@ class ProgressBoard:
         return self._latest
 
     def request_stop(self) -> None:
-        """The job is to end early (cancelled, or the service stops): the attempt's driver polls this."""
+        """The job is to end early (cancelled, or the service stops): the attempt's driver polls this
+        (a search's: Tune, through service.tuning.stopping.StopRequested)."""
         self._stop = True
 
     def stop_requested(self) -> bool:
@@ -87,6 +88,14 @@ def board_name(job_id: str) -> str:
 def open_board(job_id: str) -> ActorHandle:
     """The job's board, created on first use (owned by the calling driver)."""
     return ProgressBoard.options(name=board_name(job_id), namespace=NAMESPACE, get_if_exists=True).remote()
+
+
+def find_board(job_id: str) -> ActorHandle | None:
+    """The job's board if one is running, without creating it."""
+    try:
+        return ray.get_actor(board_name(job_id), namespace=NAMESPACE)
+    except ValueError:
+        return None
 
 
 class BoardReporter:

@@ -49,6 +49,7 @@ from service.tuning.objective import OBJECTIVE, retrieval_r1
 from service.tuning.report import (best_row, plot_trials, read_results, sort_rows, trial_row, write_best, write_status,
                           write_table)
 from service.tuning.request import SearchSpace, TuneRequest
+from service.tuning.stopping import StopRequested, search_board
 from service.tuning.trial import TrialSetup, run_trial
 
 TRIAL_CPU = 0.01
@@ -67,6 +68,8 @@ class TuneOutcome:
     best: dict[str, Any] | None
     """The best complete trial's row (None when no trial learned every task)."""
     best_config: TrainConfig | None
+    stopped: bool = False
+    """The search was asked to stop (service.tuning.stopping) and ended before its trials did."""
 
 
 def search_space(space: SearchSpace) -> dict[str, Any]:
@@ -159,7 +162,9 @@ def run_tune_job(request: TuneRequest, *, resume: bool = False, address: str | N
 
 
 def _final_status(outcome: TuneOutcome, trials: int) -> tuple[str, str | None]:
-    """cancelled (interrupted), failed (trials failed and none finished), else succeeded."""
+    """cancelled (interrupted or stopped), failed (trials failed and none finished), else succeeded."""
+    if outcome.stopped:
+        return "cancelled", "stopped on request"
     failed = sum(r["status"] == "error" for r in outcome.rows)
     if sum(r["status"] in ("complete", "stopped") for r in outcome.rows) + failed < trials:
         return "cancelled", "interrupted; `gnsp tune --resume` continues the search"
@@ -178,7 +183,9 @@ def _search(request: TuneRequest, resume: bool) -> TuneOutcome:
     setup = TrialSetup(tasks, request.config, None if base else request.model, base, baseline, out.child("work"),
                        WorkerResources(request.workers, request.gpus_per_worker,
                                        extra=tuple(sorted(request.worker_resources.items()))), request.scratch_dir)
-    _tuner(request, setup, len(tasks), resume).fit()
+    with search_board(request.job_id) as board:
+        _tuner(request, setup, len(tasks), resume).fit()
+        stopped = ray.get(board.stop_requested.remote())
     rows = sort_rows(out.read_json("trials.json"))
     best = best_row(rows)
     write_table(rows, out)
@@ -186,7 +193,7 @@ def _search(request: TuneRequest, resume: bool) -> TuneOutcome:
     config = write_best(best, request.config, out) if best is not None else None
     if not any(r["status"] == "error" for r in rows):
         out.delete("work")  # trial states: only a failed trial's resume needs them
-    return TuneOutcome(out, rows, best, config)
+    return TuneOutcome(out, rows, best, config, stopped)
 
 
 def _tuner(request: TuneRequest, setup: TrialSetup, num_tasks: int, resume: bool) -> tune.Tuner:
@@ -205,6 +212,7 @@ def _tuner(request: TuneRequest, setup: TrialSetup, num_tasks: int, resume: bool
                                     search_alg=_searcher(request, num_tasks), scheduler=scheduler,
                                     max_concurrent_trials=_max_concurrent(request)),
         run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem, verbose=0,
+                                  stop=StopRequested(request.job_id),
                                   callbacks=[LiveTable(request.folder(), num_tasks)],
                                   failure_config=tune.FailureConfig(max_failures=request.trial_retries),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),

@@ -6,8 +6,9 @@ trials table, the plot, best.json, its validation data and its Tune experiment u
 `job.json`: when it was asked for, whether its winner becomes the default training config for
 later tasks, and whether a user cancelled it. Nothing of it stays on the service's node, so the
 search's driver and trials may run on any node, and a new service on another node finds and
-resumes it (service.tuning.folder). The search runs in a Ray task, so `DELETE` can stop it, on the
-service's node when it has room: a training node lost mid-search then takes only trials and their
+resumes it (service.tuning.folder). `DELETE` asks a running search to stop on its board, and Tune
+ends it (service.tuning.stopping). The search runs in a Ray task, on the service's node when it has
+room: a training node lost mid-search then takes only trials and their
 Ray Train workers, which Tune restarts from their checkpoints in the store (service.tuning.run).
 A search the service was running when it stopped is continued with `Tuner.restore` on the next
 start, a search a user cancelled is not. Whatever goes wrong around a search (its Ray task dies,
@@ -29,6 +30,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import ray
+from ray.actor import ActorHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from gnsp_core.data.builtin import BUILTIN_TASKS
@@ -41,6 +43,7 @@ from service.jobs.queue import WorkQueue
 from service.jobs.states import ENDED
 from service.settings import ServiceSettings
 from service.store import ModelStore
+from service.training.progress import open_board
 from service.tuning.data import IN_FOLDER
 from service.tuning.folder import SearchFolder
 from service.tuning.report import BEST_FILE, read_results, write_status
@@ -92,7 +95,8 @@ class TuneJobs:
         self.store, self.settings = store, settings
         self._lock = threading.Lock()
         self._queue = WorkQueue("gnsp-tune", self._take, on_error=self._unexpected)
-        self._running: dict[str, ray.ObjectRef] = {}
+        self._running: dict[str, ActorHandle] = {}
+        """Running searches: job id -> the search's board, where a cancel asks it to stop."""
         self._unrecorded: dict[str, str] = {}
         """Searches that ended failed when even their status file could not be written: job id -> reason."""
 
@@ -216,9 +220,9 @@ class TuneJobs:
         with self._lock:  # the worker checks `cancelled` under this lock before it starts a search
             if self._queue.remove(job_id):
                 write_status(self._at(job_id), "cancelled", "cancelled before it started")
-            ref = self._running.get(job_id)
-        if ref is not None:
-            ray.cancel(ref)  # KeyboardInterrupt in the search; the worker records the end
+            board = self._running.get(job_id)
+        if board is not None:
+            board.request_stop.remote()  # Tune ends the search (service.tuning.stopping); the worker records the end
         return self.view(job_id)
 
     def apply(self, job_id: str) -> dict[str, Any]:
@@ -249,9 +253,11 @@ class TuneJobs:
                 write_status(self._at(job_id), "cancelled", "cancelled before it started")
                 return True
             request = self._at(job_id).read_json(REQUEST_FILE)
-            ref = _start_search(request, self._started(job_id))
-            self._running[job_id] = ref
-        self._finish(job_id, ref)
+            board = self._running[job_id] = open_board(job_id)
+        try:
+            self._finish(job_id, _start_search(request, self._started(job_id)))
+        finally:
+            ray.kill(board)
         return True
 
     def _finish(self, job_id: str, ref: ray.ObjectRef) -> None:
