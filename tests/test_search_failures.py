@@ -141,3 +141,19 @@ def test_a_search_whose_folder_breaks_fails_even_when_its_status_cannot_be_writt
     assert record["status"] == "failed" and "could not record this search's end" in record["error"]
     assert final(jobs, after)["status"] == "succeeded"
     assert fake.started == [blocker, after]
+
+
+def test_a_search_running_when_the_service_stops_is_stopped_then_resumed_on_the_next_start(searches):
+    """Stopped through its board, so Tune ends it and removes what it holds, rather than its driver
+    dying with the service; the next service resumes it."""
+    jobs, fake = searches(["runs until cancelled"])
+    job_id = submit(jobs)
+    until(lambda: jobs.view(job_id)["status"] == "running")
+    jobs.stop()
+    assert fake.boards[job_id].stop.is_set() and fake.killed == [fake.boards[job_id]]
+    stopped = jobs.view(job_id)
+    assert stopped["status"] == "queued" and "resumes on the next start" in stopped["error"], stopped
+
+    restarted, fake = searches(["succeeds"])
+    assert final(restarted, job_id)["status"] == "succeeded"
+    assert fake.started == [job_id]

@@ -116,9 +116,16 @@ class TuneJobs:
     def start(self) -> None:
         self._queue.start()
 
-    def stop(self) -> None:
-        """No search starts after this; a running one goes on in its Ray task and resumes on restart."""
+    def stop(self, timeout: float = 30.0) -> None:
+        """No search starts after this; a running one is asked to stop (Tune ends it and removes what
+        it holds) and waited for up to `timeout`, and it resumes on the next start. A search whose
+        driver died with the service instead would leave its trials' placement groups reserved."""
         self._queue.stop(timeout=0)
+        with self._lock:
+            boards = list(self._running.values())
+        for board in boards:
+            board.request_stop.remote()
+        self._queue.stop(timeout)
 
     # --- requests --------------------------------------------------------------------------------
 
@@ -274,10 +281,13 @@ class TuneJobs:
             with self._lock:
                 self._running.pop(job_id, None)
         record = self._record(job_id)
+        status = read_results(out)["status"]
         if record.get("cancelled"):
-            if read_results(out)["status"] != "succeeded":
+            if status != "succeeded":
                 write_status(out, "cancelled", "cancelled by the user")
-        elif best is not None and record.get("apply_best"):
+        elif status != "succeeded" and self._queue.stopping:  # stopped with the service: resumed on its next start
+            write_status(out, "queued", "interrupted when the service stopped; it resumes on the next start")
+        elif best is not None and record.get("apply_best") and status == "succeeded":
             try:
                 self.apply(job_id)
             except Exception:
