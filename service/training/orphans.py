@@ -28,20 +28,22 @@ CLEANER_CLASS = "PlacementGroupCleaner"
 POLL_S = 0.2
 
 
-def release_orphaned_placement_groups(timeout_s: float = 15.0) -> list[str]:
+def release_orphaned_placement_groups(timeout_s: float = 30.0) -> list[str]:
     """Remove the placement group of every Ray Train run whose controller is dead; returns their ids.
 
-    A controller whose owner (the process that ran `fit()`) has just died is about to die too: the
-    sweep waits for those, up to `timeout_s`, so a caller that has just killed a run's driver
-    releases that run's group."""
+    A controller whose owner (the process that ran `fit()`) has just died is about to die too, and
+    one Ray already counts dead may still be running (and retrying its worker group): the sweep
+    waits for both, up to `timeout_s`, so a caller that has just killed a run's driver releases
+    that run's group, and a group a dying controller makes at the last moment is not left behind."""
     deadline = time.monotonic() + timeout_s
     while True:
         actors = _actors()
-        if not _dying_controllers(actors) or time.monotonic() > deadline:
+        if not (_dying_controllers(actors) or _still_running(actors)) or time.monotonic() > deadline:
             break
         time.sleep(POLL_S)
-    dead_controllers = {actor_id: actor for actor_id, actor in actors.items()
-                        if actor["ActorClassName"] == CONTROLLER_CLASS and actor["State"] == "DEAD"}
+    lingering = set(_still_running(actors))
+    dead_controllers = {actor_id: actor for actor_id, actor in actors.items() if actor_id not in lingering
+                        and actor["ActorClassName"] == CONTROLLER_CLASS and actor["State"] == "DEAD"}
     released = [placement_group_id for placement_group_id in _groups_created_by(set(dead_controllers))
                 if _remove(placement_group_id)]
     _end_stranded_cleaners(actors, {_address(a["Address"]) for a in dead_controllers.values()})
@@ -79,6 +81,27 @@ def _dying_controllers(actors: dict[str, dict]) -> list[str]:
     return [actor_id for actor_id, actor in actors.items()
             if actor["ActorClassName"] == CONTROLLER_CLASS and actor["State"] != "DEAD"
             and _address(actor["OwnerAddress"]) in gone]
+
+
+def _still_running(actors: dict[str, dict]) -> list[str]:
+    """Controllers on this node that Ray counts dead (their owner died) whose process still runs: it
+    may yet make a new placement group (a worker group it retries), so it is waited for."""
+    here = ray.get_runtime_context().get_node_id()
+    return [actor_id for actor_id, actor in actors.items()
+            if actor["ActorClassName"] == CONTROLLER_CLASS and actor["State"] == "DEAD"
+            and actor["Address"].get("NodeID") == here and _process_exists(actor.get("Pid"))]
+
+
+def _process_exists(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _groups_created_by(creators: set[str]) -> list[str]:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import ray
 from ray.actor import ActorHandle
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 if TYPE_CHECKING:  # the board actor's process stays free of torch
     from gnsp_core.task_context import Progress
@@ -86,8 +87,11 @@ def board_name(job_id: str) -> str:
 
 
 def open_board(job_id: str) -> ActorHandle:
-    """The job's board, created on first use (owned by the calling driver)."""
-    return ProgressBoard.options(name=board_name(job_id), namespace=NAMESPACE, get_if_exists=True).remote()
+    """The job's board, created on first use (owned by the calling driver) on the caller's node, so
+    that it goes only with the process that made it: a training node lost takes no board."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ProgressBoard.options(name=board_name(job_id), namespace=NAMESPACE, get_if_exists=True,
+                                 scheduling_strategy=here).remote()
 
 
 def find_board(job_id: str) -> ActorHandle | None:

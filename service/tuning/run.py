@@ -49,7 +49,7 @@ from service.tuning.objective import OBJECTIVE, retrieval_r1
 from service.tuning.report import (best_row, plot_trials, read_results, sort_rows, trial_row, write_best, write_status,
                           write_table)
 from service.tuning.request import SearchSpace, TuneRequest
-from service.tuning.stopping import StopRequested, search_board
+from service.tuning.stopping import StopRequested, search_board, was_stopped
 from service.tuning.trial import TrialSetup, run_trial
 
 TRIAL_CPU = 0.01
@@ -185,7 +185,7 @@ def _search(request: TuneRequest, resume: bool) -> TuneOutcome:
                                        extra=tuple(sorted(request.worker_resources.items()))), request.scratch_dir)
     with search_board(request.job_id) as board:
         _tuner(request, setup, len(tasks), resume).fit()
-        stopped = ray.get(board.stop_requested.remote())
+        stopped = was_stopped(board)
     rows = sort_rows(out.read_json("trials.json"))
     best = best_row(rows)
     write_table(rows, out)

@@ -58,6 +58,14 @@ class StopRequested(tune.Stopper):
         self.__init__(**state)
 
 
+def was_stopped(board: ActorHandle) -> bool:
+    """Whether the search was asked to stop; a board that no longer answers asked nothing."""
+    try:
+        return ray.get(board.stop_requested.remote(), timeout=10)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+        return False
+
+
 @contextmanager
 def search_board(job_id: str) -> Iterator[ActorHandle]:
     """The search's board for the block (the service's, or one of its own that goes with the block);
