@@ -20,6 +20,7 @@ import contextlib
 import os
 import signal
 import time
+from pathlib import Path
 
 import ray
 
@@ -46,20 +47,22 @@ def release_orphaned_placement_groups(timeout_s: float = 30.0) -> list[str]:
                         and actor["ActorClassName"] == CONTROLLER_CLASS and actor["State"] == "DEAD"}
     released = [placement_group_id for placement_group_id in _groups_created_by(set(dead_controllers))
                 if _remove(placement_group_id)]
-    _end_stranded_cleaners(actors, {_address(a["Address"]) for a in dead_controllers.values()})
+    _end_stranded_cleaners(_actors())
     return released
 
 
-def _end_stranded_cleaners(actors: dict[str, dict], dead_controllers: set[tuple[str, int]]) -> None:
-    """End the Ray Train cleaners of dead controllers that run on this node. A cleaner is a detached
+def _end_stranded_cleaners(actors: dict[str, dict]) -> None:
+    """End the Ray Train cleaners on this node whose controller is gone. A cleaner is a detached
     actor that exits once it has seen its controller dead; without the State API it never sees
     that, and would poll for as long as the cluster lives, a process per killed run. Ray offers no
     handle to an unnamed actor another process made, so this ends the process (only on this node:
-    a private Ray, the only kind without the State API that this service starts, is one machine)."""
+    a private Ray, the only kind without the State API that this service starts, is one machine).
+    One that has not started yet when this runs is left to the next sweep."""
     here = ray.get_runtime_context().get_node_id()
+    gone = _gone_addresses(actors)
     for actor in actors.values():
         if (actor["ActorClassName"] == CLEANER_CLASS and actor["State"] == "ALIVE" and actor.get("Pid")
-                and actor["Address"].get("NodeID") == here and _address(actor["OwnerAddress"]) in dead_controllers):
+                and actor["Address"].get("NodeID") == here and _address(actor["OwnerAddress"]) in gone):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(actor["Pid"], signal.SIGKILL)
 
@@ -74,10 +77,15 @@ def _address(address: dict) -> tuple[str, int]:
     return address.get("NodeID", ""), address.get("Port", 0)
 
 
+def _gone_addresses(actors: dict[str, dict]) -> set[tuple[str, int]]:
+    """Addresses of dead actors that no live actor uses (a process gone, not a port reused)."""
+    alive = {_address(a["Address"]) for a in actors.values() if a["State"] != "DEAD"}
+    return {_address(a["Address"]) for a in actors.values() if a["State"] == "DEAD"} - alive
+
+
 def _dying_controllers(actors: dict[str, dict]) -> list[str]:
     """Live controllers whose owner's process is gone (an address no live actor uses any more)."""
-    alive = {_address(a["Address"]) for a in actors.values() if a["State"] != "DEAD"}
-    gone = {_address(a["Address"]) for a in actors.values() if a["State"] == "DEAD"} - alive
+    gone = _gone_addresses(actors)
     return [actor_id for actor_id, actor in actors.items()
             if actor["ActorClassName"] == CONTROLLER_CLASS and actor["State"] != "DEAD"
             and _address(actor["OwnerAddress"]) in gone]
@@ -93,15 +101,14 @@ def _still_running(actors: dict[str, dict]) -> list[str]:
 
 
 def _process_exists(pid: int | None) -> bool:
+    """Whether `pid` is still a controller's process (Ray titles it `ray::TrainController...`): a pid
+    the system has since given to another process is not waited for."""
     if not pid:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return CONTROLLER_CLASS in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _groups_created_by(creators: set[str]) -> list[str]:
