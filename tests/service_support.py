@@ -140,10 +140,7 @@ def store_snapshot(root: Path) -> dict[str, str]:
 def wait_gone(controllers: set[str], what: str, timeout: float = 30) -> None:
     """Wait until no Ray Train controller but `controllers` is alive: a job's run ends with its attempt
     (a controller left alive holds its workers and their CPUs while its process lives)."""
-    deadline = time.monotonic() + timeout
-    while alive_train_controllers() - controllers:
-        assert time.monotonic() < deadline, f"{what} is still alive"
-        time.sleep(0.2)
+    wait_no_new_actors("TrainController", controllers, what, timeout)
 
 
 def alive_train_controllers() -> set[str]:

@@ -39,10 +39,10 @@ def release_orphaned_placement_groups(timeout_s: float = 30.0) -> list[str]:
     deadline = time.monotonic() + timeout_s
     while True:
         actors = _actors()
-        if not (_dying_controllers(actors) or _still_running(actors)) or time.monotonic() > deadline:
+        lingering = set(_still_running(actors))
+        if not (lingering or _dying_controllers(actors)) or time.monotonic() > deadline:
             break
         time.sleep(POLL_S)
-    lingering = set(_still_running(actors))
     dead_controllers = {actor_id: actor for actor_id, actor in actors.items() if actor_id not in lingering
                         and actor["ActorClassName"] == CONTROLLER_CLASS and actor["State"] == "DEAD"}
     released = [placement_group_id for placement_group_id in _groups_created_by(set(dead_controllers))

@@ -45,10 +45,7 @@ class StopRequested(tune.Stopper):
         if not self._stop and now - self._checked >= self.interval_s:  # Tune asks on every step
             self._checked = now
             board = find_board(self.job_id)
-            try:
-                self._stop = board is not None and ray.get(board.stop_requested.remote(), timeout=5)
-            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
-                pass
+            self._stop = board is not None and was_stopped(board, timeout_s=5)
         return self._stop
 
     def __getstate__(self) -> dict:
@@ -58,10 +55,10 @@ class StopRequested(tune.Stopper):
         self.__init__(**state)
 
 
-def was_stopped(board: ActorHandle) -> bool:
+def was_stopped(board: ActorHandle, timeout_s: float = 10.0) -> bool:
     """Whether the search was asked to stop; a board that no longer answers asked nothing."""
     try:
-        return ray.get(board.stop_requested.remote(), timeout=10)
+        return ray.get(board.stop_requested.remote(), timeout=timeout_s)
     except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
         return False
 
