@@ -5,6 +5,7 @@ runs real searches)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from types import SimpleNamespace
@@ -13,10 +14,11 @@ from typing import Any
 import pytest
 import ray.exceptions
 
+from gnsp_core.config import TrainConfig
 from service.settings import ServiceSettings
 from service.tuning import searches as searches_module
 from service.tuning.folder import SearchFolder
-from service.tuning.report import write_status
+from service.tuning.report import BEST_FILE, write_status
 from service.tuning.searches import TuneJobs
 from test_jobs import store, until  # noqa: F401 (fixture)
 
@@ -65,8 +67,10 @@ class FakeRay:
             assert ref.board.stop.wait(20)
             write_status(folder_of(ref.request), "cancelled", "stopped on request")
             return None
+        if ref.behaviour == "finds a best config":
+            folder_of(ref.request).write_text(BEST_FILE, json.dumps(TrainConfig(method="gnsp").to_dict()))
         write_status(folder_of(ref.request), "succeeded")
-        return {"method": "gnsp"}  # a best config, but no best.json: applying it fails
+        return {"method": "gnsp"}  # a best config; without best.json ("succeeds") applying it fails
 
     def kill(self, board: FakeBoard) -> None:
         self.killed.append(board)
@@ -157,3 +161,25 @@ def test_a_search_running_when_the_service_stops_is_stopped_then_resumed_on_the_
     restarted, fake = searches(["succeeds"])
     assert final(restarted, job_id)["status"] == "succeeded"
     assert fake.started == [job_id]
+
+
+def test_a_search_is_shown_ended_only_once_its_end_is_recorded(searches, monkeypatch):
+    """The search's task writes `succeeded` before the queue applies its best config: a client
+    polling in between sees it still running, never succeeded and not applied."""
+    jobs, fake = searches(["finds a best config"])
+    applying, proceed = threading.Event(), threading.Event()
+    real_apply = jobs.apply
+
+    def slow_apply(job_id: str) -> dict[str, Any]:
+        applying.set()
+        assert proceed.wait(20)
+        return real_apply(job_id)
+
+    monkeypatch.setattr(jobs, "apply", slow_apply)
+    job_id = submit(jobs, apply_best=True)
+    assert applying.wait(20)
+    during = jobs.view(job_id)
+    assert during["status"] == "running" and during["progress"] < 1.0 and not during["applied"], during
+    proceed.set()
+    ended = final(jobs, job_id)
+    assert ended["status"] == "succeeded" and ended["progress"] == 1.0 and ended["applied"], ended

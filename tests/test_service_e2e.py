@@ -220,6 +220,16 @@ def session_listeners(process: subprocess.Popen) -> set[tuple[str, int]]:
     return listeners
 
 
+def serving_listeners(process: subprocess.Popen, port: int, timeout: float = 30) -> set[tuple[str, int]]:
+    """The session's listeners once one of them is the service's port. An HAProxy reload (Serve
+    reloads it as applications change) hands the port from the old HAProxy process to a new one:
+    a look taken in between can see neither holding it."""
+    deadline = time.monotonic() + timeout
+    while ("127.0.0.1", port) not in (listeners := session_listeners(process)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return listeners
+
+
 def proc_net_address(hex_address: str) -> str:
     """An address as /proc/net/tcp{,6} writes it (32-bit words in host byte order) as text."""
     raw = b"".join(bytes.fromhex(hex_address[i:i + 8])[::-1] for i in range(0, len(hex_address), 8))
@@ -245,7 +255,7 @@ def test_service_killed_mid_job_restarts_with_store_intact(own_ray_slot, tmp_pat
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
             wait_healthy(client, process)
-            listeners = session_listeners(process)
+            listeners = serving_listeners(process, port)
             replicas = {(host, p) for host, p in listeners if REPLICA_HTTP_PORTS[0] <= p <= REPLICA_HTTP_PORTS[1]}
             assert ("127.0.0.1", port) in listeners, listeners
             assert replicas and {host for host, _ in replicas} == {"127.0.0.1"}, listeners  # HAProxy's, on --host

@@ -211,6 +211,10 @@ class TuneJobs:
         visible = {k: v for k, v in request.items() if k not in HIDDEN_KEYS}
         if job_id in self._unrecorded:
             results.update(status="failed", error=self._unrecorded[job_id])
+        elif results["status"] in ENDED and job_id in self._running:
+            # The search's task wrote its end, the worker has not recorded it yet (applying its best
+            # config, or turning it back to queued when the service stops): not ended for a client.
+            results["status"], progress = "running", min(progress, 0.99)
         return {**record, **results, "progress": progress, "request": visible,
                 "applied": (self.defaults() or {}).get("source") == job_id}
 
@@ -268,6 +272,14 @@ class TuneJobs:
         return True
 
     def _finish(self, job_id: str, ref: ray.ObjectRef) -> None:
+        """Record how the search ended. Until this returns the view shows it running (see `view`)."""
+        try:
+            self._record_end(job_id, ref)
+        finally:
+            with self._lock:
+                self._running.pop(job_id, None)
+
+    def _record_end(self, job_id: str, ref: ray.ObjectRef) -> None:
         out = self._at(job_id)
         try:
             best = ray.get(ref)
@@ -277,9 +289,6 @@ class TuneJobs:
             elif read_results(out)["status"] not in ENDED:
                 self._unexpected(job_id, exc)
             return
-        finally:
-            with self._lock:
-                self._running.pop(job_id, None)
         record = self._record(job_id)
         status = read_results(out)["status"]
         if record.get("cancelled"):
