@@ -55,8 +55,11 @@ class ServiceSettings(BaseModel):
     first use: the frozen parts' outputs for the reference pairs and the held-out suite's trunk rows
     (service.jobs.attempt.prime_node, run in service.jobs.host's actor). Jobs queued meanwhile wait
     for it (it saves them as much)."""
-    workers: int = Field(1, ge=1)
-    """Ray Train workers per job."""
+    workers: int = Field(1, ge=0)
+    """Ray Train workers per job. 0: the job runner's attempt host trains in its own process (Ray
+    Train's local mode; service.training.local_run), on one worker's resources reserved for the
+    run: on one machine it saves the two processes a worker group starts per job, most of a small
+    job's time. Search trials always run a worker group (at least one worker)."""
     cpus_per_worker: float | None = Field(None, gt=0)
     """CPUs (and torch threads) per worker; None: the cluster's free CPUs when the job starts,
     shared by the workers, so on one machine training gets every core the service does not hold."""

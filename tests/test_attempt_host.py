@@ -20,11 +20,13 @@ pytestmark = pytest.mark.integration
 TASK_ID = "task-20250101-120000-abcdef"
 
 
-def test_a_killed_attempts_placement_group_is_removed(ray_session, tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize("workers", [1, 0], ids=["worker group", "in process"])
+def test_a_killed_attempts_placement_group_is_removed(ray_session, tmp_path: Path, monkeypatch, workers: int):
     """A stop that the run does not finish within its grace kills the host mid-run: Ray Train's
     controller dies with it, and nothing of Ray's removes the worker group's placement group on a
-    Ray without the State API (its CPUs stayed reserved for the service's lifetime)."""
-    settings = service_settings(tmp_path, prime_node=False)
+    Ray without the State API (its CPUs stayed reserved for the service's lifetime); an in-process
+    run's reservation (service.training.local_run) is a group the host itself made."""
+    settings = service_settings(tmp_path, prime_node=False, workers=workers)
     store = ModelStore.open(settings.store)
     ensure_base_version(store, settings)
     archive = tmp_path / "dataset.zip"

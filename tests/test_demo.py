@@ -50,8 +50,9 @@ def test_local_demo_tells_the_story_in_this_process(capsys, monkeypatch):
 
     monkeypatch.setattr(ray, "init", lambda *a, **kw: pytest.fail("the in-process demo started Ray"))
     code = main(["demo", "--local", *SMALL_DEMO])
-    out = capsys.readouterr().out
-    assert code == 0, out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert code == 0, out + captured.err
     assert _row(out, "accuracy (%)") == ["accuracy (%)", "chance", "pre-trained", "finetune", "gnsp"]
     assert all("→" in cell for cell in _row(out, "digits (task 1)")[3:])
     for row in ("| textiles (task 2)", "| held-out suite, zero-shot (", "| retrieval R@1 / R@5", "| modality gap ‖Δ‖",

@@ -186,10 +186,12 @@ def _measure_state(store: str, version: int, suite: HeldoutSuite, reference_gap:
 
 
 def demo_settings(args: argparse.Namespace, store: str, work: Path) -> Any:
-    """Service settings of the demo: one training worker, the quality gate off (the table shows the drop)."""
+    """Service settings of the demo: training in the job runner's process (one machine: no worker
+    group to start per job, see service.training.local_run), the quality gate off (the table shows
+    the drop)."""
     from service.settings import ServiceSettings
 
-    return ServiceSettings(store=store, model=args.model, pretrained=args.pretrained, workers=1,
+    return ServiceSettings(store=store, model=args.model, pretrained=args.pretrained, workers=0,
                            reference=args.reference, default_method="gnsp", heldout="builtin",
                            max_heldout_drop=100.0, work_dir=str(work))
 

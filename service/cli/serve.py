@@ -55,7 +55,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="HTTP ingress of the private local Ray: haproxy (default) routes each request straight "
                         "to the replica that answers it; proxy is Serve's Python HTTP proxy actor. With --address "
                         "the cluster decides (RAY_SERVE_ENABLE_HA_PROXY=1 in every node's environment)")
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers per job")
+    p.add_argument("--workers", type=int, default=1,
+                   help="Ray Train workers per job; 0: train in the job runner's own process (Ray Train's local "
+                        "mode, one worker's resources reserved), the fastest on one machine")
     p.add_argument("--activation", choices=("auto", "manual"), default="auto",
                    help="auto: activate a new version that passes the quality gate; manual: only on request")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -25,12 +25,16 @@ from pathlib import Path
 import ray
 
 CONTROLLER_CLASS = "TrainController"
+ATTEMPT_HOST_CLASS = "AttemptHost"
+"""service.jobs.host's actor: an in-process run's resources are a group it makes (local_run.reserved)."""
+CREATORS = (CONTROLLER_CLASS, ATTEMPT_HOST_CLASS)
 CLEANER_CLASS = "PlacementGroupCleaner"
 POLL_S = 0.2
 
 
 def release_orphaned_placement_groups(timeout_s: float = 30.0) -> list[str]:
-    """Remove the placement group of every Ray Train run whose controller is dead; returns their ids.
+    """Remove the placement group of every Ray Train run whose controller is dead, and of every
+    in-process run whose attempt host is dead (service.training.local_run); returns their ids.
 
     A controller whose owner (the process that ran `fit()`) has just died is about to die too, and
     one Ray already counts dead may still be running (and retrying its worker group): the sweep
@@ -43,9 +47,9 @@ def release_orphaned_placement_groups(timeout_s: float = 30.0) -> list[str]:
         if not (lingering or _dying_controllers(actors)) or time.monotonic() > deadline:
             break
         time.sleep(POLL_S)
-    dead_controllers = {actor_id: actor for actor_id, actor in actors.items() if actor_id not in lingering
-                        and actor["ActorClassName"] == CONTROLLER_CLASS and actor["State"] == "DEAD"}
-    released = [placement_group_id for placement_group_id in _groups_created_by(set(dead_controllers))
+    dead_creators = {actor_id for actor_id, actor in actors.items() if actor_id not in lingering
+                     and actor["ActorClassName"] in CREATORS and actor["State"] == "DEAD"}
+    released = [placement_group_id for placement_group_id in _groups_created_by(dead_creators)
                 if _remove(placement_group_id)]
     _end_stranded_cleaners(_actors())
     return released

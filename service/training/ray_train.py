@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 import pickle
 import tempfile
 import time
@@ -42,6 +43,7 @@ from gnsp_core.task_context import Distributed
 from gnsp_core.trainer import learn_task
 
 from service.training.cluster import sigint_handler_restored
+from service.training.local_run import LocalCheckpoints, reserved
 from service.training.progress import BoardReporter
 from service.training.run_snapshot import CHECKPOINT_FILE as TRAIN_STATE_FILE
 from service.training.run_snapshot import recover_torn_snapshot
@@ -96,6 +98,8 @@ class TrainJob:
 @dataclass(frozen=True)
 class WorkerResources:
     workers: int = 1
+    """Ray Train workers; 0: the caller's own process trains (Ray Train's local mode, see
+    service.training.local_run), on the resources of one worker, reserved for the run."""
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     extra: tuple[tuple[str, float], ...] = ()
@@ -107,18 +111,24 @@ class WorkerResources:
         """Ray starts workers with one torch thread; a worker given N CPUs should use them."""
         return max(1, int(self.cpus_per_worker))
 
-    def scaling_config(self) -> ScalingConfig:
+    @property
+    def per_worker(self) -> dict[str, float]:
         resources = {**dict(self.extra), "CPU": self.cpus_per_worker}
         if self.gpus_per_worker:
             resources["GPU"] = self.gpus_per_worker
+        return resources
+
+    def scaling_config(self) -> ScalingConfig:
+        if self.workers == 0:
+            return ScalingConfig(num_workers=0)
         return ScalingConfig(num_workers=self.workers, use_gpu=self.gpus_per_worker > 0,
-                             resources_per_worker=resources)
+                             resources_per_worker=self.per_worker)
 
 
 def free_cpus_per_worker(workers: int) -> float:
     """The cluster's CPUs not held by anything now (Serve replicas, other actors), shared by `workers`."""
     free = ray.available_resources().get("CPU", 1.0)
-    return max(1.0, float(int(free // workers)))
+    return max(1.0, float(int(free // max(workers, 1))))
 
 
 @dataclass
@@ -147,12 +157,18 @@ def train_task(
     `storage_filesystem` puts the run (its checkpoints) on that filesystem, e.g. the store's object
     store (service.training.stored.run_storage), so a worker on any node can write and resume it.
 
+    With `resources.workers == 0` this process trains (service.training.local_run): no worker
+    group to start, checkpoints in the same storage, no restarts (`max_failures` does not apply).
+
     Raises the workers' own GnspError (bad dataset, bad state, ...) when that is why the run failed.
     """
-    fallback = recover_torn_snapshot(storage_path, name, storage_filesystem)
+    in_process = resources.workers == 0
+    local = LocalCheckpoints(storage_path, name, storage_filesystem) if in_process else None
+    fallback = None if in_process else recover_torn_snapshot(storage_path, name, storage_filesystem)
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"job": seal(job), "board": board, "threads": resources.torch_threads, "fallback": fallback},
+        train_loop_config={"job": seal(job), "board": board, "threads": resources.torch_threads,
+                           "fallback": fallback, "local": local},
         scaling_config=resources.scaling_config(),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              failure_config=FailureConfig(max_failures=max_failures),
@@ -160,7 +176,7 @@ def train_task(
                              logging_config=LoggingConfig(log_level="WARNING")),
     )
     try:
-        with sigint_handler_restored():
+        with sigint_handler_restored(), reserved(resources.per_worker) if in_process else nullcontext():
             result = trainer.fit()
     except ray.train.WorkerGroupError as exc:
         raise _user_error(exc) or exc
@@ -193,8 +209,9 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(min(loop_config["threads"], os.cpu_count() or 1))
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    reporter = _Reporter(rank, BoardReporter(loop_config["board"] if rank == 0 else None), job.drill)
-    resume = _resume_from(ray.train.get_checkpoint(), loop_config.get("fallback"))
+    local: LocalCheckpoints | None = loop_config["local"]
+    reporter = _Reporter(rank, BoardReporter(loop_config["board"] if rank == 0 else None), job.drill, local)
+    resume = _resume_from(local.latest() if local else ray.train.get_checkpoint(), loop_config["fallback"])
     if resume == FINISHED:
         return  # the run had already finished: its final checkpoint stands
     resumed_from = resume["step"] if resume else None
@@ -261,10 +278,12 @@ def _read_checkpoint(checkpoint: Checkpoint | None) -> dict[str, Any] | str | No
 
 class _Reporter:
     """Every rank calls ray.train.report the same number of times (it is a barrier); rank 0 attaches
-    the checkpoint and the metrics."""
+    the checkpoint and the metrics. In process (`local`), the checkpoint is first copied into the
+    run storage, which Ray Train's local mode does not do."""
 
-    def __init__(self, rank: int, board: BoardReporter, drill: CrashDrill | None) -> None:
-        self.rank, self.board, self.drill = rank, board, drill
+    def __init__(self, rank: int, board: BoardReporter, drill: CrashDrill | None,
+                 local: LocalCheckpoints | None = None) -> None:
+        self.rank, self.board, self.drill, self.local = rank, board, drill, local
 
     def metrics(self) -> dict[str, Any]:
         last = self.board.last
@@ -277,7 +296,8 @@ class _Reporter:
             checkpoint = None
             if self.rank == 0:
                 torch.save(train_state, Path(folder) / TRAIN_STATE_FILE)
-                checkpoint = Checkpoint.from_directory(folder)
+                checkpoint = (self.local.save_step(folder, train_state["step"]) if self.local
+                              else Checkpoint.from_directory(folder))
             ray.train.report({**self.metrics(), "step": train_state["step"]}, checkpoint=checkpoint)
         self._maybe_crash(train_state["step"])
 
@@ -287,7 +307,8 @@ class _Reporter:
         with tempfile.TemporaryDirectory(prefix="gnsp-state-") as folder:
             checkpoint = None
             if self.rank == 0:
-                checkpoint = Checkpoint.from_directory(state.save(Path(folder) / "state"))
+                saved = state.save(Path(folder) / "state")
+                checkpoint = self.local.save_final(saved) if self.local else Checkpoint.from_directory(saved)
             ray.train.report(metrics, checkpoint=checkpoint)
         self.board.send(phase="done")
 

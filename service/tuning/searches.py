@@ -180,7 +180,7 @@ class TuneJobs:
         if "threshold" in body.get("space", {}):  # the range names the rule it searches
             body["config"]["projection"] = {**config.get("projection", {}), **projection_for_range(body["space"]["threshold"])}
         service = {"out_dir": out.rel, "store": out.location, "job_id": job_id, "tasks": tasks,
-                   "workers": self.settings.workers, "gpus_per_worker": self.settings.gpus_per_worker,
+                   "workers": max(self.settings.workers, 1), "gpus_per_worker": self.settings.gpus_per_worker,
                    "worker_resources": dict(self.settings.worker_resources), "scratch_dir": self.settings.work_dir}
         if base_version is None:
             service["model"] = model_spec(self.settings).to_dict()
