@@ -293,8 +293,10 @@ def build_classify_app(args: dict[str, Any] | ServiceSettings | None = None) -> 
 def deploy_service(settings: ServiceSettings, name: str = "gnsp", logging_config: dict[str, Any] | None = None,
                    timeout_s: float = DEPLOY_TIMEOUT_S) -> None:
     """Run the service on the connected Ray as two Serve applications: `name` at / and its
-    classifier at /v1/classify (the API first: its job runner writes version 1 to an empty store),
-    both running within `timeout_s` or a ServiceFault that says what Serve is waiting for."""
+    classifier at /v1/classify, deployed together (a classifier replica reads the store's active
+    version when a request comes, so it may start before the job runner has written version 1 to
+    an empty store), both running within `timeout_s` or a ServiceFault that says what Serve is
+    waiting for."""
     run_applications([RunTarget(build_app(settings), name=name, route_prefix="/", logging_config=logging_config),
                       RunTarget(build_classify_app(settings), name=classify_app_name(name),
                                 route_prefix=CLASSIFY_ROUTE, logging_config=logging_config)], timeout_s)

@@ -18,8 +18,9 @@ import json
 import tempfile
 import time
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 import torch
@@ -73,7 +74,7 @@ def submit_task(client: httpx.Client, name: str, archive: Path, method: str, con
         return check(client.post("/v1/tasks", data=data, files=files))["task_id"]
 
 
-def follow_job(client: httpx.Client, task_id: str, name: str, poll_s: float = 1.0) -> dict[str, Any]:
+def follow_job(client: httpx.Client, task_id: str, name: str, poll_s: float = 0.25) -> dict[str, Any]:
     """Poll the job with a progress bar until it ends; Ctrl-C cancels it. Returns the final record."""
     bar = tqdm(total=100, desc=f"learning {name}", unit="%", dynamic_ncols=True)
     try:
@@ -94,13 +95,13 @@ def follow_job(client: httpx.Client, task_id: str, name: str, poll_s: float = 1.
 
 
 def learn_tasks(client: httpx.Client, tasks: list[Task], method: str, config: dict[str, Any],
-                work: Path) -> tuple[dict[str, float], int]:
-    """Add each task in turn and wait for its job: each task's accuracy just after it was learned
-    (the job's own measure), and the version the last job produced."""
+                archives: dict[str, Future[Path]]) -> tuple[dict[str, float], int]:
+    """Add each task in turn (its upload from `archives`) and wait for its job: each task's accuracy
+    just after it was learned (the job's own measure), and the version the last job produced."""
     learned: dict[str, float] = {}
     version = 0
     for task in tasks:
-        task_id = submit_task(client, task.name, task_zip(task, work), method, config)
+        task_id = submit_task(client, task.name, archives[task.name].result(), method, config)
         record = follow_job(client, task_id, f"{method} · {task.name}")
         if record["status"] != "succeeded":
             raise DemoError(f"the job learning {task.name} with {method} ({task_id}) ended {record['status']}: "
@@ -149,14 +150,19 @@ def measure_version(client: httpx.Client, store: str, version: int, tasks: list[
     """A table column: task accuracy over REST, held-out and retrieval from the version's metrics when
     it has them, the rest measured here on the stored state."""
     metrics = check(client.get(f"/v1/models/{version}")).get("metrics") or {}
-    measures = Measures(tasks={t.name: rest_accuracy(client, t, version) for t in tasks})
+    whole_suite = not isinstance(metrics.get(HELDOUT_METRIC), (int, float)) or not all(
+        isinstance(metrics.get(k), (int, float)) for k in RETRIEVAL_METRICS.values())
+    # The tasks' requests at once (the classifier batches them) and the local part beside them.
+    with ThreadPoolExecutor(len(tasks) + 1, thread_name_prefix="measure") as pool:
+        state = pool.submit(_measure_state, store, version, suite, reference_gap, whole_suite)
+        accuracies = {t.name: pool.submit(rest_accuracy, client, t, version) for t in tasks}
+        measures = Measures(tasks={name: future.result() for name, future in accuracies.items()})
+        local = state.result()
     if isinstance(metrics.get(HELDOUT_METRIC), (int, float)):  # the service scores the same held-out data
         measures.heldout, measures.sources["held-out"] = float(metrics[HELDOUT_METRIC]), "the version's metrics"
     if all(isinstance(metrics.get(k), (int, float)) for k in RETRIEVAL_METRICS.values()):
         measures.retrieval = {name: float(metrics[k]) for name, k in RETRIEVAL_METRICS.items()}
         measures.sources["retrieval"] = "the version's metrics"
-    local = _measure_state(store, version, suite, reference_gap,
-                           whole_suite=measures.heldout is None or measures.retrieval is None)
     measures.gap, measures.gap_vector = local["gap"], local["gap_vector"]
     measures.sources["gap"] = "measured here"
     if measures.heldout is None:
@@ -196,6 +202,20 @@ def demo_settings(args: argparse.Namespace, store: str, work: Path) -> Any:
                            max_heldout_drop=100.0, work_dir=str(work))
 
 
+def learn_each_method(client: httpx.Client, methods: list[str], base: int, tasks: list[Task], config: dict[str, Any],
+                      archives: dict[str, Future[Path]], aside: ThreadPoolExecutor,
+                      measure: Callable[[int], Measures]) -> dict[str, MethodRun]:
+    """Each method learns the tasks from the base version in turn. A method's last version is
+    measured `aside` while the next method learns: the table needs it only at the end."""
+    ended: dict[str, tuple[dict[str, float], int, Future[Measures]]] = {}
+    for method in methods:
+        check(client.post(f"/v1/models/{base}/activate"))  # every method starts from the pre-trained weights
+        learned, final = learn_tasks(client, tasks, method, config, archives)
+        print(f"  measuring {method}'s version {final} ...", flush=True)
+        ended[method] = (learned, final, aside.submit(measure, final))
+    return {method: MethodRun(learned, measures.result(), final) for method, (learned, final, measures) in ended.items()}
+
+
 def run_rest_demo(args: argparse.Namespace, methods: list[str]) -> int:
     """The demo through the REST service; exit code 0 when every job succeeded."""
     start = time.perf_counter()
@@ -207,9 +227,9 @@ def run_rest_demo(args: argparse.Namespace, methods: list[str]) -> int:
     overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
     config = {"ref_batch_size": REF_BATCH_SIZE, **overrides}  # the rest: the service's defaults for its model
     model = args.model or DEFAULT_MODEL
-    runs: dict[str, MethodRun] = {}
-    with tempfile.TemporaryDirectory(prefix="gnsp-demo-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="gnsp-demo-") as tmp, ThreadPoolExecutor(1, "demo-aside") as aside:
         work = Path(tmp)
+        archives = {task.name: aside.submit(task_zip, task, work) for task in tasks}  # while the service starts
         store = args.store or str(work / "store")
         if args.model is None and args.store is None:  # build here, with a bar, not silently in a replica
             build_default_with_bar()
@@ -218,12 +238,8 @@ def run_rest_demo(args: argparse.Namespace, methods: list[str]) -> int:
             base = wait_ready(client)
             print(f"service on {url}; measuring the pre-trained version {base} ...", flush=True)
             pretrained = measure_version(client, store, base, tasks, suite)
-            for method in methods:
-                check(client.post(f"/v1/models/{base}/activate"))  # every method starts from the pre-trained weights
-                learned, final = learn_tasks(client, tasks, method, config, work)
-                print(f"  measuring {method}'s version {final} ...", flush=True)
-                runs[method] = MethodRun(learned, measure_version(client, store, final, tasks, suite,
-                                                                  pretrained.gap_vector), final)
+            runs = learn_each_method(client, methods, base, tasks, config, archives, aside,
+                                     lambda v: measure_version(client, store, v, tasks, suite, pretrained.gap_vector))
     print_story(model, [t.name for t in tasks], chance_levels(tasks, suite), pretrained, runs, suite_items(suite),
                 suite.sizes[PAIRS_NAME])
     versions = ", ".join(f"{m} {r.version}" for m, r in runs.items())

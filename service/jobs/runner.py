@@ -75,8 +75,10 @@ class JobRunner:
             if self.queue is not None:
                 return
             try:
+                runner = RayTrainRunner(self.settings)
+                runner.start()  # primes the node while version 1 is made
                 ensure_base_version(self.store, self.settings)
-                queue = JobQueue(self.store, self.settings, RayTrainRunner(self.settings), self._check_version)
+                queue = JobQueue(self.store, self.settings, runner, self._check_version)
                 searches = TuneJobs(self.store, self.settings)
                 for note in [*queue.recover(), *searches.recover()]:
                     log.warning("recovery: %s", note)

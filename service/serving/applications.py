@@ -27,14 +27,14 @@ _TERMINAL_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def run_applications(targets: list[RunTarget], timeout_s: float = DEPLOY_TIMEOUT_S) -> None:
-    """Deploy `targets` in order, each RUNNING before the next starts, all within `timeout_s`.
+    """Deploy `targets` together (their replicas start side by side), all RUNNING within `timeout_s`.
 
     Raises ServiceFault when an application fails to deploy or is not running by the deadline."""
     from ray.serve.context import _get_global_client
 
     deadline = time.monotonic() + timeout_s
+    serve.run_many(targets, wait_for_applications_running=False)
     for target in targets:
-        serve.run_many([target], wait_for_applications_running=False)
         wait_running(target.name, deadline, timeout_s)
     # As serve.run ends: once the HTTP proxies (or HAProxy) route to the running applications.
     _get_global_client().wait_for_proxies_serving(wait_for_applications_running=True)
