@@ -145,25 +145,20 @@ def prime_node(settings: ServiceSettings) -> dict[str, int]:
     with the service's default method and the model's recommended settings would on first use
     (gnsp_core.trainer.prime_frozen_outputs), and the held-out suite's trunk rows that every
     evaluation reads (service.versions.measure_heldout). Returns the rows computed per part."""
-    from gnsp_core.models import load_model, recommended_training
+    from gnsp_core.models import recommended_training
     from gnsp_core.models.inference import prepare_image_tower
     from gnsp_core.state import ContinualState
     from gnsp_core.trainer import prime_frozen_outputs
     from service.training.sources import load_reference
     from service.training.stored import frozen_outputs_folder
-    from service.versions import load_heldout, load_state_model, measure_heldout, model_spec
+    from service.versions import load_heldout, load_state_model, measure_heldout
 
     store = ModelStore.open(settings.store)
     config = TrainConfig.from_dict({**recommended_training(settings.model), "method": settings.default_method})
     folder = frozen_outputs_folder(settings.work_dir)
     with tempfile.TemporaryDirectory(prefix="gnsp-prime-", dir=settings.scratch()) as scratch, \
             torch_threads(os.cpu_count() or 1):
-        active = store.active()  # None while version 1 is being made: it is made of this model
-        if active is None:
-            loaded = load_model(model_spec(settings))
-            loaded.model.eval()
-        else:
-            loaded = load_state_model(ContinualState.load(store.fetch_version(active, Path(scratch))))
+        loaded = load_state_model(ContinualState.load(store.fetch_version(store.active(), Path(scratch))))
         computed = {}
         if settings.reference is not None and uses_reference(config.method):
             computed = prime_frozen_outputs(loaded, config, load_reference(settings.reference), folder)

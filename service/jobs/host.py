@@ -56,15 +56,14 @@ class RayTrainRunner:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
         self._host: ActorHandle | None = None
-        self._priming: ray.ObjectRef | None = None
 
     def start(self) -> None:
-        """Start priming the node now (when settings.prime_node), in the host's new process, rather
-        than once the queue starts: on a new store it runs beside the making of version 1 (it primes
-        from the model version 1 is made of), and the host's imports (torch, open_clip, Ray Train:
-        seconds of a core) are done by the first job. `warm` waits for it."""
-        if self.settings.prime_node and self._priming is None:
-            self._priming = self._running_host().prime.remote(self.settings)
+        """Start the host's process now, when the node is to be primed (a service, not a test of the
+        queue): it imports torch, open_clip and Ray Train (seconds of a core on one thread) while the
+        job runner makes version 1. Priming itself waits for that version (`warm`): started beside
+        it, it slowed the service's start more than it sped the first job (`gnsp demo`, measured)."""
+        if self.settings.prime_node:
+            self._running_host()
 
     def _running_host(self) -> ActorHandle:
         if self._host is None:
@@ -76,7 +75,7 @@ class RayTrainRunner:
     def retire_host(self) -> None:
         """Kill the host (the actors its runs own end with it); the next attempt starts a new one.
         The placement group of a run the kill cut short is released here: nothing of Ray's would."""
-        host, self._host, self._priming = self._host, None, None
+        host, self._host = self._host, None
         if host is None:
             return
         ray.kill(host)
@@ -93,7 +92,7 @@ class RayTrainRunner:
         bounded, and never fatal."""
         if not self.settings.prime_node:
             return
-        ref, self._priming = self._priming or self._running_host().prime.remote(self.settings), None
+        ref = self._running_host().prime.remote(self.settings)
         ready, _ = ray.wait([ref], timeout=WARM_TIMEOUT_S)
         try:
             if not ready:

@@ -76,7 +76,7 @@ class JobRunner:
                 return
             try:
                 runner = RayTrainRunner(self.settings)
-                runner.start()  # primes the node while version 1 is made
+                runner.start()  # its process imports the training stack while version 1 is made
                 ensure_base_version(self.store, self.settings)
                 queue = JobQueue(self.store, self.settings, runner, self._check_version)
                 searches = TuneJobs(self.store, self.settings)
