@@ -40,7 +40,7 @@ def write_task(source: str, per_class: int, folder: Path) -> Path:
 def one_run(job: Any, workers: int, storage: Path, name: str) -> dict[str, Any]:
     from service.training.ray_train import WorkerResources, free_cpus_per_worker, train_task
 
-    resources = WorkerResources(workers=workers, cpus_per_worker=free_cpus_per_worker(max(workers, 1)))
+    resources = WorkerResources(workers=workers, cpus_per_worker=free_cpus_per_worker(workers))
     started = time.perf_counter()
     result = train_task(job, storage_path=str(storage), name=name, resources=resources)
     return {"wall_s": round(time.perf_counter() - started, 2), "train_s": round(result.metrics["train_s"], 2),

@@ -150,17 +150,17 @@ def measure_version(client: httpx.Client, store: str, version: int, tasks: list[
     """A table column: task accuracy over REST, held-out and retrieval from the version's metrics when
     it has them, the rest measured here on the stored state."""
     metrics = check(client.get(f"/v1/models/{version}")).get("metrics") or {}
-    whole_suite = not isinstance(metrics.get(HELDOUT_METRIC), (int, float)) or not all(
-        isinstance(metrics.get(k), (int, float)) for k in RETRIEVAL_METRICS.values())
+    has_heldout = isinstance(metrics.get(HELDOUT_METRIC), (int, float))  # the service scores the same held-out data
+    has_retrieval = all(isinstance(metrics.get(k), (int, float)) for k in RETRIEVAL_METRICS.values())
     # The tasks' requests at once (the classifier batches them) and the local part beside them.
     with ThreadPoolExecutor(len(tasks) + 1, thread_name_prefix="measure") as pool:
-        state = pool.submit(_measure_state, store, version, suite, reference_gap, whole_suite)
+        state = pool.submit(_measure_state, store, version, suite, reference_gap, not (has_heldout and has_retrieval))
         accuracies = {t.name: pool.submit(rest_accuracy, client, t, version) for t in tasks}
         measures = Measures(tasks={name: future.result() for name, future in accuracies.items()})
         local = state.result()
-    if isinstance(metrics.get(HELDOUT_METRIC), (int, float)):  # the service scores the same held-out data
+    if has_heldout:
         measures.heldout, measures.sources["held-out"] = float(metrics[HELDOUT_METRIC]), "the version's metrics"
-    if all(isinstance(metrics.get(k), (int, float)) for k in RETRIEVAL_METRICS.values()):
+    if has_retrieval:
         measures.retrieval = {name: float(metrics[k]) for name, k in RETRIEVAL_METRICS.items()}
         measures.sources["retrieval"] = "the version's metrics"
     measures.gap, measures.gap_vector = local["gap"], local["gap_vector"]
@@ -213,7 +213,8 @@ def learn_each_method(client: httpx.Client, methods: list[str], base: int, tasks
         learned, final = learn_tasks(client, tasks, method, config, archives)
         print(f"  measuring {method}'s version {final} ...", flush=True)
         ended[method] = (learned, final, aside.submit(measure, final))
-    return {method: MethodRun(learned, measures.result(), final) for method, (learned, final, measures) in ended.items()}
+    return {method: MethodRun(learned, measures.result(), final)
+            for method, (learned, final, measures) in ended.items()}
 
 
 def run_rest_demo(args: argparse.Namespace, methods: list[str]) -> int:

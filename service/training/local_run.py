@@ -24,7 +24,7 @@ import contextlib
 import posixpath
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import pyarrow.fs as pafs
 import ray
@@ -50,14 +50,13 @@ class LocalCheckpoints:
         committed = self._committed()
         if FINAL in committed:
             return self._checkpoint(FINAL)
-        steps = sorted(label for label in committed if _STEP.match(label))
+        steps = _steps(committed)
         return self._checkpoint(steps[-1]) if steps else None
 
     def save_step(self, folder: str | Path, step: int) -> Checkpoint:
         """Copy a step's checkpoint folder in, then drop all but the newest `KEEP` steps."""
         checkpoint = self._save(folder, f"step-{step:09d}")
-        steps = sorted(label for label in self._labels() if _STEP.match(label))
-        for label in steps[:-KEEP]:
+        for label in _steps(self._labels())[:-KEEP]:
             self.filesystem.delete_dir(posixpath.join(self.root, label))
         return checkpoint
 
@@ -87,6 +86,11 @@ class LocalCheckpoints:
         labels = self._labels()
         markers = self.filesystem.get_file_info([posixpath.join(self.root, label, COMMITTED) for label in labels])
         return {label for label, marker in zip(labels, markers) if marker.type == pafs.FileType.File}
+
+
+def _steps(labels: Iterable[str]) -> list[str]:
+    """The step checkpoints among `labels`, oldest first (their numbers are zero-padded)."""
+    return sorted(label for label in labels if _STEP.match(label))
 
 
 @contextlib.contextmanager

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import nullcontext
 import pickle
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
